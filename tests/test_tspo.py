@@ -1,0 +1,385 @@
+"""Tests of the algorithm (tspo_jax/tspo.py) against TSPO.md's worked example and plain loops."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import Mesh
+from jax.sharding import PartitionSpec as P
+
+from tspo_jax import tspo
+
+# ---------------------------------------------------------------------------------------------
+# Independent references: plain Python loops over the equations of TSPO.md.
+
+
+def folr_loop(outcome, first_hit, num_turns, max_turns, alpha, folr_groups):
+    B, G = len(outcome), len(outcome[0])
+    r = np.zeros((B, G, max_turns))
+    for b in range(B):
+        homogeneous = all(outcome[b][g] == outcome[b][0] for g in range(G))
+        a = alpha if (folr_groups == "all" or homogeneous) else 0.0
+        for g in range(G):
+            o = float(outcome[b][g])
+            for k in range(num_turns[b][g]):
+                r[b, g, k] = o + (1 - o) * a * (1.0 if k <= first_hit[b][g] else 0.0)
+    return r
+
+
+def advantages_loop(reward, num_turns, scale=True, eps=1e-6):
+    B, G, K = reward.shape
+    A = np.zeros((B, G, K))
+    for b in range(B):
+        R = [max(reward[b, g, k] for k in range(num_turns[b][g])) for g in range(G)]
+        if max(R) == min(R):
+            continue
+        mu = sum(R) / G
+        sigma = math.sqrt(sum((x - mu) ** 2 for x in R) / (G - 1))
+        for g in range(G):
+            for k in range(num_turns[b][g]):
+                A[b, g, k] = (
+                    (reward[b, g, k] - mu) / (sigma + eps) if scale else reward[b, g, k] - mu
+                )
+    return A
+
+
+def token_adv_loop(adv, turn_id):
+    B, G, T = turn_id.shape
+    out = np.zeros((B, G, T))
+    for b in range(B):
+        for g in range(G):
+            for t in range(T):
+                k = turn_id[b, g, t]
+                out[b, g, t] = adv[b, g, k] if k >= 0 else 0.0
+    return out
+
+
+def loss_loop(logp, old, adv, mask, ref, clip_low, clip_high, kl_coef, loss_agg):
+    B, G, T = logp.shape
+    per_seq, num, den = [], 0.0, 0.0
+    for b in range(B):
+        for g in range(G):
+            s, n = 0.0, 0.0
+            for t in range(T):
+                if not mask[b, g, t]:
+                    continue
+                rho = math.exp(logp[b, g, t] - old[b, g, t])
+                a = adv[b, g, t]
+                pg = -min(rho * a, min(max(rho, 1 - clip_low), 1 + clip_high) * a)
+                if kl_coef > 0:
+                    d = ref[b, g, t] - logp[b, g, t]
+                    pg += kl_coef * min(max(math.exp(d) - d - 1, -10.0), 10.0)
+                s, n = s + pg, n + 1
+            num, den = num + s, den + n
+            if n > 0:
+                per_seq.append(s / n)
+    if loss_agg == "token-mean":
+        return num / max(den, 1)
+    if loss_agg == "seq-mean-token-mean":
+        return sum(per_seq) / max(len(per_seq), 1)
+    return num / (B * G * T)
+
+
+def random_batch(rng, B, G, K, T, hit_rate=0.5, all_zero_prompt=None):
+    """Random host signals and per-token arrays shaped like a packed rollout batch."""
+    num_turns = rng.integers(1, K + 1, size=(B, G))
+    first_hit = np.where(rng.random((B, G)) < hit_rate, rng.integers(0, K, size=(B, G)), -1)
+    first_hit = np.minimum(first_hit, num_turns - 1)
+    outcome = (rng.random((B, G)) < 0.3).astype(np.float32)
+    outcome[0] = 0.0  # at least one all-wrong group
+    turn_id = rng.integers(-1, K, size=(B, G, T))
+    turn_id = np.where(turn_id < num_turns[..., None], turn_id, -1)
+    mask = (turn_id >= 0).astype(np.float32)
+    if all_zero_prompt is not None:
+        mask[all_zero_prompt] = 0.0
+    logp = -rng.random((B, G, T)).astype(np.float32) * 3
+    old = (logp + rng.normal(0, 0.3, (B, G, T))).astype(np.float32)
+    ref = (logp + rng.normal(0, 0.3, (B, G, T))).astype(np.float32)
+    return outcome, first_hit, num_turns, turn_id, mask, logp, old, ref
+
+
+# ---------------------------------------------------------------------------------------------
+# The worked example of TSPO.md, by hand.
+
+EXAMPLE_FIRST_HIT = [[0, -1, 1, -1]]
+EXAMPLE_NUM_TURNS = [[2, 2, 3, 1]]
+
+
+def test_worked_example():
+    outcome = jnp.zeros((1, 4))
+    r = tspo.folr_turn_rewards(
+        outcome,
+        jnp.array(EXAMPLE_FIRST_HIT),
+        jnp.array(EXAMPLE_NUM_TURNS),
+        max_turns=3,
+        latent_reward=0.5,
+    )
+    np.testing.assert_array_equal(r[0], [[0.5, 0, 0], [0, 0, 0], [0.5, 0.5, 0], [0, 0, 0]])
+    A = tspo.turn_advantages(r, jnp.array(EXAMPLE_NUM_TURNS))
+    a = 0.25 / math.sqrt(0.25 / 3) * (1 - 1e-6 / math.sqrt(0.25 / 3))  # 0.866, eps to first order
+    expected = [[a, -a, 0], [-a, -a, 0], [a, a, -a], [-a, 0, 0]]
+    np.testing.assert_allclose(A[0], expected, rtol=1e-6)
+    np.testing.assert_allclose(abs(A[0, 0, 0]), 0.866, atol=5e-4)
+
+
+def test_stage_signs_in_all_wrong_group():
+    """The near-miss's search stage gets A > 0, its answer stage A < 0; misses get A < 0."""
+    r = tspo.folr_turn_rewards(
+        jnp.zeros((1, 4)),
+        jnp.array(EXAMPLE_FIRST_HIT),
+        jnp.array(EXAMPLE_NUM_TURNS),
+        max_turns=3,
+    )
+    A = np.asarray(tspo.turn_advantages(r, jnp.array(EXAMPLE_NUM_TURNS)))
+    assert A[0, 2, 0] > 0 and A[0, 2, 1] > 0  # turns up to the first hit (turn 1)
+    assert A[0, 2, 2] < 0  # the answer turn after it
+    assert A[0, 0, 0] > 0 and A[0, 0, 1] < 0
+    assert (A[0, 1, :2] < 0).all() and A[0, 3, 0] < 0
+
+
+@pytest.mark.parametrize("scale", [True, False])
+def test_equal_returns_give_zero_advantage(scale):
+    # Group 0: all right. Group 1: all wrong, nobody found it. Group 2: all wrong, all found it
+    # at different turns (equal returns R = alpha, unequal turn rewards).
+    outcome = jnp.array([[1.0, 1, 1], [0, 0, 0], [0, 0, 0]])
+    first_hit = jnp.array([[0, -1, 1], [-1, -1, -1], [0, 1, 2]])
+    num_turns = jnp.array([[2, 3, 3], [1, 2, 3], [3, 3, 3]])
+    r = tspo.folr_turn_rewards(outcome, first_hit, num_turns, max_turns=3)
+    assert float(r[2].max()) == 0.5 and float(r[2].min()) == 0.0
+    A = tspo.turn_advantages(r, num_turns, scale=scale)
+    np.testing.assert_array_equal(A, np.zeros((3, 3, 3)))
+
+
+def test_latent_reward_zero_is_grpo():
+    rng = np.random.default_rng(0)
+    outcome, first_hit, num_turns, *_ = random_batch(rng, B=6, G=5, K=4, T=8)
+    r = tspo.folr_turn_rewards(outcome, first_hit, num_turns, max_turns=4, latent_reward=0.0)
+    A = np.asarray(tspo.turn_advantages(r, num_turns))
+    # GRPO: group-normalized outcome, the same on every valid turn.
+    o = outcome.astype(np.float64)
+    grpo = (o - o.mean(1, keepdims=True)) / (o.std(1, ddof=1, keepdims=True) + 1e-6)
+    valid = np.arange(4) < num_turns[..., None]
+    np.testing.assert_allclose(A, np.where(valid, grpo[..., None], 0.0), rtol=1e-5, atol=1e-6)
+
+
+def test_folr_groups_homogeneous_keeps_mixed_groups_outcome_only():
+    outcome = jnp.array([[1.0, 0.0, 0.0]])  # mixed group
+    first_hit = jnp.array([[0, 0, -1]])
+    num_turns = jnp.array([[2, 2, 2]])
+    homog = tspo.folr_turn_rewards(outcome, first_hit, num_turns, max_turns=2)
+    np.testing.assert_array_equal(homog[0], [[1, 1], [0, 0], [0, 0]])
+    every = tspo.folr_turn_rewards(outcome, first_hit, num_turns, max_turns=2, folr_groups="all")
+    np.testing.assert_array_equal(every[0], [[1, 1], [0.5, 0], [0, 0]])
+
+
+# ---------------------------------------------------------------------------------------------
+# Each function against the plain loops, on random inputs of varied shapes.
+
+SHAPES = [(1, 2, 1, 3), (3, 5, 4, 17), (8, 4, 3, 9), (2, 8, 6, 33)]
+
+
+@pytest.mark.parametrize("B,G,K,T", SHAPES)
+@pytest.mark.parametrize("alpha,folr_groups", [(0.5, "homogeneous"), (0.3, "all"), (0.0, "all")])
+def test_rewards_and_advantages_match_loops(B, G, K, T, alpha, folr_groups):
+    rng = np.random.default_rng(B * 100 + G * 10 + K)
+    outcome, first_hit, num_turns, turn_id, *_ = random_batch(rng, B, G, K, T)
+    outcome[-1] = rng.random(G).round(2)  # an F1-style fractional group too
+    r = tspo.folr_turn_rewards(
+        outcome, first_hit, num_turns, max_turns=K, latent_reward=alpha, folr_groups=folr_groups
+    )
+    r_ref = folr_loop(outcome, first_hit, num_turns, K, alpha, folr_groups)
+    np.testing.assert_allclose(r, r_ref, rtol=1e-6, atol=1e-7)
+    for scale in (True, False):
+        A = tspo.turn_advantages(r, num_turns, scale=scale)
+        np.testing.assert_allclose(
+            A, advantages_loop(r_ref, num_turns, scale), rtol=2e-5, atol=2e-5
+        )
+    A = tspo.turn_advantages(r, num_turns)
+    np.testing.assert_allclose(
+        tspo.token_advantages(A, turn_id), token_adv_loop(np.asarray(A), turn_id), rtol=1e-6
+    )
+
+
+LOSS_AGGS = list(tspo.LOSS_AGGS)
+
+
+@pytest.mark.parametrize("B,G,K,T", SHAPES)
+@pytest.mark.parametrize("loss_agg", LOSS_AGGS)
+@pytest.mark.parametrize("kl_coef", [0.0, 0.1])
+def test_policy_loss_matches_loop(B, G, K, T, loss_agg, kl_coef):
+    rng = np.random.default_rng(7 + T)
+    _, _, _, _, mask, logp, old, ref = random_batch(rng, B, G, K, T)
+    adv = rng.normal(size=(B, G, T)).astype(np.float32)
+    loss, metrics = tspo.policy_loss(
+        logp, old, adv, mask, ref, clip_low=0.2, clip_high=0.28, kl_coef=kl_coef, loss_agg=loss_agg
+    )
+    expected = loss_loop(logp, old, adv, mask, ref, 0.2, 0.28, kl_coef, loss_agg)
+    np.testing.assert_allclose(loss, expected, rtol=1e-5, atol=1e-6)
+    # Metrics: token means over loss tokens, against numpy.
+    on = mask > 0
+    ratio = np.exp(logp - old)[on]
+    a = adv[on]
+    clipped = -np.clip(ratio, 0.8, 1.28) * a > -ratio * a
+    np.testing.assert_allclose(metrics["clip_frac"], clipped.mean(), rtol=1e-6)
+    np.testing.assert_allclose(metrics["ratio_mean"], ratio.mean(), rtol=1e-5)
+    np.testing.assert_allclose(
+        metrics["approx_kl_old"], (ratio - 1 - np.log(ratio)).mean(), rtol=1e-4, atol=1e-7
+    )
+    d = (ref - logp)[on]
+    np.testing.assert_allclose(metrics["ref_kl"], (np.exp(d) - d - 1).mean(), rtol=1e-4)
+    assert float(metrics["num_loss_tokens"]) == on.sum()
+
+
+def test_clipping_by_hand():
+    """One token per case: rho = e^0.5 ~ 1.65 and e^-0.5 ~ 0.61 with adv +-1, clip 0.2."""
+    lr = np.array([[[0.5, 0.5, -0.5, -0.5]]], np.float32)
+    adv = np.array([[[1.0, -1.0, 1.0, -1.0]]], np.float32)
+    loss, m = tspo.policy_loss(lr, np.zeros_like(lr), adv, np.ones_like(lr), loss_agg="token-mean")
+    rho_hi, rho_lo = math.exp(0.5), math.exp(-0.5)
+    # adv > 0, rho high: clipped to 1.2 -> -1.2. adv < 0, rho high: unclipped rho -> +rho_hi.
+    # adv > 0, rho low: unclipped -> -rho_lo. adv < 0, rho low: clipped 0.8 -> +0.8.
+    per_token = [-1.2, rho_hi, -rho_lo, 0.8]
+    np.testing.assert_allclose(loss, np.mean(per_token), rtol=1e-6)
+    np.testing.assert_allclose(m["clip_frac"], 0.5)
+
+
+# ---------------------------------------------------------------------------------------------
+# Properties: masking, padding, jit, and 1 device vs 8.
+
+
+@pytest.mark.parametrize("loss_agg", LOSS_AGGS)
+def test_zero_gradient_on_masked_tokens(loss_agg):
+    rng = np.random.default_rng(3)
+    _, _, _, _, mask, logp, old, ref = random_batch(rng, 4, 3, 3, 11)
+    adv = rng.normal(size=logp.shape).astype(np.float32)
+    logp = np.where(mask > 0, logp, np.float32(-1e4))  # garbage where masked
+    old = np.where(mask > 0, old, np.inf).astype(np.float32)
+
+    def f(lp):
+        return tspo.policy_loss(lp, old, adv, mask, ref, kl_coef=0.05, loss_agg=loss_agg)[0]
+
+    g = np.asarray(jax.grad(f)(jnp.asarray(logp)))
+    assert np.all(np.isfinite(g))
+    assert np.all(g[mask == 0] == 0.0)
+    assert np.count_nonzero(g[mask > 0]) > 0.5 * mask.sum()
+
+
+@pytest.mark.parametrize("loss_agg", LOSS_AGGS)
+def test_loss_unchanged_by_padding(loss_agg):
+    rng = np.random.default_rng(4)
+    _, _, _, _, mask, logp, old, ref = random_batch(rng, 3, 4, 3, 10)
+    adv = rng.normal(size=logp.shape).astype(np.float32)
+    pad = lambda x, v: np.concatenate([x, np.full((*x.shape[:2], 6), v, x.dtype)], axis=-1)
+    kw = dict(kl_coef=0.01, loss_agg=loss_agg, norm_length=32)
+    loss, _ = tspo.policy_loss(logp, old, adv, mask, ref, **kw)
+    padded, _ = tspo.policy_loss(
+        pad(logp, -3.0), pad(old, 5.0), pad(adv, 9.0), pad(mask, 0.0), pad(ref, 1.0), **kw
+    )
+    np.testing.assert_allclose(padded, loss, rtol=1e-6)
+
+
+def test_jit_and_no_jit_agree():
+    rng = np.random.default_rng(5)
+    outcome, first_hit, num_turns, turn_id, mask, logp, old, ref = random_batch(rng, 4, 5, 4, 12)
+
+    def pipeline():
+        r = tspo.folr_turn_rewards(outcome, first_hit, num_turns, max_turns=4)
+        A = tspo.turn_advantages(r, num_turns)
+        adv = tspo.token_advantages(A, turn_id)
+        loss, m = tspo.policy_loss(logp, old, adv, mask, ref, kl_coef=0.001)
+        return r, A, adv, loss, m, tspo.homogenization_stats(A, outcome, first_hit)
+
+    jitted = pipeline()
+    with jax.disable_jit():
+        eager = pipeline()
+    for x, y in zip(jax.tree.leaves(jitted), jax.tree.leaves(eager), strict=True):
+        np.testing.assert_allclose(x, y, rtol=1e-6, atol=1e-7)
+
+
+def _mesh():
+    assert jax.device_count() == 8, "tests/conftest.py should give 8 fake CPU devices"
+    return Mesh(np.array(jax.devices()), ("data",))
+
+
+@pytest.mark.parametrize("loss_agg", LOSS_AGGS)
+def test_policy_loss_same_on_1_and_8_devices(loss_agg):
+    """Batch split over prompts on 8 devices (one shard fully masked): same loss and gradients."""
+    B, G, K, T = 8, 3, 3, 7
+    rng = np.random.default_rng(6)
+    _, _, _, _, mask, logp, old, ref = random_batch(rng, B, G, K, T, all_zero_prompt=5)
+    adv = rng.normal(size=(B, G, T)).astype(np.float32)
+    feat = rng.normal(size=(B, G, T, 3)).astype(np.float32)
+    theta = jnp.array([0.1, -0.2, 0.05], jnp.float32)  # a replicated "parameter"
+    kw = dict(kl_coef=0.01, loss_agg=loss_agg)
+
+    def loss_fn(theta, logp, old, adv, mask, ref, feat, axis_name=None):
+        lp = logp + feat @ theta
+        return tspo.policy_loss(lp, old, adv, mask, ref, axis_name=axis_name, **kw)
+
+    args = (logp, old, adv, mask, ref, feat)
+    (loss1, m1), (g_theta1, g_logp1) = jax.value_and_grad(loss_fn, argnums=(0, 1), has_aux=True)(
+        theta, *args
+    )
+
+    def sharded(theta, *args):
+        f = lambda *a: loss_fn(*a, axis_name="data")
+        (loss, m), grads = jax.value_and_grad(f, argnums=(0, 1), has_aux=True)(theta, *args)
+        return loss, m, grads
+
+    spec = P("data")
+    run = jax.jit(
+        jax.shard_map(
+            sharded,
+            mesh=_mesh(),
+            in_specs=(P(), *(spec,) * len(args)),
+            out_specs=(P(), P(), (P(), spec)),
+        )
+    )
+    loss8, m8, (g_theta8, g_logp8) = run(theta, *args)
+    np.testing.assert_allclose(loss8, loss1, rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(g_theta8, g_theta1, rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(g_logp8, g_logp1, rtol=1e-5, atol=1e-9)
+    assert np.all(np.asarray(g_logp8)[5] == 0.0)
+    for k in m1:
+        np.testing.assert_allclose(m8[k], m1[k], rtol=1e-5, err_msg=k)
+
+
+# ---------------------------------------------------------------------------------------------
+# Homogenization statistics and argument checks.
+
+
+def test_homogenization_stats_by_hand():
+    outcome = jnp.array([[1.0, 1.0], [0.0, 0.0], [1.0, 0.0]])
+    first_hit = jnp.array([[0, -1], [1, -1], [-1, 0]])
+    num_turns = jnp.array([[2, 2], [2, 2], [1, 1]])
+    r = tspo.folr_turn_rewards(outcome, first_hit, num_turns, max_turns=2)
+    A = tspo.turn_advantages(r, num_turns)
+    s = tspo.homogenization_stats(A, outcome, first_hit)
+    # Group 0 is all right (zero advantage); FOLR gives group 1 signal; group 2 is mixed.
+    np.testing.assert_allclose(s["zero_adv_group_frac"], 1 / 3)
+    np.testing.assert_allclose(s["outcome_tie_group_frac"], 2 / 3)
+    np.testing.assert_allclose(s["folr_hit_rate"], 3 / 6)
+    np.testing.assert_allclose(s["near_miss_rate"], 2 / 6)
+
+
+def test_bad_arguments_raise_clear_errors():
+    o, h, n = jnp.zeros((2, 3)), -jnp.ones((2, 3), jnp.int32), jnp.ones((2, 3), jnp.int32)
+    with pytest.raises(ValueError, match="G >= 2"):
+        tspo.folr_turn_rewards(o[:, :1], h[:, :1], n[:, :1], max_turns=2)
+    with pytest.raises(ValueError, match="G >= 2"):
+        tspo.turn_advantages(jnp.zeros((2, 1, 2)), n[:, :1])
+    with pytest.raises(ValueError, match="latent_reward"):
+        tspo.folr_turn_rewards(o, h, n, max_turns=2, latent_reward=1.0)
+    with pytest.raises(ValueError, match="latent_reward"):
+        tspo.folr_turn_rewards(o, h, n, max_turns=2, latent_reward=-0.1)
+    with pytest.raises(ValueError, match="folr_groups"):
+        tspo.folr_turn_rewards(o, h, n, max_turns=2, folr_groups="mixed")
+    x = jnp.zeros((2, 3, 4))
+    with pytest.raises(ValueError, match="loss_agg"):
+        tspo.policy_loss(x, x, x, x, loss_agg="mean")
+    with pytest.raises(ValueError, match="ref_logp_BGT"):
+        tspo.policy_loss(x, x, x, x, kl_coef=0.1)
+    with pytest.raises(ValueError, match="old_logp_BGT"):
+        tspo.policy_loss(x, x[..., :3], x, x)

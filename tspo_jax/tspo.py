@@ -1,0 +1,265 @@
+"""TSPO: turn-level, stage-aware credit assignment for multi-turn search agents (the algorithm).
+
+This file is the algorithm, and the only one a reader needs to port TSPO elsewhere: it imports
+only jax, jax.numpy and the standard library. The math is ``shared/TSPO.md`` (Ma et al., "TSPO:
+Breaking the Double Homogenization Dilemma in Multi-turn Search Policy Optimization",
+arXiv:2601.22776), whose equations are tagged below where they are computed.
+
+Shape letters: B prompts, G samples per prompt (a group), K turns (``max_turns``), T tokens.
+
+Host-side inputs, one per trajectory: ``outcome`` o in [0, 1] (score of the final answer),
+``first_hit`` h (first turn whose observation contains a gold answer, -1 if none), ``num_turns``
+n >= 1, and per token ``turn_id`` (turn index of each sampled token, -1 for prompt, observation
+and padding tokens).
+
+Eq. F (FOLR turn rewards), for k < n (0 for k >= n):
+    r[b,g,k] = o + (1 - o) * alpha * [k <= h]
+Eq. A (stage-aware group advantages):
+    R[b,g] = max_{k<n} r[b,g,k];  mu, sigma = mean_g R, std_g R (ddof = 1)
+    A[b,g,k] = (r[b,g,k] - mu[b]) / (sigma[b] + eps) for k < n, else 0
+Token advantages:  adv[b,g,t] = A[b,g,turn_id[b,g,t]] (0 where turn_id = -1)
+Eq. L (clipped policy loss), per token with rho = exp(logp - old_logp):
+    l = -min(rho * adv, clip(rho, 1 - eps_low, 1 + eps_high) * adv) + beta * k3(ref || pi)
+aggregated over the whole global batch with the loss mask (``loss_agg``).
+
+Groups are whole prompts, so Eq. F and A need no communication when a batch is split over
+prompts. Eq. L does: with ``axis_name`` set (inside ``jax.shard_map``), every numerator and
+denominator is summed across that mesh axis, so loss and gradients do not depend on the split.
+
+Deliberate choices (where the paper may differ, or where we differ from Search-R1):
+ 1. Eq. F is a reconstruction: the paper's exact formula is not public. The latent term
+    alpha * (1 - o) credits the search stage (turns up to and including the first hit) of a
+    trajectory short of full credit; the answer stage after the hit gets only o.
+ 2. ``folr_groups="homogeneous"`` (default) applies the latent term only in groups whose
+    outcomes are all equal; mixed groups keep trajectory-level outcome rewards. This is our
+    reading of "advantages at turn level or trajectory level depending on the group's
+    composition". ``"all"`` applies it everywhere.
+ 3. Group statistics use the trajectory return R = max_k r (= o + (1 - o) alpha [h >= 0]); each
+    turn's advantage then centres its own reward r[k] on that group mean.
+ 4. A group whose returns R are all equal gets A = 0 on every turn, including turns whose r
+    differs from the mean (otherwise the answer stage of a group that all found the answer would
+    get (0 - mu) / eps). Equality is tested as max == min, not sigma == 0, so float rounding in
+    the mean cannot leak a huge advantage.
+ 5. sigma is the unbiased std (ddof = 1), as in Search-R1 / verl; ``scale=False`` drops the
+    division (Dr. GRPO).
+ 6. first_hit matches a normalized gold answer as a contiguous run of whole words (SQuAD
+    normalization); Search-R1's plain substring test would let "us" hit "campus". The final
+    answer is read from sampled text only, never from the prompt's example (Search-R1 instead
+    requires two matches). Both live on the host (``tspo_jax/protocol.py``).
+ 7. The log-ratio logp - old_logp is clamped to [-20, 20] before exp (as verl), so a stale
+    token cannot overflow the ratio; the k3 reference KL is clamped to [-10, 10] (Search-R1's
+    "low_var_kl").
+ 8. ``loss_agg="token-mean"`` (default) averages over all loss tokens of the global batch
+    (Search-R1 / verl / DAPO), not per sequence first (original GRPO, ``"seq-mean-token-mean"``).
+    ``"seq-mean-token-sum-norm"`` (Dr. GRPO) divides by (sequences x T); T is the padded token
+    axis unless ``norm_length`` fixes it (set it to the generation budget so that padding to a
+    length bucket does not change the loss).
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+FOLR_GROUPS = ("homogeneous", "all")
+LOSS_AGGS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm")
+LOG_RATIO_CLAMP = 20.0
+REF_KL_CLAMP = 10.0
+
+
+def _check_group(name, x_BG):
+    if x_BG.ndim != 2:
+        raise ValueError(f"{name} must have shape [B, G], got {x_BG.shape}")
+    if x_BG.shape[1] < 2:
+        raise ValueError(f"{name}: group size G = {x_BG.shape[1]}, TSPO needs G >= 2")
+
+
+@functools.partial(jax.jit, static_argnames=("max_turns", "latent_reward", "folr_groups"))
+def folr_turn_rewards(
+    outcome_BG,
+    first_hit_BG,
+    num_turns_BG,
+    *,
+    max_turns,
+    latent_reward=0.5,
+    folr_groups="homogeneous",
+):
+    """First-Occurrence Latent Reward per turn (Eq. F of TSPO.md).
+
+    r[b,g,k] = o + (1 - o) * alpha * [k <= h]  for k < n,  0 for k >= n.
+    With ``folr_groups="homogeneous"``, alpha is 0 in groups whose outcomes are not all equal.
+    """
+    _check_group("outcome_BG", outcome_BG)
+    if not 0.0 <= latent_reward < 1.0:
+        raise ValueError(f"latent_reward must lie in [0, 1), got {latent_reward}")
+    if folr_groups not in FOLR_GROUPS:
+        raise ValueError(f"folr_groups must be one of {FOLR_GROUPS}, got {folr_groups!r}")
+    if max_turns < 1:
+        raise ValueError(f"max_turns must be >= 1, got {max_turns}")
+    o_BG = outcome_BG.astype(jnp.float32)
+    k_K = jnp.arange(max_turns)
+    valid_BGK = k_K < num_turns_BG[..., None]
+    search_stage_BGK = k_K <= first_hit_BG[..., None]  # all False when h = -1
+    alpha_BG = jnp.full_like(o_BG, latent_reward)
+    if folr_groups == "homogeneous":
+        homogeneous_B = o_BG.max(axis=1) == o_BG.min(axis=1)
+        alpha_BG = jnp.where(homogeneous_B[:, None], alpha_BG, 0.0)
+    r_BGK = o_BG[..., None] + ((1.0 - o_BG) * alpha_BG)[..., None] * search_stage_BGK  # Eq. F
+    return jnp.where(valid_BGK, r_BGK, 0.0)
+
+
+@functools.partial(jax.jit, static_argnames=("scale", "eps"))
+def turn_advantages(reward_BGK, num_turns_BG, *, scale=True, eps=1e-6):
+    """Stage-aware group-normalized turn advantages (Eq. A of TSPO.md).
+
+    R = max_{k<n} r;  A[b,g,k] = (r[b,g,k] - mean_g R) / (std_g R + eps) for k < n, else 0.
+    ``scale=False`` is Dr. GRPO (no division). Groups with all R equal get A = 0 everywhere.
+    """
+    _check_group("num_turns_BG", num_turns_BG)
+    if reward_BGK.shape[:2] != num_turns_BG.shape:
+        raise ValueError(
+            f"reward_BGK {reward_BGK.shape} and num_turns_BG {num_turns_BG.shape} "
+            "disagree on [B, G]"
+        )
+    r_BGK = reward_BGK.astype(jnp.float32)
+    valid_BGK = jnp.arange(r_BGK.shape[-1]) < num_turns_BG[..., None]
+    R_BG = jnp.where(valid_BGK, r_BGK, -jnp.inf).max(axis=-1)
+    R_BG = jnp.where(num_turns_BG > 0, R_BG, 0.0)
+    mu_B = R_BG.mean(axis=1)
+    A_BGK = r_BGK - mu_B[:, None, None]  # Eq. A
+    if scale:
+        sigma_B = R_BG.std(axis=1, ddof=1)
+        A_BGK = A_BGK / (sigma_B[:, None, None] + eps)  # Eq. A
+    homogeneous_B = R_BG.max(axis=1) == R_BG.min(axis=1)
+    return jnp.where(valid_BGK & ~homogeneous_B[:, None, None], A_BGK, 0.0)
+
+
+@jax.jit
+def token_advantages(adv_BGK, turn_id_BGT):
+    """Turn advantages on tokens: adv[b,g,t] = A[b,g,turn_id[b,g,t]], 0 where turn_id = -1."""
+    if adv_BGK.shape[:2] != turn_id_BGT.shape[:2]:
+        raise ValueError(
+            f"adv_BGK {adv_BGK.shape} and turn_id_BGT {turn_id_BGT.shape} disagree on [B, G]"
+        )
+    K = adv_BGK.shape[-1]
+    adv_BGT = jnp.take_along_axis(adv_BGK, jnp.clip(turn_id_BGT, 0, K - 1), axis=-1)
+    return jnp.where(turn_id_BGT >= 0, adv_BGT, 0.0)
+
+
+def _global_sum(x, axis_name):
+    """Sum of x, across the mesh axis ``axis_name`` too when the batch is split over it."""
+    s = jnp.sum(x)
+    return s if axis_name is None else jax.lax.psum(s, axis_name)
+
+
+def _global_max(x, axis_name):
+    """Max of x, across the mesh axis ``axis_name`` too when the batch is split over it."""
+    s = jnp.max(x)
+    return s if axis_name is None else jax.lax.pmax(s, axis_name)
+
+
+@functools.partial(
+    jax.jit,
+    static_argnames=("clip_low", "clip_high", "kl_coef", "loss_agg", "axis_name", "norm_length"),
+)
+def policy_loss(
+    logp_BGT,
+    old_logp_BGT,
+    adv_BGT,
+    loss_mask_BGT,
+    ref_logp_BGT=None,
+    *,
+    clip_low=0.2,
+    clip_high=0.2,
+    kl_coef=0.0,
+    loss_agg="token-mean",
+    axis_name=None,
+    norm_length=None,
+):
+    """Clipped policy-gradient loss with an optional k3 reference KL (Eq. L of TSPO.md).
+
+    rho = exp(logp - old_logp);  pg = -min(rho * adv, clip(rho, 1 - clip_low, 1 + clip_high) * adv)
+    kl = exp(ref - logp) - (ref - logp) - 1, clamped to [-10, 10];  l = pg + kl_coef * kl
+    aggregated per ``loss_agg`` over the whole batch (summed across ``axis_name`` when set).
+
+    Returns (loss, metrics); metrics are token means over loss tokens of the global batch.
+    """
+    shape = logp_BGT.shape
+    for name, x in (("old_logp_BGT", old_logp_BGT), ("adv_BGT", adv_BGT)):
+        if x.shape != shape:
+            raise ValueError(f"{name} has shape {x.shape}, logp_BGT has {shape}")
+    if loss_mask_BGT.shape != shape:
+        raise ValueError(f"loss_mask_BGT has shape {loss_mask_BGT.shape}, logp_BGT has {shape}")
+    if loss_agg not in LOSS_AGGS:
+        raise ValueError(f"loss_agg must be one of {LOSS_AGGS}, got {loss_agg!r}")
+    if kl_coef < 0:
+        raise ValueError(f"kl_coef must be >= 0, got {kl_coef}")
+    if kl_coef > 0 and ref_logp_BGT is None:
+        raise ValueError("kl_coef > 0 needs ref_logp_BGT (log-probs under the reference policy)")
+    if ref_logp_BGT is not None and ref_logp_BGT.shape != shape:
+        raise ValueError(f"ref_logp_BGT has shape {ref_logp_BGT.shape}, logp_BGT has {shape}")
+    if not (0 <= clip_low < 1 and clip_high >= 0):
+        raise ValueError(f"need 0 <= clip_low < 1 and clip_high >= 0, got {clip_low}, {clip_high}")
+
+    m_BGT = loss_mask_BGT.astype(jnp.float32)
+    on_BGT = m_BGT > 0
+    logp_BGT = logp_BGT.astype(jnp.float32)
+    # Masked tokens see a log-ratio of 0, so padding garbage cannot reach the loss or its gradient.
+    log_ratio_BGT = jnp.where(on_BGT, logp_BGT - old_logp_BGT, 0.0)
+    log_ratio_BGT = jnp.clip(log_ratio_BGT, -LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
+    ratio_BGT = jnp.exp(log_ratio_BGT)
+    unclipped_BGT = -ratio_BGT * adv_BGT
+    clipped_BGT = -jnp.clip(ratio_BGT, 1.0 - clip_low, 1.0 + clip_high) * adv_BGT
+    pg_BGT = jnp.maximum(unclipped_BGT, clipped_BGT)  # Eq. L
+    loss_BGT = pg_BGT
+    if ref_logp_BGT is not None:
+        d_BGT = jnp.where(on_BGT, ref_logp_BGT - logp_BGT, 0.0)
+        ref_kl_BGT = jnp.clip(jnp.exp(d_BGT) - d_BGT - 1.0, -REF_KL_CLAMP, REF_KL_CLAMP)  # Eq. L
+        if kl_coef > 0:
+            loss_BGT = pg_BGT + kl_coef * ref_kl_BGT  # Eq. L
+
+    num_tokens = _global_sum(m_BGT, axis_name)
+    per_token = lambda x_BGT: _global_sum(m_BGT * x_BGT, axis_name) / jnp.maximum(num_tokens, 1.0)
+    if loss_agg == "token-mean":
+        loss = per_token(loss_BGT)
+    elif loss_agg == "seq-mean-token-mean":
+        seq_tokens_BG = m_BGT.sum(-1)
+        seq_mean_BG = (m_BGT * loss_BGT).sum(-1) / jnp.maximum(seq_tokens_BG, 1.0)
+        num_seqs = _global_sum(seq_tokens_BG > 0, axis_name)
+        loss = _global_sum(seq_mean_BG, axis_name) / jnp.maximum(num_seqs, 1.0)
+    else:  # "seq-mean-token-sum-norm"
+        num_seqs = _global_sum(jnp.ones(shape[:2]), axis_name)
+        length = shape[-1] if norm_length is None else norm_length
+        loss = _global_sum(m_BGT * loss_BGT, axis_name) / (num_seqs * length)
+
+    metrics = {
+        "pg_loss": per_token(pg_BGT),
+        "clip_frac": per_token(clipped_BGT > unclipped_BGT),
+        "ratio_mean": per_token(ratio_BGT),
+        "ratio_max": _global_max(jnp.where(on_BGT, jax.lax.stop_gradient(ratio_BGT), 0), axis_name),
+        "approx_kl_old": per_token((ratio_BGT - 1.0) - log_ratio_BGT),
+        "adv_mean": per_token(adv_BGT),
+        "num_loss_tokens": num_tokens,
+    }
+    if ref_logp_BGT is not None:
+        metrics["ref_kl"] = per_token(ref_kl_BGT)
+    return loss, metrics
+
+
+@jax.jit
+def homogenization_stats(adv_BGK, outcome_BG, first_hit_BG):
+    """The two numbers behind "double homogenization", plus the near-miss rate.
+
+    zero_adv_group_frac: groups whose advantages are all zero (no gradient from the group).
+    outcome_tie_group_frac: groups whose outcomes are all equal (where GRPO alone gets none).
+    folr_hit_rate: trajectories whose observations contained a gold answer (h >= 0).
+    near_miss_rate: trajectories that found the answer but did not earn full credit.
+    """
+    _check_group("outcome_BG", outcome_BG)
+    hit_BG = first_hit_BG >= 0
+    return {
+        "zero_adv_group_frac": jnp.mean(jnp.all(adv_BGK == 0, axis=(1, 2))),
+        "outcome_tie_group_frac": jnp.mean(outcome_BG.max(axis=1) == outcome_BG.min(axis=1)),
+        "folr_hit_rate": jnp.mean(hit_BG),
+        "near_miss_rate": jnp.mean(hit_BG & (outcome_BG < 1)),
+    }
