@@ -1,0 +1,352 @@
+"""Retrievers (tspo_jax/retrieval.py): corpus loading, BM25 and its cache, the HTTP client."""
+
+import json
+import math
+import os
+import random
+import re
+import socket
+import threading
+import time
+from collections import Counter
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import bm25s
+import pytest
+
+from tspo_jax.retrieval import (
+    BM25Retriever,
+    HttpRetriever,
+    Passage,
+    RetrievalError,
+    load_corpus,
+    make_retriever,
+)
+
+
+def write_corpus(path, docs):
+    """docs: (id, title, text) triples, written as Search-R1 JSONL."""
+    lines = [json.dumps({"id": i, "contents": f'"{t}"\n{x}'}) for i, t, x in docs]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def distractors(n, seed=0):
+    rng = random.Random(seed)
+    words = [f"w{i}" for i in range(300)] + ["river", "city", "king", "war", "music"]
+    return [(f"d{i}", f"Topic {i}", " ".join(rng.choices(words, k=40))) for i in range(n)]
+
+
+# --- corpus -----------------------------------------------------------------------------------
+
+
+def test_load_corpus(tmp_path):
+    path = tmp_path / "c.jsonl"
+    path.write_text(
+        '{"id": "0", "contents": "\\"Paris\\"\\nParis is the capital."}\n\n'
+        '{"id": 7, "contents": "No quotes\\nline one\\nline two"}\n'
+    )
+    assert load_corpus(path) == [
+        Passage("0", "Paris", "Paris is the capital.", 0.0),
+        Passage("7", "No quotes", "line one\nline two", 0.0),
+    ]
+
+
+OK = '{"id": "0", "contents": "a"}\n'
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        (OK + '{"id": "1", "contents": \n', r"c\.jsonl, line 2: not valid JSON"),
+        (OK + '\n{"id": "1"}\n', r"c\.jsonl, line 3: expected an object"),
+        ('{"id": "0", "contents": 5}\n', r"c\.jsonl, line 1: expected an object with a string"),
+        ("[1, 2]\n", r"c\.jsonl, line 1: expected an object"),
+        ("\n\n", r"c\.jsonl: the corpus has no passages"),
+    ],
+)
+def test_load_corpus_errors(tmp_path, text, message):
+    path = tmp_path / "c.jsonl"
+    path.write_text(text)
+    with pytest.raises(ValueError, match=message):
+        load_corpus(path)
+
+
+# --- BM25 -------------------------------------------------------------------------------------
+
+
+def reference_bm25(docs, query, k1=1.5, b=0.75):
+    """Lucene's BM25 written out: sum over query words of idf * tf / (tf + k1 (1 - b + b dl/avgdl)),
+    idf = ln(1 + (N - df + 0.5) / (df + 0.5)), over lower-case word tokens of title and text."""
+    toks = [re.findall(r"\w+", f"{t}\n{x}".lower()) for _, t, x in docs]
+    avgdl = sum(map(len, toks)) / len(toks)
+    scores = []
+    for doc in toks:
+        tf, score = Counter(doc), 0.0
+        for word in re.findall(r"\w+", query.lower()):
+            df = sum(word in d for d in toks)
+            if tf[word]:
+                idf = math.log(1 + (len(toks) - df + 0.5) / (df + 0.5))
+                score += idf * tf[word] / (tf[word] + k1 * (1 - b + b * len(doc) / avgdl))
+        scores.append(score)
+    return scores
+
+
+TINY = [
+    ("a", "Cloves", "Cloves are grown on Zanzibar. Cloves smell."),
+    ("b", "Zanzibar", "Zanzibar is an island off Tanzania."),
+    ("c", "Paris", "Paris is the capital of France."),
+    ("d", "Rome", "Rome is the capital of Italy, not France."),
+]
+
+
+def test_bm25_scores_match_reference(tmp_path):
+    retriever = BM25Retriever(write_corpus(tmp_path / "c.jsonl", TINY))
+    query = "Where are CLOVES grown? capital"
+    expected = reference_bm25(TINY, query)
+    (hits,) = retriever.search([query], k=4)
+    assert [p.id for p in hits] == ["a", "c", "d"]  # "b" shares no word with the query
+    for p in hits:
+        assert p.score == pytest.approx(expected["abcd".index(p.id)], rel=1e-5)
+    assert hits[0] == Passage(
+        "a", "Cloves", "Cloves are grown on Zanzibar. Cloves smell.", hits[0].score
+    )
+
+
+def test_bm25_finds_planted_passages_batched(tmp_path):
+    docs = distractors(500)
+    docs.insert(123, ("planted-1", "Zanzibar", "The island of Zanzibar exports cloves and spices."))
+    docs.insert(321, ("planted-2", "Hamlet", "Shakespeare wrote Hamlet around 1600 in London."))
+    retriever = BM25Retriever(write_corpus(tmp_path / "c.jsonl", docs))
+    queries = ["who wrote hamlet", "zzz qqq", "which island exports cloves", "river city"]
+    results = retriever.search(queries, k=3)
+    assert len(results) == 4
+    assert results[0][0].id == "planted-2" and results[0][0].title == "Hamlet"
+    assert results[1] == []  # no query word in the corpus
+    assert results[2][0].id == "planted-1"
+    assert len(results[3]) == 3 and all(p.id.startswith("d") for p in results[3])
+    assert results[3][0].score >= results[3][1].score >= results[3][2].score > 0
+    assert retriever.search([], k=3) == []
+    assert len(retriever.search(["river"], k=10_000)[0]) <= 502  # k beyond the corpus: clamped
+
+
+def test_bm25_cache_reused_and_invalidated(tmp_path):
+    path = write_corpus(tmp_path / "c.jsonl", TINY)
+    first = BM25Retriever(path)
+    assert not first.from_cache
+    assert (tmp_path / "c.jsonl.bm25s" / "key.json").is_file()
+    second = BM25Retriever(path)
+    assert second.from_cache
+    assert second.search(["cloves capital"], 4) == first.search(["cloves capital"], 4)
+
+    # New content (size changes): rebuilt, and the new passage is found.
+    write_corpus(path, [*TINY, ("e", "Kilimanjaro", "Kilimanjaro is in Tanzania.")])
+    third = BM25Retriever(path)
+    assert not third.from_cache
+    assert third.search(["kilimanjaro"], 1)[0][0].id == "e"
+    assert BM25Retriever(path).from_cache
+
+    # Same size, new modification time: rebuilt.
+    write_corpus(path, [*TINY, ("e", "Kilimanjaro", "Kilimanjaro is in Tanzanix.")])
+    os.utime(path, ns=(time.time_ns(), time.time_ns() + 10**9))
+    fourth = BM25Retriever(path)
+    assert not fourth.from_cache
+    assert fourth.search(["tanzanix"], 1)[0][0].id == "e"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.jsonl", "c.jsonl.bm25s"]
+
+
+def test_bm25_cache_crash_mid_write_leaves_no_cache(tmp_path, monkeypatch):
+    path = write_corpus(tmp_path / "c.jsonl", TINY)
+
+    def crash(self, save_dir, **kwargs):
+        (open(os.path.join(save_dir, "vocab.index.json"), "w")).write('{"half')
+        raise OSError("disk full")
+
+    with monkeypatch.context() as m, pytest.warns(UserWarning, match="disk full"):
+        m.setattr(bm25s.BM25, "save", crash)
+        retriever = BM25Retriever(path)
+    assert retriever.search(["paris"], 1)[0][0].id == "c"  # the in-memory index still works
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.jsonl"]
+    assert not BM25Retriever(path).from_cache
+    assert BM25Retriever(path).from_cache
+
+
+def test_bm25_unreadable_cache_is_rebuilt(tmp_path):
+    path = write_corpus(tmp_path / "c.jsonl", TINY)
+    BM25Retriever(path)
+    (tmp_path / "c.jsonl.bm25s" / "vocab.index.json").write_text("{garbage")
+    retriever = BM25Retriever(path)
+    assert not retriever.from_cache
+    assert retriever.search(["paris"], 1)[0][0].id == "c"
+    assert BM25Retriever(path).from_cache
+
+
+def test_bm25_indexes_10k_passages_quickly(tmp_path):
+    path = write_corpus(tmp_path / "c.jsonl", distractors(10_000))
+    start = time.perf_counter()
+    retriever = BM25Retriever(path)
+    built = time.perf_counter() - start
+    results = retriever.search([f"w{i} river" for i in range(100)], k=3)
+    searched = time.perf_counter() - start - built
+    assert len(results) == 100 and all(len(r) == 3 for r in results)
+    # About 0.5 s to read, tokenize, index and cache here; generous bounds for a shared machine.
+    assert built < 4.0 and searched < 2.0, (built, searched)
+
+
+# --- HTTP -------------------------------------------------------------------------------------
+
+
+def contents_for(query, j):
+    return f'"{query} {j}"\ntext {j} for {query}'
+
+
+class Handler(BaseHTTPRequestHandler):
+    """Search-R1's /retrieve; `server.mode` picks a behaviour, `server.requests` records bodies."""
+
+    def log_message(self, *args):
+        pass
+
+    def reply(self, code, body):
+        data = body if isinstance(body, bytes) else json.dumps(body).encode()
+        try:
+            self.send_response(code)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # the client timed out and hung up, as test_http_timeout intends
+
+    def do_POST(self):
+        request = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        self.server.requests.append(request)
+        mode, queries, k = self.server.mode, request["queries"], request["topk"]
+        if self.path != "/retrieve":
+            return self.reply(404, {"detail": "Not Found"})
+        if mode == "flaky" and len(self.server.requests) <= 2:
+            return self.reply(500, {"detail": "overloaded"})
+        if mode == "slow":
+            time.sleep(1.0)
+        if mode == "malformed":
+            return self.reply(200, b'{"result": [[{"document": ')
+        if mode == "wrong_count":
+            queries = queries[:-1]
+        docs = [
+            [{"id": f"{q}-{j}", "contents": contents_for(q, j)} for j in range(k)] for q in queries
+        ]
+        if mode == "bare":
+            return self.reply(200, {"result": docs})
+        scored = [[{"document": d, "score": 10.0 - j} for j, d in enumerate(ds)] for ds in docs]
+        return self.reply(200, {"result": scored})
+
+
+@pytest.fixture
+def server():
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    httpd.daemon_threads = True
+    httpd.mode, httpd.requests = "ok", []
+    thread = threading.Thread(target=httpd.serve_forever, args=(0.05,), daemon=True)
+    thread.start()
+    httpd.url = f"http://127.0.0.1:{httpd.server_address[1]}/retrieve"
+    yield httpd
+    httpd.shutdown()
+    httpd.server_close()
+
+
+def test_http_ok(server):
+    results = HttpRetriever(server.url).search(["who wrote hamlet", "capital"], k=2)
+    assert server.requests == [
+        {"queries": ["who wrote hamlet", "capital"], "topk": 2, "return_scores": True}
+    ]
+    assert results == [
+        [
+            Passage(
+                "who wrote hamlet-0", "who wrote hamlet 0", "text 0 for who wrote hamlet", 10.0
+            ),
+            Passage("who wrote hamlet-1", "who wrote hamlet 1", "text 1 for who wrote hamlet", 9.0),
+        ],
+        [
+            Passage("capital-0", "capital 0", "text 0 for capital", 10.0),
+            Passage("capital-1", "capital 1", "text 1 for capital", 9.0),
+        ],
+    ]
+    assert HttpRetriever(server.url).search([], k=2) == []
+    assert len(server.requests) == 1  # no request for no queries
+
+
+def test_http_bare_documents(server):
+    server.mode = "bare"
+    (hits,) = HttpRetriever(server.url).search(["q"], k=2)
+    assert hits == [
+        Passage("q-0", "q 0", "text 0 for q", 0.0),
+        Passage("q-1", "q 1", "text 1 for q", 0.0),
+    ]
+
+
+def test_http_retries_on_5xx_then_succeeds(server):
+    server.mode = "flaky"
+    start = time.perf_counter()
+    results = HttpRetriever(server.url, retries=3, backoff=0.05).search(["q"], k=1)
+    assert results == [[Passage("q-0", "q 0", "text 0 for q", 10.0)]]
+    assert len(server.requests) == 3
+    assert time.perf_counter() - start >= 0.05 + 0.1  # backoff 0.05, then 0.1
+
+
+def test_http_5xx_gives_up_after_retries(server):
+    server.mode = "flaky"
+    with pytest.raises(
+        RetrievalError, match=re.escape(f"{server.url} failed after 2 attempts: HTTP 500")
+    ):
+        HttpRetriever(server.url, retries=1, backoff=0.01).search(["q"], k=1)
+    assert len(server.requests) == 2
+
+
+def test_http_4xx_is_not_retried(server):
+    url = server.url.replace("/retrieve", "/nope")
+    with pytest.raises(RetrievalError, match=re.escape(f"{url} answered HTTP 404")):
+        HttpRetriever(url, retries=3, backoff=0.01).search(["q"], k=1)
+    assert len(server.requests) == 1
+
+
+def test_http_server_down():
+    with socket.socket() as s:  # a free port that nobody listens on once closed
+        s.bind(("127.0.0.1", 0))
+        url = f"http://127.0.0.1:{s.getsockname()[1]}/retrieve"
+    start = time.perf_counter()
+    with pytest.raises(RetrievalError, match=re.escape(f"{url} failed after 3 attempts")):
+        HttpRetriever(url, timeout=1.0, retries=2, backoff=0.01).search(["q"], k=3)
+    assert time.perf_counter() - start < 2.0
+
+
+def test_http_timeout(server):
+    server.mode = "slow"
+    start = time.perf_counter()
+    with pytest.raises(RetrievalError, match=re.escape(f"{server.url} failed after 2 attempts")):
+        HttpRetriever(server.url, timeout=0.2, retries=1, backoff=0.01).search(["q"], k=1)
+    assert time.perf_counter() - start < 0.9  # two 0.2 s timeouts, not the 1 s answer
+    assert len(server.requests) == 2
+
+
+@pytest.mark.parametrize(
+    "mode, message",
+    [
+        ("malformed", "malformed answer (Expecting value"),
+        ("wrong_count", "malformed answer ('result' is not a list of 2 per-query lists)"),
+    ],
+)
+def test_http_malformed_answer(server, mode, message):
+    server.mode = mode
+    with pytest.raises(RetrievalError, match=re.escape(f"{server.url} gave a {message}")):
+        HttpRetriever(server.url, retries=3, backoff=0.01).search(["a", "b"], k=1)
+    assert len(server.requests) == 1  # an answer that parses badly is not retried
+
+
+def test_make_retriever(tmp_path, server):
+    path = write_corpus(tmp_path / "c.jsonl", TINY)
+    assert isinstance(make_retriever(corpus=path), BM25Retriever)
+    http = make_retriever(url=server.url, timeout=5.0, retries=1, backoff=0.5)
+    assert isinstance(http, HttpRetriever)
+    assert (http.url, http.timeout, http.retries, http.backoff) == (server.url, 5.0, 1, 0.5)
+    for kwargs in ({}, {"corpus": path, "url": server.url}):
+        with pytest.raises(ValueError, match="exactly one of corpus"):
+            make_retriever(**kwargs)

@@ -1,0 +1,231 @@
+"""Retrievers: BM25 over a local corpus, or a client for Search-R1's retrieval server.
+
+Formats (/work/shared/SEARCH_R1_FORMATS.md):
+- Corpus: JSONL, one passage a line, `{"id": "...", "contents": "\\"Title\\"\\nPassage text"}`.
+- Server: `POST <url>` (its /retrieve endpoint) with `{"queries": [...], "topk": k,
+  "return_scores": true}`; the answer is `{"result": [per_query, ...]}` in query order, each
+  per_query a list of `{"document": {"id", "contents"}, "score": float}` or, without scores, of
+  bare document objects.
+
+Both retrievers have one method, `search(queries, k) -> list[list[Passage]]`: one list per query,
+in query order, best first, at most k passages each.
+"""
+
+import http.client
+import json
+import os
+import re
+import shutil
+import tempfile
+import time
+import urllib.error
+import urllib.request
+import warnings
+from pathlib import Path
+from typing import NamedTuple, Protocol
+
+import bm25s
+import numpy as np
+
+from tspo_jax.protocol import split_title
+
+_WORD_RE = re.compile(r"\w+")
+# Bump when the tokenization or the bm25s parameters change, so old caches are rebuilt.
+_INDEX_VERSION = 1
+
+
+class Passage(NamedTuple):
+    id: str
+    title: str
+    text: str
+    score: float  # retrieval score; 0.0 when the source gives none
+
+
+class Retriever(Protocol):
+    def search(self, queries: list[str], k: int) -> list[list[Passage]]: ...
+
+
+class RetrievalError(RuntimeError):
+    """The retrieval server is unreachable or answered something unusable."""
+
+
+def _passage(doc: object, score: float, where: str) -> Passage:
+    if not isinstance(doc, dict) or not isinstance(doc.get("contents"), str):
+        raise ValueError(f"{where}: expected an object with a string 'contents', got {doc!r:.200}")
+    title, text = split_title(doc["contents"])
+    return Passage(str(doc.get("id", "")), title, text, float(score))
+
+
+def load_corpus(path: str | os.PathLike) -> list[Passage]:
+    """Reads a Search-R1 JSONL corpus (blank lines skipped); score is 0.0."""
+    passages = []
+    with open(path, encoding="utf-8") as f:
+        for line_no, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            where = f"{path}, line {line_no}"
+            try:
+                doc = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{where}: not valid JSON ({e.msg})") from None
+            passages.append(_passage(doc, 0.0, where))
+    if not passages:
+        raise ValueError(f"{path}: the corpus has no passages")
+    return passages
+
+
+def tokenize(text: str) -> list[str]:
+    """Lower-case word tokens; shared by the BM25 index and its queries. No stemming, no
+    stopwords (BM25's IDF weighs common words down)."""
+    return _WORD_RE.findall(text.lower())
+
+
+class BM25Retriever:
+    """bm25s over a JSONL corpus. The index is cached in `<corpus>.bm25s/` and rebuilt when the
+    corpus's size or modification time changes. It is written to a temporary directory and
+    renamed into place, so a crash mid-write leaves no half-written cache behind."""
+
+    def __init__(self, corpus_path: str | os.PathLike):
+        self.corpus_path = Path(corpus_path)
+        self.passages = load_corpus(self.corpus_path)
+        self.cache_dir = self.corpus_path.with_name(self.corpus_path.name + ".bm25s")
+        stat = self.corpus_path.stat()
+        key = {"version": _INDEX_VERSION, "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+        self.index = self._load_cache(key)
+        self.from_cache = self.index is not None
+        if self.index is None:
+            self.index = bm25s.BM25()
+            self.index.index(
+                [tokenize(f"{p.title}\n{p.text}") for p in self.passages], show_progress=False
+            )
+            self._save_cache(key)
+
+    def _load_cache(self, key: dict) -> bm25s.BM25 | None:
+        try:
+            if json.loads((self.cache_dir / "key.json").read_text()) != key:
+                return None
+            return bm25s.BM25.load(str(self.cache_dir), show_progress=False, verbosity=0)
+        except Exception:  # no cache, a stale one, or an unreadable one: rebuild
+            return None
+
+    def _save_cache(self, key: dict) -> None:
+        try:
+            tmp = tempfile.mkdtemp(prefix=self.cache_dir.name + ".tmp-", dir=self.cache_dir.parent)
+        except OSError as e:
+            warnings.warn(f"not caching the BM25 index: {e}", stacklevel=3)
+            return
+        try:
+            self.index.save(tmp, show_progress=False)
+            Path(tmp, "key.json").write_text(json.dumps(key))  # written last: marks it complete
+            shutil.rmtree(self.cache_dir, ignore_errors=True)
+            os.rename(tmp, self.cache_dir)
+        except OSError as e:  # disk full, or another process renamed its cache in first
+            warnings.warn(f"not caching the BM25 index in {self.cache_dir}: {e}", stacklevel=3)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+    def search(self, queries: list[str], k: int) -> list[list[Passage]]:
+        """Top-k passages per query by BM25 score; passages sharing no word with the query
+        (score 0) are left out, so a list may hold fewer than k."""
+        vocab = self.index.vocab_dict
+        ids = [[vocab[t] for t in tokenize(q) if t in vocab] for q in queries]
+        results: list[list[Passage]] = [[] for _ in queries]
+        rows = [i for i, q in enumerate(ids) if q]
+        k = min(k, len(self.passages))
+        if not rows or k < 1:
+            return results
+        docs_QK, scores_QK = self.index.retrieve(
+            [ids[i] for i in rows], k=k, show_progress=False, backend_selection="numpy"
+        )
+        for i, docs, scores in zip(rows, np.asarray(docs_QK), np.asarray(scores_QK), strict=True):
+            results[i] = [
+                self.passages[d]._replace(score=float(s))
+                for d, s in zip(docs, scores, strict=True)
+                if s > 0
+            ]
+        return results
+
+
+class HttpRetriever:
+    """Client for Search-R1's retrieval server: one batched POST per call, a timeout per
+    attempt, and up to `retries` retries with exponential backoff (backoff, 2 * backoff, ...)
+    on connection errors, timeouts and 5xx answers."""
+
+    def __init__(self, url: str, *, timeout: float = 60.0, retries: int = 3, backoff: float = 1.0):
+        if retries < 0 or timeout <= 0 or backoff < 0:
+            raise ValueError(
+                f"need timeout > 0, retries >= 0, backoff >= 0; got {timeout=}, "
+                f"{retries=}, {backoff=}"
+            )
+        self.url, self.timeout, self.retries, self.backoff = url, timeout, retries, backoff
+
+    def _post(self, payload: dict) -> bytes:
+        data = json.dumps(payload).encode()
+        request = urllib.request.Request(
+            self.url, data=data, headers={"Content-Type": "application/json"}, method="POST"
+        )
+        for attempt in range(self.retries + 1):
+            try:
+                with urllib.request.urlopen(request, timeout=self.timeout) as response:
+                    return response.read()
+            except urllib.error.HTTPError as e:
+                if e.code < 500:
+                    raise RetrievalError(
+                        f"retrieval server {self.url} answered HTTP {e.code}"
+                    ) from None
+                error = f"HTTP {e.code}"
+            except (urllib.error.URLError, http.client.HTTPException, OSError) as e:
+                error = str(getattr(e, "reason", e))
+            if attempt < self.retries:
+                time.sleep(self.backoff * 2**attempt)
+        raise RetrievalError(
+            f"retrieval server {self.url} failed after {self.retries + 1} attempts: {error}"
+        )
+
+    def search(self, queries: list[str], k: int) -> list[list[Passage]]:
+        if not queries:
+            return []
+        body = self._post({"queries": list(queries), "topk": k, "return_scores": True})
+        try:
+            result = json.loads(body)["result"]
+            if not isinstance(result, list) or len(result) != len(queries):
+                raise ValueError(f"'result' is not a list of {len(queries)} per-query lists")
+            out = []
+            for i, hits in enumerate(result):
+                if not isinstance(hits, list):
+                    raise ValueError(f"result {i} is not a list")
+                where = f"result {i}"
+                out.append(
+                    [
+                        _passage(h["document"], h.get("score", 0.0), where)
+                        if isinstance(h, dict) and "document" in h
+                        else _passage(h, 0.0, where)
+                        for h in hits[:k]
+                    ]
+                )
+            return out
+        except (ValueError, KeyError, TypeError) as e:
+            detail = e if not isinstance(e, KeyError) else f"missing key {e}"
+            raise RetrievalError(
+                f"retrieval server {self.url} gave a malformed answer ({detail}); it starts "
+                f"{body[:200]!r}"
+            ) from None
+
+
+def make_retriever(
+    corpus: str | os.PathLike | None = None,
+    url: str | None = None,
+    *,
+    timeout: float = 60.0,
+    retries: int = 3,
+    backoff: float = 1.0,
+) -> Retriever:
+    """BM25 over `corpus` or the server at `url`: exactly one of the two."""
+    if (corpus is None) == (url is None):
+        raise ValueError(
+            "give exactly one of corpus (a JSONL file, for BM25) and url (a "
+            f"Search-R1 retrieval server); got {corpus=}, {url=}"
+        )
+    if corpus is not None:
+        return BM25Retriever(corpus)
+    return HttpRetriever(url, timeout=timeout, retries=retries, backoff=backoff)
