@@ -383,3 +383,21 @@ def test_bad_arguments_raise_clear_errors():
         tspo.policy_loss(x, x, x, x, kl_coef=0.1)
     with pytest.raises(ValueError, match="old_logp_BGT"):
         tspo.policy_loss(x, x[..., :3], x, x)
+
+
+@pytest.mark.parametrize("loss_agg", LOSS_AGGS)
+def test_micro_batches_weighted_by_loss_denominator_give_full_gradient(loss_agg):
+    """Gradient accumulation: sum_i den_i * grad_i / sum_i den_i is the full batch's gradient."""
+    rng = np.random.default_rng(8)
+    _, _, _, _, mask, logp, old, ref = random_batch(rng, 6, 3, 3, 9, all_zero_prompt=1)
+    adv = rng.normal(size=logp.shape).astype(np.float32)
+    kw = dict(kl_coef=0.01, loss_agg=loss_agg)
+    grad = jax.grad(lambda lp, *a: tspo.policy_loss(lp, *a, **kw)[0])
+    full = grad(logp, old, adv, mask, ref)
+    parts, dens = [], []
+    for sl in (slice(0, 2), slice(2, 3), slice(3, 6)):
+        g = grad(logp[sl], old[sl], adv[sl], mask[sl], ref[sl])
+        den = tspo.policy_loss(logp[sl], old[sl], adv[sl], mask[sl], ref[sl], **kw)[1]
+        parts.append(g * den["loss_denominator"])
+        dens.append(den["loss_denominator"])
+    np.testing.assert_allclose(jnp.concatenate(parts) / sum(dens), full, rtol=1e-5, atol=1e-9)

@@ -182,7 +182,8 @@ def policy_loss(
     kl = exp(ref - logp) - (ref - logp) - 1, clamped to [-10, 10];  l = pg + kl_coef * kl
     aggregated per ``loss_agg`` over the whole batch (summed across ``axis_name`` when set).
 
-    Returns (loss, metrics); metrics are token means over loss tokens of the global batch.
+    Returns (loss, metrics); metrics are token means over loss tokens of the global batch, plus
+    ``loss_denominator`` (what the loss's numerator was divided by, for gradient accumulation).
     """
     shape = logp_BGT.shape
     for name, x in (("old_logp_BGT", old_logp_BGT), ("adv_BGT", adv_BGT)):
@@ -221,16 +222,17 @@ def policy_loss(
     num_tokens = _global_sum(m_BGT, axis_name)
     per_token = lambda x_BGT: _global_sum(m_BGT * x_BGT, axis_name) / jnp.maximum(num_tokens, 1.0)
     if loss_agg == "token-mean":
-        loss = per_token(loss_BGT)
+        numerator, denominator = _global_sum(m_BGT * loss_BGT, axis_name), num_tokens
     elif loss_agg == "seq-mean-token-mean":
         seq_tokens_BG = m_BGT.sum(-1)
         seq_mean_BG = (m_BGT * loss_BGT).sum(-1) / jnp.maximum(seq_tokens_BG, 1.0)
-        num_seqs = _global_sum(seq_tokens_BG > 0, axis_name)
-        loss = _global_sum(seq_mean_BG, axis_name) / jnp.maximum(num_seqs, 1.0)
+        numerator = _global_sum(seq_mean_BG, axis_name)
+        denominator = _global_sum(seq_tokens_BG > 0, axis_name)
     else:  # "seq-mean-token-sum-norm"
-        num_seqs = _global_sum(jnp.ones(shape[:2]), axis_name)
         length = shape[-1] if norm_length is None else norm_length
-        loss = _global_sum(m_BGT * loss_BGT, axis_name) / (num_seqs * length)
+        numerator = _global_sum(m_BGT * loss_BGT, axis_name)
+        denominator = _global_sum(jnp.ones(shape[:2]), axis_name) * length
+    loss = numerator / jnp.maximum(denominator, 1.0)  # Eq. L
 
     metrics = {
         "pg_loss": per_token(pg_BGT),
@@ -240,6 +242,9 @@ def policy_loss(
         "approx_kl_old": per_token((ratio_BGT - 1.0) - log_ratio_BGT),
         "adv_mean": per_token(adv_BGT),
         "num_loss_tokens": num_tokens,
+        # What the loss was divided by: to accumulate micro-batches exactly, weight each one's
+        # gradient by its loss_denominator and divide the sum by the sum of denominators.
+        "loss_denominator": denominator,
     }
     if ref_logp_BGT is not None:
         metrics["ref_kl"] = per_token(ref_kl_BGT)

@@ -1,0 +1,522 @@
+"""Multi-turn search rollouts, the environment side of TSPO, and evaluation (EM / F1).
+
+    python rollout.py --model DIR --data FILE --corpus FILE          # embedded BM25
+    python rollout.py --model DIR --data FILE --retriever-url URL    # Search-R1's server
+
+One call of ``rollout`` runs B prompts x G samples as one batch of rows through the turn loop:
+
+    prefill the prompts
+    for turn k = 0 .. max_turns - 1:
+        sample every live row until </search>, </answer> or EOS      (device, one while_loop)
+        parse each row's action                                       (host)
+        one batched retrieval for all rows that searched              (host)
+        append each row's observation to its KV cache, and go on      (device, no re-prefill)
+
+A row stops when it answers, samples EOS, or runs out of turns or context; the last turn does
+not search (``force_answer`` starts it with "<answer>"). An invalid action (no tag, unclosed
+tag, empty query, both tags) gets a short corrective observation, and the turn counts.
+Per trajectory the host records everything Eq. F, A and L of TSPO.md need: the token ids as
+sampled, which of them were sampled (``loss_mask``) and in which turn (``turn_id``, -1 on the
+prompt and observations), the sampler's log-probs, ``num_turns``, ``outcome`` and
+``first_hit``; ``pack`` lays them out as [B, G, T] arrays padded to a length bucket.
+"""
+
+import dataclasses
+import json
+import os
+import sys
+import time
+from collections import Counter
+from collections.abc import Sequence
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from tqdm import tqdm
+
+from tspo_jax import cli, data, hf_io, protocol, retrieval, sampling
+from tspo_jax.cli import option
+
+FORCED_ANSWER_PREFIX = "<answer>"
+# Cache slots an observation may take beyond max_obs_tokens (the corrective message, tags).
+OBSERVATION_SLACK = 32
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class RolloutConfig:
+    """How a policy runs through the search protocol (Search-R1's settings by default)."""
+
+    max_turns: int = option(4, "turns per trajectory; the last one does not search")
+    passages: int = option(3, "passages retrieved per search (top-k)")
+    max_new_tokens: int = option(500, "tokens the policy may sample in one turn")
+    max_obs_tokens: int = option(500, "token budget of one observation")
+    max_context: int = option(4096, "KV-cache slots per row: prompt, turns and observations")
+    temperature: float = option(1.0, "sampling temperature")
+    top_p: float = option(1.0, "nucleus sampling mass (1: off)")
+    top_k: int = option(0, "sample among the k most likely tokens (0: off)")
+    greedy: bool = option(False, "argmax decoding instead of sampling")
+    chat: bool = option(False, "wrap the prompt in the tokenizer's chat template (instruct models)")
+    force_answer: bool = option(False, "start the last turn with <answer> so that it answers")
+    outcome: str = option("em", "outcome score of the final answer", choices=("em", "f1"))
+    template: str = option(protocol.DEFAULT_TEMPLATE, "prompt template with a {question} field")
+
+    def __post_init__(self):
+        for name in ("max_turns", "passages", "max_new_tokens", "max_obs_tokens", "max_context"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not self.greedy and not self.temperature > 0:
+            raise ValueError(f"temperature must be > 0 (or set greedy), got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must lie in (0, 1], got {self.top_p}")
+        if "{question}" not in self.template:
+            raise ValueError("template has no {question} field")
+
+
+class Turn(NamedTuple):
+    """One turn of one trajectory, on the host."""
+
+    prefix: list[int]  # forced tokens before the sampled ones (not trained), e.g. "<answer>"
+    tokens: list[int]  # token ids exactly as sampled
+    logps: list[float]  # their log-probs under the sampler
+    text: str  # the decoded sampled text (prefix included)
+    action: protocol.Action  # what the host read out of the text
+    doc_ids: tuple[str, ...]  # passages retrieved for a search
+    observation: str | None  # text appended after the turn (None: nothing appended)
+    obs_tokens: list[int]  # its token ids
+
+
+class Trajectory(NamedTuple):
+    """A whole episode and its scores."""
+
+    question: str
+    golds: tuple[str, ...]
+    prompt_tokens: list[int]
+    turns: list[Turn]
+    answer: str | None  # content of the last <answer> the policy sampled
+    outcome: float  # EM or F1 of the answer (RolloutConfig.outcome)
+    em: float
+    f1: float
+    first_hit: int  # first turn whose retrieved observation contains a gold answer, -1 if none
+    finish: str  # "answer", "eos", "turns" or "context"
+
+
+class Batch(NamedTuple):
+    """A rollout laid out for the loss: [B, G, T] token arrays, [B, G] trajectory signals."""
+
+    tokens_BGT: np.ndarray  # int32 prompt, turns and observations, right-padded
+    mask_BGT: np.ndarray  # bool real tokens (attention)
+    loss_mask_BGT: np.ndarray  # bool sampled tokens
+    turn_id_BGT: np.ndarray  # int32 turn of each sampled token, -1 elsewhere
+    logp_BGT: np.ndarray  # float32 sampler log-probs of sampled tokens, 0 elsewhere
+    outcome_BG: np.ndarray  # float32
+    first_hit_BG: np.ndarray  # int32
+    num_turns_BG: np.ndarray  # int32
+
+
+class Timing(NamedTuple):
+    sample_s: float  # device time sampling and appending (host parsing included)
+    retrieval_s: float  # time inside retriever.search
+    sampled_tokens: int
+
+
+class KVCachePolicy:
+    """The policy side of the turn loop: the sampler over one KV cache kept across turns.
+
+    The turn loop only calls ``start``, ``extend`` and ``sample``, so another way of keeping
+    context (bench/rollout.py re-prefills every turn, as Search-R1 does) or a scripted policy
+    (tests) can stand in for it.
+
+    The cache is shared by the rows with one write cursor (tspo_jax/sampling.py), so each
+    append or turn takes the slots of its longest row; it is sized for the worst case of
+    ``cfg`` (every turn sampling max_new_tokens and bringing a full observation), while the
+    turn loop holds each row to ``max_context`` real tokens.
+    """
+
+    def __init__(self, params, model_config, tokenizer, cfg: RolloutConfig):
+        self.params, self.model_config, self.cfg = params, model_config, cfg
+        self.tokenizer = tokenizer
+        eos = set(model_config.eos_token_ids) | {tokenizer.eos_token_id}
+        self.eos_ids = tuple(sorted(eos - {None}))
+        self.pad_id = tokenizer.pad_token_id or 0
+        self.state = None
+        self._stop_tables = {}
+
+    def start(self, prompts: Sequence[list[int]]) -> None:
+        """Prefills the (left-padded) prompts into a fresh cache."""
+        cfg, bucket = self.cfg, sampling.bucket_length
+        turn_slots = cfg.max_new_tokens + 2 + bucket(cfg.max_obs_tokens + OBSERVATION_SLACK)
+        slots = bucket(max(map(len, prompts))) + cfg.max_turns * turn_slots
+        self.state = sampling.init_state(self.model_config, len(prompts), slots)
+        self.extend(prompts, left=True)
+
+    def extend(self, rows: Sequence[list[int]], *, left: bool = False) -> None:
+        """Appends each row's tokens (an observation, a forced prefix; none for some rows)."""
+        tokens_BC, mask_BC = sampling.pad_chunk(rows, left=left, pad_id=self.pad_id)
+        self.state = sampling.append(self.params, self.model_config, self.state, tokens_BC, mask_BC)
+
+    def sample(self, key, live, stop_strings, max_new_tokens) -> list[sampling.TurnSample]:
+        """One turn for the live rows, each until a stop string, EOS or max_new_tokens."""
+        if stop_strings not in self._stop_tables:
+            self._stop_tables[stop_strings] = sampling.make_stop_table(self.tokenizer, stop_strings)
+        self.state, samples = sampling.sample_turn(
+            self.params,
+            self.model_config,
+            self.state,
+            key,
+            self.tokenizer,
+            max_new_tokens=max_new_tokens,
+            active_B=live,
+            stop_strings=stop_strings,
+            stop_table=self._stop_tables[stop_strings],
+            eos_ids=self.eos_ids,
+            temperature=self.cfg.temperature,
+            top_p=self.cfg.top_p,
+            top_k=self.cfg.top_k,
+            greedy=self.cfg.greedy,
+        )
+        return samples
+
+
+def rollout(
+    policy,
+    tokenizer,
+    retriever,
+    examples: Sequence[data.Example],
+    *,
+    group_size: int,
+    key: jax.Array,
+    cfg: RolloutConfig,
+) -> tuple[list[Trajectory], Timing]:
+    """Runs every example ``group_size`` times through the turn loop (see the module docstring).
+
+    Returns the trajectories in (example, sample) order and where the time went.
+    """
+    rows = [ex for ex in examples for _ in range(group_size)]
+    N = len(rows)
+    prompts = [
+        tokenizer.encode(
+            protocol.build_prompt(
+                q.question, tokenizer=tokenizer, chat=cfg.chat, template=cfg.template
+            ),
+            add_special_tokens=False,
+        )
+        for q in rows
+    ]
+    longest = max(map(len, prompts))
+    if longest >= cfg.max_context:
+        raise ValueError(f"a prompt of {longest} tokens does not fit max_context={cfg.max_context}")
+    forced = tokenizer.encode(FORCED_ANSWER_PREFIX, add_special_tokens=False)
+
+    t0, retrieval_s, sampled = time.perf_counter(), 0.0, 0
+    policy.start(prompts)
+    length = np.array([len(p) for p in prompts])  # real tokens of each row so far
+    turns: list[list[Turn]] = [[] for _ in range(N)]
+    finish = ["turns"] * N
+    live = np.ones(N, bool)
+    for k in range(cfg.max_turns):
+        last = k == cfg.max_turns - 1
+        prefix = forced if (last and cfg.force_answer) else []
+        if prefix:
+            policy.extend([prefix if a else [] for a in live])
+            length += len(prefix) * live
+        samples = policy.sample(
+            jax.random.fold_in(key, k),
+            live,
+            ("</answer>",) if prefix else ("</search>", "</answer>"),
+            cfg.max_new_tokens,
+        )
+        head = FORCED_ANSWER_PREFIX if prefix else ""
+        for b in np.flatnonzero(live):  # hold each row to max_context real tokens
+            budget = cfg.max_context - length[b]
+            if len(samples[b].tokens) >= budget:
+                kept = samples[b].tokens[:budget]
+                samples[b] = samples[b]._replace(
+                    tokens=kept, logps=samples[b].logps[:budget], text=tokenizer.decode(kept)
+                )
+                finish[b] = "context"
+            length[b] += len(samples[b].tokens)
+        actions = {b: protocol.parse_action(head + samples[b].text) for b in np.flatnonzero(live)}
+        searching = [
+            b
+            for b, a in actions.items()
+            if a.kind == "search" and not last and finish[b] == "turns"
+        ]
+        t1 = time.perf_counter()
+        found = (
+            retriever.search([actions[b].content for b in searching], cfg.passages)
+            if searching
+            else []
+        )
+        retrieval_s += time.perf_counter() - t1
+        passages = dict(zip(searching, found, strict=True))
+        obs_tokens = [[] for _ in range(N)]
+        for b, action in actions.items():
+            s = samples[b]
+            sampled += len(s.tokens)
+            obs = None
+            if action.kind == "answer":
+                finish[b] = "answer"
+            elif s.stop == "eos":
+                finish[b] = "eos"
+            elif b in passages:
+                obs = protocol.format_observation(
+                    passages[b], tokenizer=tokenizer, max_tokens=cfg.max_obs_tokens
+                )
+            elif not last and finish[b] == "turns":
+                obs = protocol.INVALID_ACTION_OBSERVATION
+            if obs is not None:
+                obs_tokens[b] = tokenizer.encode(obs, add_special_tokens=False)
+                if length[b] + len(obs_tokens[b]) >= cfg.max_context:
+                    obs, obs_tokens[b], finish[b] = None, [], "context"
+            length[b] += len(obs_tokens[b])
+            turns[b].append(
+                Turn(
+                    prefix=list(prefix),
+                    tokens=s.tokens,
+                    logps=s.logps,
+                    text=head + s.text,
+                    action=action,
+                    doc_ids=tuple(p.id for p in passages.get(b, [])),
+                    observation=obs,
+                    obs_tokens=obs_tokens[b],
+                )
+            )
+            live[b] = obs is not None
+        if not live.any():
+            break
+        policy.extend(obs_tokens)
+    timing = Timing(time.perf_counter() - t0 - retrieval_s, retrieval_s, sampled)
+    scored = [_score(*args, cfg) for args in zip(rows, prompts, turns, finish, strict=True)]
+    return scored, timing
+
+
+def _score(example, prompt_tokens, turns, finish, cfg) -> Trajectory:
+    answer = protocol.final_answer([t.text for t in turns])
+    em = protocol.exact_match(answer, example.golden_answers)
+    f1 = protocol.f1_score(answer, example.golden_answers)
+    observations = [t.observation if t.action.kind == "search" else None for t in turns]
+    return Trajectory(
+        question=example.question,
+        golds=tuple(example.golden_answers),
+        prompt_tokens=prompt_tokens,
+        turns=turns,
+        answer=answer,
+        outcome=em if cfg.outcome == "em" else f1,
+        em=em,
+        f1=f1,
+        first_hit=protocol.first_hit(observations, example.golden_answers),
+        finish=finish,
+    )
+
+
+def sequence(traj: Trajectory):
+    """The trajectory as one token sequence: (tokens, loss_mask, turn_id, logp) lists."""
+    tokens, loss_mask, turn_id, logp = list(traj.prompt_tokens), [], [], []
+    loss_mask += [0] * len(tokens)
+    turn_id += [-1] * len(tokens)
+    logp += [0.0] * len(tokens)
+    for k, t in enumerate(traj.turns):
+        for ids, trained in ((t.prefix, False), (t.tokens, True), (t.obs_tokens, False)):
+            tokens += ids
+            loss_mask += [int(trained)] * len(ids)
+            turn_id += [k if trained else -1] * len(ids)
+        logp += [0.0] * len(t.prefix) + list(t.logps) + [0.0] * len(t.obs_tokens)
+    return tokens, loss_mask, turn_id, logp
+
+
+def pack(
+    trajectories: Sequence[Trajectory],
+    group_size: int,
+    *,
+    length: int | None = None,
+    pad_id: int = 0,
+) -> Batch:
+    """[B, G, T] arrays for the loss, T = ``length`` or the bucket of the longest sequence."""
+    seqs = [sequence(t) for t in trajectories]
+    longest = max(len(s[0]) for s in seqs)
+    T = sampling.bucket_length(longest) if length is None else length
+    if longest > T:
+        raise ValueError(f"pack: a trajectory of {longest} tokens does not fit length={T}")
+    N = len(seqs)
+    if N % group_size:
+        raise ValueError(f"pack: {N} trajectories are not whole groups of {group_size}")
+    out = {
+        "tokens": np.full((N, T), pad_id, np.int32),
+        "mask": np.zeros((N, T), bool),
+        "loss_mask": np.zeros((N, T), bool),
+        "turn_id": np.full((N, T), -1, np.int32),
+        "logp": np.zeros((N, T), np.float32),
+    }
+    for i, (tokens, loss_mask, turn_id, logp) in enumerate(seqs):
+        n = len(tokens)
+        out["tokens"][i, :n] = tokens
+        out["mask"][i, :n] = True
+        out["loss_mask"][i, :n] = loss_mask
+        out["turn_id"][i, :n] = turn_id
+        out["logp"][i, :n] = logp
+    B, G = N // group_size, group_size
+    shape = lambda x: x.reshape(B, G, *x.shape[1:])
+    return Batch(
+        tokens_BGT=shape(out["tokens"]),
+        mask_BGT=shape(out["mask"]),
+        loss_mask_BGT=shape(out["loss_mask"]),
+        turn_id_BGT=shape(out["turn_id"]),
+        logp_BGT=shape(out["logp"]),
+        outcome_BG=shape(np.array([t.outcome for t in trajectories], np.float32)),
+        first_hit_BG=shape(np.array([t.first_hit for t in trajectories], np.int32)),
+        num_turns_BG=shape(np.array([len(t.turns) for t in trajectories], np.int32)),
+    )
+
+
+def summarize(trajectories: Sequence[Trajectory]) -> dict:
+    """Evaluation numbers: EM, F1, turns, searches, invalid actions, FOLR hits and where."""
+    n = len(trajectories)
+    turns = [t for traj in trajectories for t in traj.turns]
+    hits = Counter(t.first_hit for t in trajectories if t.first_hit >= 0)
+    return {
+        "em": float(np.mean([t.em for t in trajectories])),
+        "f1": float(np.mean([t.f1 for t in trajectories])),
+        "answer_rate": float(np.mean([t.answer is not None for t in trajectories])),
+        "turns": len(turns) / n,
+        "searches": sum(t.action.kind == "search" for t in turns) / n,
+        "invalid_rate": sum(t.action.kind == "invalid" for t in turns) / max(len(turns), 1),
+        "folr_hit_rate": sum(hits.values()) / n,
+        "near_miss_rate": float(np.mean([t.first_hit >= 0 and t.em < 1 for t in trajectories])),
+        "response_tokens": sum(len(t.tokens) for t in turns) / n,
+        "first_hit_turns": {str(k): hits[k] for k in sorted(hits)},
+    }
+
+
+def to_json(traj: Trajectory) -> dict:
+    """A readable record of a trajectory (for the evaluation's JSONL output)."""
+    return {
+        "question": traj.question,
+        "golden_answers": list(traj.golds),
+        "answer": traj.answer,
+        "em": traj.em,
+        "f1": traj.f1,
+        "first_hit": traj.first_hit,
+        "num_turns": len(traj.turns),
+        "finish": traj.finish,
+        "turns": [
+            {
+                "text": t.text,
+                "action": t.action.kind,
+                "content": t.action.content,
+                "error": t.action.error,
+                "doc_ids": list(t.doc_ids),
+                "observation": t.observation,
+            }
+            for t in traj.turns
+        ],
+    }
+
+
+def evaluate(
+    params,
+    model_config,
+    tokenizer,
+    retriever,
+    examples,
+    *,
+    cfg: RolloutConfig,
+    batch_size=64,
+    key=None,
+    progress=True,
+):
+    """One trajectory per example (greedy unless cfg samples) -> (summary, trajectories).
+
+    Examples run in batches of ``batch_size``; the last batch is padded with repeats so that
+    every batch has the same shape (one compilation).
+    """
+    key = jax.random.key(0) if key is None else key
+    batch_size = min(batch_size, len(examples))
+    trajectories = []
+    with tqdm(total=len(examples), desc="eval", disable=not progress, file=sys.stderr) as bar:
+        for i in range(0, len(examples), batch_size):
+            chunk = list(examples[i : i + batch_size])
+            chunk += [chunk[-1]] * (batch_size - len(chunk))
+            trajs, _ = rollout(
+                KVCachePolicy(params, model_config, tokenizer, cfg),
+                tokenizer,
+                retriever,
+                chunk,
+                group_size=1,
+                key=jax.random.fold_in(key, i),
+                cfg=cfg,
+            )
+            trajectories += trajs[: min(batch_size, len(examples) - i)]
+            bar.update(min(batch_size, len(examples) - i))
+    return summarize(trajectories), trajectories
+
+
+def load_policy(model_dir: str, dtype=jnp.float32, *, sharding=None):
+    """(model_config, params, tokenizer) from a Hugging Face Qwen2 folder."""
+    from transformers import AutoTokenizer
+
+    if not os.path.isdir(model_dir):
+        raise FileNotFoundError(
+            f"--model {model_dir!r}: no such folder (a Hugging Face checkpoint)"
+        )
+    model_config, params = hf_io.load_hf(model_dir, dtype, sharding=sharding)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    return model_config, params, tokenizer
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class EvalConfig:
+    """Evaluate a policy on a question set with retrieval (greedy by default)."""
+
+    model: str = option("", "Hugging Face checkpoint folder of the policy")
+    data: str = option("", "questions: Search-R1 parquet, or JSONL with question/golden_answers")
+    corpus: str = option("", "Search-R1 JSONL corpus for the embedded BM25 retriever")
+    retriever_url: str = option(
+        "", "Search-R1 retrieval server, e.g. http://127.0.0.1:8000/retrieve"
+    )
+    out: str = option("", "write trajectories here as JSONL (default: next to nothing)")
+    limit: int = option(0, "evaluate the first N questions only (0: all)")
+    batch_size: int = option(64, "questions per rollout batch")
+    dtype: str = option("float32", "parameter and compute dtype", choices=("float32", "bfloat16"))
+    seed: int = option(0, "sampling seed (when not greedy)")
+    rollout: RolloutConfig = RolloutConfig(greedy=True)
+
+    def __post_init__(self):
+        if not self.model:
+            raise ValueError("--model is required")
+        if not self.data:
+            raise ValueError("--data is required")
+        if bool(self.corpus) == bool(self.retriever_url):
+            raise ValueError("give exactly one of --corpus and --retriever-url")
+        if self.batch_size < 1:
+            raise ValueError(f"--batch-size must be >= 1, got {self.batch_size}")
+
+
+def main(argv=None):
+    cfg = cli.parse(EvalConfig, argv)
+    print("tspo_jax evaluation\n" + cli.describe(cfg), file=sys.stderr)
+    model_config, params, tokenizer = load_policy(cfg.model, getattr(jnp, cfg.dtype))
+    retriever = retrieval.make_retriever(corpus=cfg.corpus or None, url=cfg.retriever_url or None)
+    examples = data.load_examples(cfg.data)
+    if cfg.limit:
+        examples = examples[: cfg.limit]
+    summary, trajectories = evaluate(
+        params,
+        model_config,
+        tokenizer,
+        retriever,
+        examples,
+        cfg=cfg.rollout,
+        batch_size=cfg.batch_size,
+        key=jax.random.key(cfg.seed),
+    )
+    if cfg.out:
+        with open(cfg.out, "w") as f:
+            for t in trajectories:
+                f.write(json.dumps(to_json(t)) + "\n")
+    print(json.dumps(summary, indent=1))
+    return summary
+
+
+if __name__ == "__main__":
+    main()

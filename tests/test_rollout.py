@@ -1,0 +1,239 @@
+"""The turn loop of rollout.py: a scripted policy against hand-computed records, the real
+KV-cache policy against a full forward pass, budgets, packing and the evaluation CLI."""
+
+import json
+
+import jax
+import numpy as np
+import pytest
+
+import rollout
+from tspo_jax import data, learner, retrieval, sampling, toyworld
+from tspo_jax.protocol import INVALID_ACTION_OBSERVATION
+
+CORPUS = [
+    ("p0", "Paris", "Paris is the capital of France."),
+    ("p1", "Lyon", "Lyon is a large city of France."),
+    ("p2", "Berlin", "Berlin is the capital of Germany."),
+    ("p3", "Rome", "Rome is the capital of Italy."),
+    ("p4", "Madrid", "Madrid is the capital of Spain."),
+]
+QUESTIONS = [
+    data.Example("What is the capital of France?", ("Paris",), "test", 0),
+    data.Example("What is the capital of Germany?", ("Berlin",), "test", 1),
+]
+# What each row samples, turn by turn: rows 0, 1 ask question 0, rows 2, 3 question 1 (G = 2).
+SCRIPT = [
+    [("<answer> Paris </answer>", "stop")],  # answers in its first turn
+    [
+        ("<think>look it up</think><search> capital France </search>", "stop"),  # hit in turn 0
+        ("<answer> Lyon </answer>", "stop"),  # ... then answers wrong: a near-miss
+    ],
+    [
+        ("I am not sure what to do", "length"),  # invalid: no tag
+        ("<search> Rome </search>", "stop"),  # no hit
+        ("<search> Berlin </search>", "stop"),  # the last turn does not search: never answers
+    ],
+    [
+        ("<search> Rome </search>", "stop"),  # no hit in the first observation
+        ("<search> capital Germany </search>", "stop"),  # hit in the second
+        ("<answer> Berlin </answer>", "stop"),
+    ],
+]
+
+
+class ScriptedPolicy:
+    """Forced token sequences in place of a model; records everything the loop appends."""
+
+    def __init__(self, tokenizer, script):
+        self.tokenizer, self.script = tokenizer, script
+
+    def start(self, prompts):
+        self.context = [list(p) for p in prompts]
+        self.turn = 0
+
+    def extend(self, rows):
+        for b, ids in enumerate(rows):
+            self.context[b] += ids
+
+    def sample(self, key, live, stop_strings, max_new_tokens):
+        out = []
+        for b in range(len(self.context)):
+            if not live[b]:
+                out.append(sampling.TurnSample([], [], "", "inactive", None))
+                continue
+            text, stop = self.script[b][self.turn]
+            ids = self.tokenizer.encode(text, add_special_tokens=False)[:max_new_tokens]
+            logps = [-0.01 * (b + 1) * (i + 1) for i in range(len(ids))]
+            self.context[b] += ids
+            out.append(sampling.TurnSample(ids, logps, self.tokenizer.decode(ids), stop, None))
+        self.turn += 1
+        return out
+
+
+@pytest.fixture(scope="module")
+def toy_tokenizer():
+    return toyworld.train_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def small_corpus(tmp_path_factory):
+    path = tmp_path_factory.mktemp("corpus") / "corpus.jsonl"
+    with open(path, "w") as f:
+        for pid, title, text in CORPUS:
+            f.write(json.dumps({"id": pid, "contents": f'"{title}"\n{text}'}) + "\n")
+    return path
+
+
+def test_scripted_policy_through_the_loop(toy_tokenizer, small_corpus):
+    cfg = rollout.RolloutConfig(max_turns=3, passages=2, max_new_tokens=64, max_context=1024)
+    policy = ScriptedPolicy(toy_tokenizer, SCRIPT)
+    retriever = retrieval.BM25Retriever(small_corpus)
+    trajs, timing = rollout.rollout(
+        policy, toy_tokenizer, retriever, QUESTIONS, group_size=2, key=jax.random.key(0), cfg=cfg
+    )
+    # Hand-computed: answer, outcome, first_hit, num_turns, finish, actions.
+    expected = [
+        ("Paris", 1.0, -1, 1, "answer", ["answer"]),
+        ("Lyon", 0.0, 0, 2, "answer", ["search", "answer"]),
+        (None, 0.0, -1, 3, "turns", ["invalid", "search", "search"]),
+        ("Berlin", 1.0, 1, 3, "answer", ["search", "search", "answer"]),
+    ]
+    for t, (answer, outcome, hit, n, finish, kinds) in zip(trajs, expected, strict=True):
+        assert (t.answer, t.outcome, t.first_hit, len(t.turns), t.finish) == (
+            answer,
+            outcome,
+            hit,
+            n,
+            finish,
+        )
+        assert [turn.action.kind for turn in t.turns] == kinds
+    assert trajs[1].turns[0].doc_ids[0] == "p0"  # the retrieved passage that surfaced "Paris"
+    assert trajs[3].turns[0].doc_ids == ("p3",) and trajs[3].turns[1].doc_ids[0] == "p2"
+    assert trajs[2].turns[0].observation == INVALID_ACTION_OBSERVATION
+    assert trajs[2].turns[2].observation is None  # a search in the last turn is not run
+    assert "Doc 1(Title: Paris) Paris is the capital of France." in trajs[1].turns[0].observation
+    assert timing.sampled_tokens == sum(len(turn.tokens) for t in trajs for turn in t.turns)
+
+    batch = rollout.pack(trajs, 2)
+    assert batch.tokens_BGT.shape[:2] == (2, 2)
+    np.testing.assert_array_equal(batch.outcome_BG, [[1, 0], [0, 1]])
+    np.testing.assert_array_equal(batch.first_hit_BG, [[-1, 0], [-1, 1]])
+    np.testing.assert_array_equal(batch.num_turns_BG, [[1, 2], [3, 3]])
+    for i, t in enumerate(trajs):
+        b, g = divmod(i, 2)
+        context = policy.context[i]  # what the model saw, in order
+        n = len(context)
+        np.testing.assert_array_equal(batch.tokens_BGT[b, g, :n], context)
+        assert not batch.mask_BGT[b, g, n:].any() and batch.mask_BGT[b, g, :n].all()
+        # Loss mask and turn ids: 1 / k exactly on the tokens sampled in turn k, in order.
+        expected_mask = [0] * len(t.prompt_tokens)
+        expected_turn = [-1] * len(t.prompt_tokens)
+        expected_logp = [0.0] * len(t.prompt_tokens)
+        for k, turn in enumerate(t.turns):
+            expected_mask += [1] * len(turn.tokens) + [0] * len(turn.obs_tokens)
+            expected_turn += [k] * len(turn.tokens) + [-1] * len(turn.obs_tokens)
+            expected_logp += list(turn.logps) + [0.0] * len(turn.obs_tokens)
+        np.testing.assert_array_equal(batch.loss_mask_BGT[b, g, :n], expected_mask)
+        np.testing.assert_array_equal(batch.turn_id_BGT[b, g, :n], expected_turn)
+        np.testing.assert_allclose(batch.logp_BGT[b, g, :n], expected_logp, rtol=1e-6)
+        assert (batch.turn_id_BGT[b, g, n:] == -1).all()
+    # Observation tokens are never trained on and never carry a turn id.
+    assert not (batch.loss_mask_BGT & (batch.turn_id_BGT < 0)).any()
+    summary = rollout.summarize(trajs)
+    assert summary["em"] == 0.5 and summary["answer_rate"] == 0.75
+    assert summary["folr_hit_rate"] == 0.5 and summary["near_miss_rate"] == 0.25
+    assert summary["first_hit_turns"] == {"0": 1, "1": 1}
+    assert summary["searches"] == 5 / 4 and summary["invalid_rate"] == 1 / 9
+
+
+def test_force_answer_and_context_budget(toy_tokenizer, small_corpus):
+    """force_answer puts an untrained "<answer>" before the last turn; max_context holds."""
+    script = [[("<search> capital France </search>", "stop"), (" Paris </answer>", "stop")]] * 2
+    cfg = rollout.RolloutConfig(max_turns=2, passages=2, max_context=1024, force_answer=True)
+    trajs, _ = rollout.rollout(
+        ScriptedPolicy(toy_tokenizer, script),
+        toy_tokenizer,
+        retrieval.BM25Retriever(small_corpus),
+        QUESTIONS[:1],
+        group_size=2,
+        key=jax.random.key(0),
+        cfg=cfg,
+    )
+    last = trajs[0].turns[-1]
+    assert last.prefix == toy_tokenizer.encode("<answer>", add_special_tokens=False)
+    assert trajs[0].answer == "Paris" and trajs[0].outcome == 1.0
+    tokens, loss_mask, turn_id, _ = rollout.sequence(trajs[0])
+    start = len(tokens) - len(last.tokens) - len(last.prefix)  # the last turn has no observation
+    assert tokens[start : start + len(last.prefix)] == last.prefix
+    assert loss_mask[start : start + len(last.prefix)] == [0] * len(last.prefix)
+    assert turn_id[start : start + len(last.prefix)] == [-1] * len(last.prefix)
+    assert sum(loss_mask) == sum(len(t.tokens) for t in trajs[0].turns)
+    # A budget that the prompt plus the first turn and its observation overflow.
+    prompt = len(trajs[0].prompt_tokens)
+    tight = rollout.RolloutConfig(max_turns=2, passages=2, max_context=prompt + 12)
+    trajs, _ = rollout.rollout(
+        ScriptedPolicy(toy_tokenizer, script),
+        toy_tokenizer,
+        retrieval.BM25Retriever(small_corpus),
+        QUESTIONS[:1],
+        group_size=2,
+        key=jax.random.key(0),
+        cfg=tight,
+    )
+    for t in trajs:
+        assert t.finish == "context"
+        assert len(rollout.sequence(t)[0]) <= tight.max_context
+
+
+def test_kv_cache_logprobs_equal_full_forward(small_world, small_policy):
+    """Sampler log-probs recorded across turns (with observations appended to the cache)
+    equal the log-softmax of one full forward pass over the final sequence."""
+    model_config, params, tokenizer = rollout.load_policy(str(small_policy))
+    cfg = rollout.RolloutConfig(max_turns=3, max_new_tokens=12, max_obs_tokens=80)
+    examples = data.load_examples(small_world.train)[:3]
+    trajs, _ = rollout.rollout(
+        rollout.KVCachePolicy(params, model_config, tokenizer, cfg),
+        tokenizer,
+        retrieval.BM25Retriever(small_world.corpus),
+        examples,
+        group_size=2,
+        key=jax.random.key(1),
+        cfg=cfg,
+    )
+    assert max(len(t.turns) for t in trajs) >= 2  # observations were appended mid-sequence
+    batch = rollout.pack(trajs, 2)
+    logp = learner.sequence_logprobs(
+        params, model_config, batch.tokens_BGT, batch.mask_BGT, chunk=64
+    )
+    on = batch.loss_mask_BGT
+    assert on.sum() > 50
+    np.testing.assert_allclose(np.asarray(logp)[on], batch.logp_BGT[on], atol=2e-4, rtol=1e-4)
+
+
+def test_evaluate_cli_writes_trajectories(small_world, small_policy, tmp_path, capsys):
+    out = tmp_path / "eval.jsonl"
+    argv = [
+        *("--model", str(small_policy), "--data", str(small_world.heldout)),
+        *("--corpus", str(small_world.corpus), "--out", str(out), "--limit", "5"),
+        *("--batch-size", "4", "--max-new-tokens", "12", "--max-turns", "2"),
+    ]
+    summary = rollout.main(argv)
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(rows) == 5
+    golds = [e.golden_answers for e in data.load_examples(small_world.heldout)[:5]]
+    assert [tuple(r["golden_answers"]) for r in rows] == golds
+    assert summary["em"] == np.mean([r["em"] for r in rows])
+    assert summary["turns"] == np.mean([r["num_turns"] for r in rows])
+    assert all(1 <= r["num_turns"] <= 2 for r in rows)
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["em"] == summary["em"]
+
+
+def test_evaluate_cli_rejects_bad_arguments(small_world, tmp_path):
+    with pytest.raises(SystemExit):
+        rollout.main(["--model", str(tmp_path), "--data", str(small_world.heldout)])
+    with pytest.raises(FileNotFoundError, match="no such folder"):
+        rollout.main(
+            ["--model", str(tmp_path / "nope"), "--data", "x.jsonl", "--corpus", "c.jsonl"]
+        )

@@ -1,0 +1,116 @@
+"""Command-line parsing for the frozen config dataclasses of train.py and rollout.py.
+
+A field is declared with ``option(default, "one-line help")``; a field whose type is itself such a
+dataclass contributes its fields at the top level (``--max-turns``, not ``--rollout.max-turns``),
+so one flat command line fills a nested config (field names are unique across the nesting).
+Validation stays in each dataclass's ``__post_init__``, whose ValueError is reported as a usage
+error naming the option.
+"""
+
+import argparse
+import dataclasses
+import json
+import types
+import typing
+
+
+def option(default, help, *, choices=None):
+    """A config field with its default, its one-line help and, optionally, its allowed values."""
+    return dataclasses.field(default=default, metadata={"help": help, "choices": choices})
+
+
+def _flag(name):
+    return "--" + name.replace("_", "-")
+
+
+def _is_config(tp):
+    return isinstance(tp, type) and dataclasses.is_dataclass(tp)
+
+
+def _scalar_type(tp):
+    """The type argparse converts a value to: int, float, str, bool, or the element of a tuple."""
+    if isinstance(tp, types.UnionType) or typing.get_origin(tp) is typing.Union:
+        return _scalar_type(next(a for a in typing.get_args(tp) if a is not type(None)))
+    if typing.get_origin(tp) is tuple:
+        return _scalar_type(typing.get_args(tp)[0])
+    return tp
+
+
+def _parse_bool(text):
+    if text.lower() in ("1", "true", "yes", "on"):
+        return True
+    if text.lower() in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
+def _add_fields(parser, cls):
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        tp = hints[f.name]
+        if _is_config(tp):
+            _add_fields(parser, tp)
+            continue
+        scalar = _scalar_type(tp)
+        kwargs = {
+            "dest": f.name,
+            "default": argparse.SUPPRESS,
+            "help": f"{f.metadata.get('help', '')} (default: {f.default!r})",
+        }
+        if f.metadata.get("choices"):
+            kwargs["choices"] = f.metadata["choices"]
+        if typing.get_origin(tp) is tuple:
+            kwargs["nargs"] = "+"
+        if scalar is bool:
+            kwargs.update(type=_parse_bool, nargs="?", const=True, metavar="BOOL")
+        else:
+            kwargs["type"] = scalar
+        parser.add_argument(_flag(f.name), **kwargs)
+
+
+def _build(cls, values):
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for f in dataclasses.fields(cls):
+        if _is_config(hints[f.name]):
+            kwargs[f.name] = _build(hints[f.name], values)
+        elif f.name in values:
+            value = values[f.name]
+            kwargs[f.name] = tuple(value) if isinstance(value, list) else value
+    return cls(**kwargs)
+
+
+def parse(cls, argv=None, *, defaults=None):
+    """Parse a command line into the frozen config dataclass ``cls``.
+
+    ``defaults``: an optional function from the options given on the command line (a dict by
+    field name) to other defaults for the options not given (a preset).
+    """
+    parser = argparse.ArgumentParser(description=cls.__doc__)
+    _add_fields(parser, cls)
+    given = vars(parser.parse_args(argv))
+    values = {**(defaults(given) if defaults else {}), **given}
+    try:
+        return _build(cls, values)
+    except ValueError as e:
+        parser.error(str(e))
+
+
+def to_dict(config):
+    """A config as a JSON-ready dict (nested configs stay nested)."""
+    return dataclasses.asdict(config)
+
+
+def flatten(d: dict) -> dict:
+    """A config dict with nested configs' fields lifted to the top (as on the command line)."""
+    flat = {}
+    for k, v in d.items():
+        flat.update(flatten(v) if isinstance(v, dict) else {k: v})
+    return flat
+
+
+def describe(config):
+    """The config in full, one option a line, for the top of a run's log."""
+    flat = flatten(to_dict(config))
+    width = max(len(k) for k in flat)
+    return "\n".join(f"  {k:<{width}} {json.dumps(v)}" for k, v in flat.items())

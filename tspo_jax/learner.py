@@ -1,0 +1,223 @@
+"""The sharded update of train.py: mesh, sharding rules, log-probs, and the Eq. L step.
+
+The mesh has two axes: ``data`` and ``fsdp``. The batch (prompts) is split over both; the
+parameters and the optimizer state are split over ``fsdp`` (ZeRO-3 style), each tensor along
+the logical axis that ``ShardingRules`` maps there, and XLA gathers them where a matmul needs
+them. The forward pass is ordinary jit-partitioned code; the loss (Eq. L of TSPO.md) runs under
+``jax.shard_map`` over the batch axes, where ``tspo.policy_loss`` sums its numerators and
+denominators across devices, so the loss and its gradient are the same on any mesh shape.
+
+Shape letters: M micro-batches, B prompts, G samples per prompt, T tokens.
+"""
+
+import dataclasses
+import functools
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from tspo_jax import qwen, tspo
+
+BATCH_AXES = ("data", "fsdp")
+
+
+@dataclasses.dataclass(frozen=True)
+class ShardingRules:
+    """Logical axis name (``qwen.logical_axes``) -> mesh axis, or None for replicated."""
+
+    vocab: str | None = None
+    embed: str | None = "fsdp"
+    q_heads: str | None = None
+    kv_heads: str | None = None
+    head_dim: str | None = None
+    mlp: str | None = None
+
+    def spec(self, logical: P, shape, mesh: Mesh) -> P:
+        """The PartitionSpec of one tensor; a dimension that the mesh axis does not divide
+        stays replicated (e.g. a bias of 2 KV heads on 4 devices)."""
+        axes = []
+        for name, size in zip(logical, shape, strict=True):
+            axis = None if name is None else getattr(self, name)
+            axes.append(axis if axis is not None and size % mesh.shape[axis] == 0 else None)
+        return P(*axes)
+
+
+def make_mesh(data: int, fsdp: int, devices=None) -> Mesh:
+    """A (data, fsdp) mesh over ``devices`` (all devices by default); data = -1 takes the rest."""
+    devices = jax.devices() if devices is None else devices
+    if data == -1:
+        data = len(devices) // fsdp
+    if data * fsdp != len(devices):
+        raise ValueError(
+            f"mesh {data} x {fsdp} (--mesh-data x --mesh-fsdp) needs {data * fsdp} devices, "
+            f"there are {len(devices)}"
+        )
+    return Mesh(np.asarray(devices).reshape(data, fsdp), BATCH_AXES)
+
+
+def param_shardings(config: qwen.QwenConfig, mesh: Mesh, rules=ShardingRules()):
+    """NamedShardings shaped like the params of ``config``."""
+    shapes = jax.eval_shape(lambda: qwen.init_params(config, jax.random.key(0)))
+    return jax.tree.map(
+        lambda logical, x: NamedSharding(mesh, rules.spec(logical, x.shape, mesh)),
+        qwen.logical_axes(config),
+        shapes,
+        is_leaf=lambda x: isinstance(x, P),
+    )
+
+
+def batch_sharding(mesh: Mesh, ndim: int, *, micro: bool = False) -> NamedSharding:
+    """Prompts split over the batch axes; with ``micro``, after a leading micro-batch axis."""
+    lead = (None,) if micro else ()
+    return NamedSharding(mesh, P(*lead, BATCH_AXES, *(None,) * (ndim - 1 - len(lead))))
+
+
+def make_optimizer(*, lr, warmup_steps, total_steps, schedule, weight_decay, grad_clip, b1, b2):
+    """AdamW with global-norm clipping, linear warm-up, then a constant or cosine learning rate."""
+    if schedule == "cosine":
+        lr_fn = optax.warmup_cosine_decay_schedule(
+            0.0, lr, max(warmup_steps, 1), max(total_steps, warmup_steps + 1), end_value=0.0
+        )
+    else:
+        lr_fn = optax.join_schedules(
+            [optax.linear_schedule(0.0, lr, max(warmup_steps, 1)), optax.constant_schedule(lr)],
+            [max(warmup_steps, 1)],
+        )
+    opt = optax.chain(
+        optax.clip_by_global_norm(grad_clip),
+        optax.adamw(lr_fn, b1=b1, b2=b2, eps=1e-8, weight_decay=weight_decay),
+    )
+    return opt, lr_fn
+
+
+class TrainState(NamedTuple):
+    params: dict
+    opt_state: optax.OptState
+    step: jax.Array  # int32: optimizer updates applied
+
+
+class UpdateBatch(NamedTuple):
+    """One optimizer update's data, split into M micro-batches of B prompts x G samples."""
+
+    tokens_MBGT: jax.Array  # int32
+    mask_MBGT: jax.Array  # bool, real tokens
+    loss_mask_MBGT: jax.Array  # bool, sampled tokens
+    adv_MBGT: jax.Array  # float32 token advantages
+    old_logp_MBGT: jax.Array  # float32 log-probs under the policy that sampled
+    ref_logp_MBGT: jax.Array | None  # float32 log-probs under the reference, or None
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class LossSettings:
+    """The static options of tspo.policy_loss."""
+
+    clip_low: float = 0.2
+    clip_high: float = 0.2
+    kl_coef: float = 0.0
+    loss_agg: str = "token-mean"
+    norm_length: int | None = None
+
+
+def sequence_logprobs(params, config: qwen.QwenConfig, tokens_BGT, mask_BGT, *, chunk: int):
+    """logp_BGT[b, g, t] = log p(token t | tokens before it); 0 at t = 0 and on padding.
+
+    The log-softmax runs over chunks of positions (qwen.token_logprobs), so no [B, T, V] float32
+    logits are held for the whole batch.
+    """
+    B, G, T = tokens_BGT.shape
+    next_BT = qwen.token_logprobs(
+        params, config, tokens_BGT.reshape(B * G, T), mask_BGT.reshape(B * G, T), chunk=chunk
+    )
+    logp_BT = jnp.concatenate([jnp.zeros((B * G, 1), next_BT.dtype), next_BT[:, :-1]], axis=1)
+    return logp_BT.reshape(B, G, T)
+
+
+@functools.partial(jax.jit, static_argnames=("config", "chunk"))
+def batch_logprobs(params, tokens_MBGT, mask_MBGT, *, config, chunk):
+    """sequence_logprobs over micro-batches (old-policy and reference log-probs)."""
+    return jax.lax.map(
+        lambda xs: sequence_logprobs(params, config, *xs, chunk=chunk), (tokens_MBGT, mask_MBGT)
+    )
+
+
+def loss_fn(params, config, mesh: Mesh, settings: LossSettings, chunk: int, micro):
+    """Eq. L on one micro-batch: log-probs by the jit-partitioned forward, then the loss under
+    shard_map over the batch axes. ``micro`` holds one micro-batch of UpdateBatch's fields."""
+    tokens, mask, loss_mask, adv, old_logp, ref_logp = micro
+    logp_BGT = sequence_logprobs(params, config, tokens, mask, chunk=chunk)
+    spec = P(BATCH_AXES)
+    has_ref = ref_logp is not None
+
+    def local_loss(logp, old, adv, loss_mask, *ref):
+        return tspo.policy_loss(
+            logp,
+            old,
+            adv,
+            loss_mask,
+            ref[0] if has_ref else None,
+            axis_name=BATCH_AXES,
+            **dataclasses.asdict(settings),
+        )
+
+    args = (logp_BGT, old_logp, adv, loss_mask, *((ref_logp,) if has_ref else ()))
+    return jax.shard_map(local_loss, mesh=mesh, in_specs=(spec,) * len(args), out_specs=(P(), P()))(
+        *args
+    )
+
+
+@functools.partial(
+    jax.jit,
+    static_argnames=("config", "mesh", "optimizer", "settings", "chunk"),
+    donate_argnames=("state",),
+)
+def update(state: TrainState, batch: UpdateBatch, *, config, mesh, optimizer, settings, chunk):
+    """One optimizer update over M micro-batches with exact gradient accumulation.
+
+    Each micro-batch's gradient is weighted by its loss_denominator (see tspo.policy_loss), so
+    the sum over micro-batches is the gradient of the loss over the whole update batch. A
+    non-finite loss or gradient skips the update (``metrics["skipped"]`` = 1).
+    """
+
+    def micro_step(acc, micro):
+        (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+            state.params, config, mesh, settings, chunk, micro
+        )
+        w, tokens = metrics.pop("loss_denominator"), metrics["num_loss_tokens"]
+        grad_sum, loss_sum, den, weighted, n_tokens = acc
+        grad_sum = jax.tree.map(lambda a, g: a + w * g.astype(jnp.float32), grad_sum, grads)
+        weighted = jax.tree.map(lambda a, m: a + tokens * m, weighted, metrics)
+        return (grad_sum, loss_sum + w * loss, den + w, weighted, n_tokens + tokens), None
+
+    first = jax.tree.map(lambda x: x[0], batch)
+    _, metrics_like = jax.eval_shape(
+        lambda: loss_fn(state.params, config, mesh, settings, chunk, first)
+    )
+    metrics_like.pop("loss_denominator")
+    init = (
+        jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), state.params),
+        jnp.float32(0),
+        jnp.float32(0),
+        jax.tree.map(lambda m: jnp.zeros(m.shape, jnp.float32), metrics_like),
+        jnp.float32(0),
+    )
+    (grad_sum, loss_sum, den, weighted, n_tokens), _ = jax.lax.scan(micro_step, init, batch)
+    grads = jax.tree.map(lambda g: g / jnp.maximum(den, 1.0), grad_sum)
+    metrics = jax.tree.map(lambda m: m / jnp.maximum(n_tokens, 1.0), weighted)
+    metrics.update(loss=loss_sum / jnp.maximum(den, 1.0), num_loss_tokens=n_tokens)
+    grad_norm = optax.global_norm(grads)
+    ok = jnp.isfinite(grad_norm) & jnp.isfinite(metrics["loss"])
+    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+    new_params = optax.apply_updates(state.params, updates)
+    pick = lambda new, old: jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)
+    metrics.update(grad_norm=grad_norm, skipped=1.0 - ok.astype(jnp.float32))
+    new_state = TrainState(
+        params=pick(new_params, state.params),
+        opt_state=pick(opt_state, state.opt_state),
+        step=state.step + ok.astype(jnp.int32),
+    )
+    return new_state, metrics

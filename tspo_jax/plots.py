@@ -1,0 +1,61 @@
+"""Curves of a training run from its metrics.jsonl, drawn to a PNG with matplotlib.
+
+python -m tspo_jax.plots runs/toyworld/metrics.jsonl [out.png]
+"""
+
+import json
+import sys
+from pathlib import Path
+
+PANELS = (
+    ("reward", "training reward (outcome)"),
+    ("eval_em", "held-out exact match"),
+    ("zero_adv_group_frac", "groups with zero advantage"),
+    ("folr_hit_rate", "FOLR hit rate"),
+    ("turns", "turns per trajectory"),
+    ("answer_rate", "answer rate"),
+    ("clip_frac", "clip fraction"),
+    ("approx_kl_old", "KL to the old policy"),
+)
+
+
+def read_metrics(path) -> list[dict]:
+    """The JSONL records of a run, one per step (a resumed run's repeats: the latest wins)."""
+    by_step = {}
+    for n, line in enumerate(Path(path).read_text().splitlines(), start=1):
+        if line.strip():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}: line {n} is not JSON ({e})") from None
+            by_step[record["step"]] = record
+    return [by_step[s] for s in sorted(by_step)]
+
+
+def plot_metrics(path, out_png) -> Path:
+    """Draws PANELS against the step; returns the PNG's path."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    records = read_metrics(path)
+    fig, axes = plt.subplots(2, 4, figsize=(16, 6.5))
+    for ax, (key, title) in zip(axes.flat, PANELS, strict=True):
+        points = [(r["step"], r[key]) for r in records if isinstance(r.get(key), int | float)]
+        if points:
+            ax.plot(*zip(*points, strict=True), marker="o" if key.startswith("eval") else None)
+        ax.set_title(title)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out_png, dpi=80)
+    plt.close(fig)
+    return Path(out_png)
+
+
+if __name__ == "__main__":
+    if len(sys.argv) not in (2, 3):
+        sys.exit("usage: python -m tspo_jax.plots METRICS.jsonl [OUT.png]")
+    src = Path(sys.argv[1])
+    print(plot_metrics(src, sys.argv[2] if len(sys.argv) == 3 else src.with_suffix(".png")))
