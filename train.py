@@ -79,6 +79,9 @@ class Config:
     mesh_data: int = option(-1, "data-parallel mesh axis (-1: devices / mesh_fsdp)")
     mesh_fsdp: int = option(1, "parameter-sharding (ZeRO-3) mesh axis")
     distributed: bool = option(False, "multi-host: call jax.distributed.initialize() first")
+    coordinator: str = option("", "host:port of process 0 ('': auto-detect, TPU / SLURM / MPI)")
+    num_processes: int = option(0, "processes in all, with --coordinator")
+    process_id: int = option(-1, "this process's index, with --coordinator")
     # Schedule.
     steps: int = option(200, "RL steps")
     seed: int = option(0, "root of every random key and of the data order")
@@ -145,7 +148,7 @@ TOYWORLD_PRESET = dict(
 # Options that may change when a run is resumed; every other one must match its checkpoint.
 RESUMABLE = {"steps", "resume", "eval_every", "eval_size", "eval_batch", "checkpoint_every"}
 RESUMABLE |= {"keep_checkpoints", "export_every", "log_samples", "max_bad_steps", "plot"}
-RESUMABLE |= {"distributed", "out_dir"}
+RESUMABLE |= {"distributed", "coordinator", "num_processes", "process_id", "out_dir"}
 
 
 def parse_config(argv=None) -> Config:
@@ -511,10 +514,20 @@ def learn(run: Run, state: learner.TrainState, batch: rollout.Batch, adv_BGK, co
     return state, metrics
 
 
+def initialize_distributed(cfg: Config) -> None:
+    """jax.distributed.initialize: auto-detected on TPU pods / SLURM / MPI, else from the
+    --coordinator, --num-processes and --process-id options (e.g. several CPU processes)."""
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")  # CPU processes only
+    if cfg.coordinator:
+        jax.distributed.initialize(cfg.coordinator, cfg.num_processes, cfg.process_id)
+    else:
+        jax.distributed.initialize()
+
+
 def main(argv=None) -> dict:
     cfg = parse_config(argv)
     if cfg.distributed:
-        jax.distributed.initialize()
+        initialize_distributed(cfg)
     run, state, start = setup(cfg)
     cfg = run.cfg
     history, compiled, bad_in_a_row = [], {}, 0

@@ -209,7 +209,7 @@ def update(state: TrainState, batch: UpdateBatch, *, config, mesh, optimizer, se
     grads = jax.tree.map(lambda g: g / jnp.maximum(den, 1.0), grad_sum)
     metrics = jax.tree.map(lambda m: m / jnp.maximum(n_tokens, 1.0), weighted)
     metrics.update(loss=loss_sum / jnp.maximum(den, 1.0), num_loss_tokens=n_tokens)
-    grad_norm = optax.global_norm(grads)
+    grad_norm = optax.tree.norm(grads)
     ok = jnp.isfinite(grad_norm) & jnp.isfinite(metrics["loss"])
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     new_params = optax.apply_updates(state.params, updates)

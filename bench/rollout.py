@@ -1,0 +1,111 @@
+"""Rollout speed: the KV cache kept across turns vs re-prefilling the whole context every turn.
+
+    python bench/rollout.py [--config tiny] [--prompts 16] [--group 5] [--runs 3]
+
+Search-R1 re-tokenizes and re-prefills each row's whole context (prompt, turns, observations)
+before every turn; rollout.py appends each observation to the cache and keeps decoding. Both
+run the same 4-turn rollout batch here: the same policy weights, prompts, keys and retrieval
+(BM25 over the toy world's corpus of ~13k passages), so they sample the same trajectories.
+The policy is a model of the named shape warm-started briefly on the toy world's
+demonstrations (so that it searches and answers; cached), with the toy world's tokenizer.
+Prints the median wall time of each after a warm-up run, the share of time spent in retrieval,
+and last `ratio: X` (re-prefill time / kept-cache time: how much faster keeping the cache is).
+"""
+
+import argparse
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import jax
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import rollout
+from tspo_jax import data, retrieval, sampling, sft, toyworld
+
+SHAPES = {
+    # The tiny shape of bench/decode.py (its vocabulary is the toy world tokenizer's here).
+    "tiny": sft.WarmStartConfig(
+        hidden_size=256,
+        num_layers=4,
+        num_heads=4,
+        num_kv_heads=2,
+        intermediate_size=1024,
+        epochs=1,
+        batch_size=16,
+        lr=2e-3,
+    ),
+}
+
+
+class ReprefillPolicy(rollout.KVCachePolicy):
+    """Search-R1's way: every turn starts from an empty cache and prefills the whole context."""
+
+    def start(self, prompts):
+        self.context = [list(p) for p in prompts]
+
+    def extend(self, rows, *, left=False):
+        for b, ids in enumerate(rows):
+            self.context[b] += ids
+
+    def sample(self, key, live, stop_strings, max_new_tokens):
+        longest = max(map(len, self.context))
+        slots = sampling.bucket_length(longest) + max_new_tokens + 2
+        self.state = sampling.init_state(self.model_config, len(self.context), slots)
+        super().extend(self.context, left=True)
+        samples = super().sample(key, live, stop_strings, max_new_tokens)
+        for b, s in enumerate(samples):
+            self.context[b] += s.tokens
+        return samples
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", default="tiny", choices=sorted(SHAPES))
+    parser.add_argument("--prompts", type=int, default=16, help="B questions")
+    parser.add_argument("--group", type=int, default=5, help="G samples per question")
+    parser.add_argument("--runs", type=int, default=3, help="timed runs of each (median)")
+    args = parser.parse_args()
+
+    root = Path(os.environ.get("TSPO_JAX_CACHE", Path.home() / ".cache" / "tspo_jax"))
+    world = toyworld.build(root / "toyworld")
+    model_dir = sft.warm_start(world, root / f"bench-rollout-{args.config}", SHAPES[args.config])
+    model_config, params, tokenizer = rollout.load_policy(str(model_dir))
+    retriever = retrieval.BM25Retriever(world.corpus)
+    examples = data.load_examples(world.train)[: args.prompts]
+    cfg = rollout.RolloutConfig(max_turns=4, max_new_tokens=32, max_obs_tokens=160)
+    print(f"model {args.config}: {model_config}")
+    print(f"corpus: {len(retriever.passages)} passages; {args.prompts} prompts x {args.group}")
+
+    results = {}
+    for name, policy_cls in (
+        ("kept cache", rollout.KVCachePolicy),
+        ("re-prefill", ReprefillPolicy),
+    ):
+        times, trajs, timing = [], None, None
+        for run in range(args.runs + 1):
+            policy = policy_cls(params, model_config, tokenizer, cfg)
+            t0 = time.perf_counter()
+            trajs, timing = rollout.rollout(
+                policy, tokenizer, retriever, examples, group_size=args.group,
+                key=jax.random.key(0), cfg=cfg,
+            )  # fmt: skip
+            if run:  # run 0 compiles
+                times.append(time.perf_counter() - t0)
+        summary = rollout.summarize(trajs)
+        wall = statistics.median(times)
+        results[name] = wall
+        share = timing.retrieval_s / wall
+        print(
+            f"{name:>10}: {wall:.3f} s median of {args.runs} | retrieval {timing.retrieval_s:.3f} s"
+            f" ({100 * share:.1f}% of wall) | {timing.sampled_tokens} sampled tokens, "
+            f"{summary['turns']:.2f} turns, {summary['searches']:.2f} searches per trajectory"
+        )
+    print(f"ratio: {results['re-prefill'] / results['kept cache']:.2f}")
+
+
+if __name__ == "__main__":
+    main()

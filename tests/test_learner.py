@@ -1,0 +1,148 @@
+"""The sharded update (tspo_jax/learner.py): log-probs, gradients on every mesh shape, exact
+gradient accumulation, and the skip of a non-finite update."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from tspo_jax import learner, qwen
+
+CONFIG = qwen.QwenConfig(
+    vocab_size=97,
+    hidden_size=32,
+    intermediate_size=64,
+    num_layers=2,
+    num_heads=4,
+    num_kv_heads=2,
+    head_dim=8,
+    tie_word_embeddings=False,
+)
+SETTINGS = learner.LossSettings(clip_low=0.2, clip_high=0.28, kl_coef=0.05)
+M, B, G, T = 2, 8, 2, 24
+
+
+def make_batch(seed=0):
+    rng = np.random.default_rng(seed)
+    length = rng.integers(6, T + 1, size=(M, B, G))
+    mask = np.arange(T) < length[..., None]
+    loss_mask = mask & (np.arange(T) >= 4) & (rng.random((M, B, G, T)) < 0.8)
+    loss_mask[0, 3] = False  # a prompt whose whole group has nothing to train on
+    return learner.UpdateBatch(
+        tokens_MBGT=jnp.asarray(rng.integers(0, CONFIG.vocab_size, (M, B, G, T)), jnp.int32),
+        mask_MBGT=jnp.asarray(mask),
+        loss_mask_MBGT=jnp.asarray(loss_mask),
+        adv_MBGT=jnp.asarray(rng.normal(size=(M, B, G, T)), jnp.float32),
+        old_logp_MBGT=jnp.asarray(-rng.random((M, B, G, T)) * 5, jnp.float32),
+        ref_logp_MBGT=jnp.asarray(-rng.random((M, B, G, T)) * 5, jnp.float32),
+    )
+
+
+@pytest.fixture(scope="module")
+def params():
+    return qwen.init_params(CONFIG, jax.random.key(0))
+
+
+def test_sequence_logprobs_align_with_logits(params):
+    batch = make_batch()
+    tokens, mask = batch.tokens_MBGT[0], batch.mask_MBGT[0]
+    logp = learner.sequence_logprobs(params, CONFIG, tokens, mask, chunk=7)
+    logits = qwen.logits(params, CONFIG, tokens.reshape(B * G, T), mask.reshape(B * G, T))
+    full = jax.nn.log_softmax(logits, axis=-1).reshape(B, G, T, -1)
+    # logp[t] scores token t from the logits at t - 1.
+    expected = jnp.take_along_axis(full[:, :, :-1], tokens[:, :, 1:, None], axis=-1)[..., 0]
+    np.testing.assert_allclose(logp[:, :, 1:][mask[:, :, 1:]], expected[mask[:, :, 1:]], atol=1e-5)
+    assert (logp[:, :, 0] == 0).all() and (logp[~mask] == 0).all()
+    # batch_logprobs is the same over micro-batches.
+    both = learner.batch_logprobs(
+        params, batch.tokens_MBGT, batch.mask_MBGT, config=CONFIG, chunk=7
+    )
+    np.testing.assert_allclose(both[0], logp, atol=1e-6)
+
+
+def _grads(params, mesh, micro):
+    sharded = jax.device_put(params, learner.param_shardings(CONFIG, mesh))
+    micro = jax.device_put(micro, learner.batch_sharding(mesh, 3))
+    f = jax.jit(jax.value_and_grad(learner.loss_fn, has_aux=True), static_argnums=(1, 2, 3, 4))
+    (loss, metrics), grads = f(sharded, CONFIG, mesh, SETTINGS, 16, micro)
+    return loss, metrics, grads, sharded
+
+
+def test_loss_and_gradients_same_on_every_mesh_shape(params):
+    batch = make_batch(1)
+    micro = jax.tree.map(lambda x: x[0], batch)
+    results = {}
+    for shape in ((8, 1), (4, 2), (2, 4), (1, 8)):
+        mesh = learner.make_mesh(*shape)
+        loss, metrics, grads, sharded = _grads(params, mesh, micro)
+        results[shape] = (loss, metrics, grads)
+        if shape[1] > 1:  # ZeRO-3: every weight matrix is split over fsdp (on its D axis)
+            for x in jax.tree.leaves(sharded):
+                if x.ndim >= 2 and CONFIG.hidden_size in x.shape:
+                    assert "fsdp" in tuple(x.sharding.spec), x.sharding
+    loss1, metrics1, grads1 = results[(8, 1)]
+    assert float(loss1) != 0 and float(optax.tree.norm(grads1)) > 0
+    for shape, (loss, metrics, grads) in results.items():
+        np.testing.assert_allclose(loss, loss1, rtol=1e-5, err_msg=str(shape))
+        for k in metrics1:
+            np.testing.assert_allclose(metrics[k], metrics1[k], rtol=1e-5, err_msg=k)
+        for (path, g), g1 in zip(
+            jax.tree_util.tree_leaves_with_path(grads), jax.tree.leaves(grads1), strict=True
+        ):
+            np.testing.assert_allclose(g, g1, rtol=1e-4, atol=1e-7, err_msg=str((shape, path)))
+
+
+def test_update_accumulates_micro_batches_exactly(params):
+    """M = 2 micro-batches of 8 prompts give the same update as M = 1 of 16 prompts."""
+    mesh = learner.make_mesh(-1, 1)
+    sgd = optax.sgd(1.0)  # new params = params - gradient: the update shows the gradient
+    batch = make_batch(2)
+    whole = jax.tree.map(lambda x: x.reshape(1, M * B, *x.shape[2:]), batch)
+    new = {}
+    for name, b in (("micro", batch), ("whole", whole)):
+        state = learner.TrainState(
+            jax.tree.map(jnp.copy, params), sgd.init(params), jnp.zeros((), jnp.int32)
+        )
+        state, metrics = learner.update(
+            state, b, config=CONFIG, mesh=mesh, optimizer=sgd, settings=SETTINGS, chunk=16
+        )
+        new[name] = (state, metrics)
+    (s1, m1), (s2, m2) = new["micro"], new["whole"]
+    np.testing.assert_allclose(m1["loss"], m2["loss"], rtol=1e-5)
+    np.testing.assert_allclose(m1["grad_norm"], m2["grad_norm"], rtol=1e-5)
+    assert int(s1.step) == int(s2.step) == 1 and float(m1["skipped"]) == 0
+    for a, b in zip(jax.tree.leaves(s1.params), jax.tree.leaves(s2.params), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+    before = jax.tree.leaves(params)
+    assert all(
+        not np.allclose(a, p) for a, p in zip(jax.tree.leaves(s1.params), before, strict=True)
+    )
+
+
+def test_non_finite_update_is_skipped(params):
+    mesh = learner.make_mesh(-1, 1)
+    opt = optax.adamw(1e-3)
+    batch = make_batch(3)
+    batch = batch._replace(adv_MBGT=batch.adv_MBGT.at[0, 0, 0, 5].set(jnp.nan))
+    batch = batch._replace(loss_mask_MBGT=batch.loss_mask_MBGT.at[0, 0, 0, 5].set(True))
+    state = learner.TrainState(
+        jax.tree.map(jnp.copy, params), opt.init(params), jnp.zeros((), jnp.int32)
+    )
+    state, metrics = learner.update(
+        state, batch, config=CONFIG, mesh=mesh, optimizer=opt, settings=SETTINGS, chunk=16
+    )
+    assert float(metrics["skipped"]) == 1 and int(state.step) == 0
+    for a, p in zip(jax.tree.leaves(state.params), jax.tree.leaves(params), strict=True):
+        np.testing.assert_array_equal(a, p)
+
+
+def test_sharding_rules_leave_indivisible_dimensions_replicated():
+    mesh = learner.make_mesh(2, 4)
+    rules = dataclasses.replace(learner.ShardingRules(), kv_heads="fsdp")
+    spec = rules.spec(jax.sharding.PartitionSpec("embed", "kv_heads", None), (32, 2, 8), mesh)
+    assert tuple(spec) == ("fsdp", None, None)  # 2 KV heads do not split over 4 devices
+    with pytest.raises(ValueError, match="needs 12 devices"):
+        learner.make_mesh(3, 4)

@@ -1,0 +1,147 @@
+"""train.py end to end: mesh shapes, GRPO advantages, resume after SIGKILL, two processes."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from safetensors.numpy import load_file
+
+import train
+from tspo_jax import data
+
+ROOT = Path(__file__).resolve().parents[1]
+# Gold answers that the briefly warm-started test policy often writes and retrieves (relation
+# words), so that groups have mixed outcomes (F1) and FOLR hits: the advantages are not all
+# zero, and comparisons of losses and gradients below are not vacuous.
+RELATION_WORDS = ["born", "author", "founder", "based", "city", "country"]
+
+
+@pytest.fixture(scope="module")
+def questions(small_world, tmp_path_factory):
+    path = tmp_path_factory.mktemp("data") / "questions.jsonl"
+    with open(path, "w") as f:
+        for ex in data.load_examples(small_world.train)[:24]:
+            f.write(json.dumps({"question": ex.question, "golden_answers": RELATION_WORDS}) + "\n")
+    return path
+
+
+def args(small_world, small_policy, questions, out, *extra):
+    return [
+        *("--model", str(small_policy), "--data", str(questions)),
+        *("--corpus", str(small_world.corpus), "--out-dir", str(out)),
+        *("--prompts-per-step", "8", "--mini-batch", "8", "--group-size", "4"),
+        *("--max-turns", "2", "--max-new-tokens", "12", "--max-obs-tokens", "80"),
+        *("--max-context", "384", "--outcome", "f1", "--kl-coef", "0.01"),
+        *("--eval-every", "0", "--plot", "false", "--seed", "3"),
+        *extra,
+    ]
+
+
+def test_mesh_shapes_give_the_same_losses(small_world, small_policy, questions, tmp_path):
+    """(8, 1), (4, 2) and (1, 8) on 8 fake devices: same rollouts, losses and gradient norms.
+
+    The learning rate is tiny so that step 2 samples from (numerically) the same policy on
+    every mesh: AdamW moves a parameter by about lr whatever the size of its gradient."""
+    runs = {}
+    for data_axis, fsdp_axis in ((8, 1), (4, 2), (1, 8)):
+        out = tmp_path / f"mesh_{data_axis}x{fsdp_axis}"
+        mesh = ("--mesh-data", str(data_axis), "--mesh-fsdp", str(fsdp_axis))
+        result = train.main(
+            args(small_world, small_policy, questions, out, *mesh, "--steps", "2", "--lr", "1e-7")
+        )
+        runs[(data_axis, fsdp_axis)] = result["history"]
+        assert (out / "checkpoints" / "2").is_dir() and (out / "metrics.jsonl").exists()
+        assert (out / "hf" / "step_2" / "model.safetensors").exists()
+    reference = runs[(8, 1)]
+    assert all(r["zero_adv_group_frac"] < 1 for r in reference)  # the losses are not trivial
+    assert all(abs(r["pg_loss"]) > 0 and r["grad_norm"] > 0 for r in reference)
+    for shape, history in runs.items():
+        for r, ref in zip(history, reference, strict=True):
+            assert r["response_tokens"] == ref["response_tokens"], shape
+            for key in ("loss", "pg_loss", "ref_kl", "grad_norm", "clip_frac", "reward"):
+                np.testing.assert_allclose(r[key], ref[key], rtol=2e-5, atol=1e-8, err_msg=key)
+
+
+def test_grpo_logs_grpo_advantages(small_world, small_policy, questions, tmp_path):
+    """With --algo grpo the logged advantages are the group-normalized outcomes, every turn."""
+    out = tmp_path / "grpo"
+    grpo = ("--algo", "grpo", "--log-samples", "1", "--steps", "1")
+    train.main(args(small_world, small_policy, questions, out, *grpo))
+    rows = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
+    assert len(rows) == 8 * 4
+    checked = 0
+    for g in range(8):
+        group = rows[4 * g : 4 * g + 4]
+        o = np.array([r["outcome"] for r in group], np.float64)
+        expected = np.zeros(4) if o.max() == o.min() else (o - o.mean()) / (o.std(ddof=1) + 1e-6)
+        for r, a in zip(group, expected, strict=True):
+            np.testing.assert_allclose(r["advantages"], [a] * r["num_turns"], rtol=1e-5, atol=1e-6)
+        checked += o.max() > o.min()
+    assert checked > 0  # some groups had mixed outcomes, so some advantages are non-zero
+    # The same step with TSPO gives hits extra credit: different advantages somewhere.
+    assert any(r["first_hit"] >= 0 for r in rows)
+
+
+def _run(argv, env=None, **kwargs):
+    env = {**os.environ, "XLA_FLAGS": "", **(env or {})}
+    return subprocess.Popen(
+        [sys.executable, str(ROOT / "train.py"), *argv],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        **kwargs,
+    )
+
+
+def _weights(folder):
+    return load_file(str(Path(folder) / "model.safetensors"))
+
+
+def test_resume_after_sigkill_is_exact(small_world, small_policy, questions, tmp_path):
+    """4 steps straight == 2 steps, SIGKILL during the third, --resume for the last 2."""
+    common = ("--steps", "4", "--checkpoint-every", "2", "--lr", "1e-3")
+    straight = _run(args(small_world, small_policy, questions, tmp_path / "a", *common))
+    assert straight.wait(timeout=600) == 0, straight.stdout.read()
+
+    killed = _run(args(small_world, small_policy, questions, tmp_path / "b", *common))
+    ckpt = tmp_path / "b" / "checkpoints" / "2"
+    deadline = time.time() + 600
+    while not ckpt.is_dir() and killed.poll() is None and time.time() < deadline:
+        time.sleep(0.2)
+    assert ckpt.is_dir(), killed.stdout.read() if killed.poll() is not None else "timeout"
+    killed.send_signal(signal.SIGKILL)
+    killed.wait()
+    assert not (tmp_path / "b" / "hf" / "step_4").exists()  # it did not finish
+    # A checkpoint of a different config is refused with a clear message.
+    bad = _run(
+        args(
+            small_world,
+            small_policy,
+            questions,
+            tmp_path / "b",
+            *common,
+            "--resume",
+            "--clip-high",
+            "0.3",
+        )
+    )
+    assert bad.wait(timeout=300) != 0
+    assert "made with another config" in bad.stdout.read()
+
+    resumed = _run(args(small_world, small_policy, questions, tmp_path / "b", *common, "--resume"))
+    assert resumed.wait(timeout=600) == 0, resumed.stdout.read()
+    a, b = _weights(tmp_path / "a" / "hf" / "step_4"), _weights(tmp_path / "b" / "hf" / "step_4")
+    assert a.keys() == b.keys()
+    for name in a:
+        np.testing.assert_array_equal(a[name], b[name], err_msg=name)
+    # The run did learn something: the weights moved from the warm start.
+    start = _weights(small_policy)
+    assert any(not np.array_equal(a[n], start[n]) for n in start)
