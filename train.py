@@ -163,16 +163,23 @@ def parse_config(argv=None) -> Config:
 
 
 def step_prompts(examples, step: int, cfg: Config):
-    """This process's prompts of ``step``: global positions step*B .. step*B + B - 1 of a
-    sequence of seeded shuffles of the data, one shuffle per pass, split evenly by process."""
-    n, B = len(examples), cfg.prompts_per_step
-    share = B // jax.process_count()
-    first = step * B + jax.process_index() * share
+    """This process's prompts of ``step``.
+
+    The step takes global positions step*B .. step*B + B - 1 of a sequence of seeded shuffles
+    of the data (one shuffle per pass). Each micro-batch of them is split evenly over the
+    processes, so that a micro-batch holds the same prompts whatever the number of processes:
+    this process's rows come micro-batch by micro-batch.
+    """
+    n, B, P = len(examples), cfg.prompts_per_step, jax.process_count()
+    micro = cfg.micro_batch or cfg.mini_batch
+    share = micro // P
     picked = []
-    for i in range(first, first + share):
-        epoch, pos = divmod(i, n)
-        order = np.random.default_rng([cfg.seed, epoch]).permutation(n)
-        picked.append(examples[order[pos]])
+    for m in range(B // micro):
+        first = step * B + m * micro + jax.process_index() * share
+        for i in range(first, first + share):
+            epoch, pos = divmod(i, n)
+            order = np.random.default_rng([cfg.seed, epoch]).permutation(n)
+            picked.append(examples[order[pos]])
     return picked
 
 
@@ -354,10 +361,10 @@ def setup(cfg: Config) -> tuple[Run, learner.TrainState, int]:
     mesh = learner.make_mesh(cfg.mesh_data, cfg.mesh_fsdp)
     micro = cfg.micro_batch or cfg.mini_batch
     batch_devices = mesh.shape["data"] * mesh.shape["fsdp"]
-    if micro % batch_devices or cfg.prompts_per_step % jax.process_count():
+    if micro % batch_devices:
         raise ValueError(
             f"--micro-batch {micro} prompts must divide evenly over the {batch_devices} devices "
-            f"of the mesh, and --prompts-per-step over {jax.process_count()} process(es)"
+            "of the mesh (--mesh-data x --mesh-fsdp)"
         )
     param_dtype = getattr(jnp, cfg.param_dtype)
     model_config = hf_io.read_config(cfg.model, param_dtype)
@@ -470,9 +477,9 @@ def learn(run: Run, state: learner.TrainState, batch: rollout.Batch, adv_BGK, co
     micro = cfg.micro_batch or cfg.mini_batch
     M = cfg.prompts_per_step // micro  # micro-batches in the step, over all processes
 
-    def to_device(x):  # this process's [b, ...] rows -> global [M, B / M, ...]
+    def to_device(x):  # this process's rows, micro-batch by micro-batch -> global [M, B / M, ...]
         sharding = learner.batch_sharding(run.mesh, x.ndim + 1, micro=True)
-        return global_array(x.reshape(M // jax.process_count(), -1, *x.shape[1:]), sharding)
+        return global_array(x.reshape(M, -1, *x.shape[1:]), sharding)
 
     adv_BGT = np.asarray(tspo.token_advantages(adv_BGK, batch.turn_id_BGT))
     tokens, mask, loss_mask, adv = map(
@@ -498,14 +505,18 @@ def learn(run: Run, state: learner.TrainState, batch: rollout.Batch, adv_BGK, co
             )
             shape = update_batch.tokens_MBGT.shape
             if shape not in compiled:
-                compiled[shape] = learner.update.lower(
-                    state,
-                    update_batch,
-                    mesh=run.mesh,
-                    optimizer=run.optimizer,
-                    settings=run.settings,
-                    **static,
-                ).compile()
+                compiled[shape] = (
+                    learner.jitted_update()
+                    .lower(
+                        state,
+                        update_batch,
+                        mesh=run.mesh,
+                        optimizer=run.optimizer,
+                        settings=run.settings,
+                        **static,
+                    )
+                    .compile()
+                )
                 if run.lead and len(compiled) == 1:
                     report = memory_report(state, run.ref_params, compiled[shape])
                     print("memory per device:\n" + report, flush=True)

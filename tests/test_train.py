@@ -145,3 +145,57 @@ def test_resume_after_sigkill_is_exact(small_world, small_policy, questions, tmp
     # The run did learn something: the weights moved from the warm start.
     start = _weights(small_policy)
     assert any(not np.array_equal(a[n], start[n]) for n in start)
+
+
+def _free_port():
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_processes_match_one(small_world, small_policy, questions, tmp_path):
+    """Two CPU processes (2 devices each, a localhost coordinator), each rolling out its share
+    of the prompts, reach the same losses and parameters after 2 steps as one process with 4
+    devices and the same global batch."""
+    common = ("--steps", "2", "--lr", "1e-4", "--micro-batch", "4")
+    one = _run(
+        args(small_world, small_policy, questions, tmp_path / "one", *common),
+        env={"XLA_FLAGS": "--xla_force_host_platform_device_count=4"},
+    )
+    assert one.wait(timeout=600) == 0, one.stdout.read()
+    port = _free_port()
+    distributed = ("--distributed", "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2")
+    procs = [
+        _run(
+            args(
+                small_world,
+                small_policy,
+                questions,
+                tmp_path / "two",
+                *common,
+                *distributed,
+                f"--process-id={i}",
+            ),
+            env={"XLA_FLAGS": "--xla_force_host_platform_device_count=2"},
+        )
+        for i in range(2)
+    ]
+    for p in procs:
+        assert p.wait(timeout=600) == 0, p.stdout.read()
+    read = lambda run: [
+        json.loads(line) for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()
+    ]
+    one_metrics, two_metrics = read("one"), read("two")
+    assert len(one_metrics) == len(two_metrics) == 2
+    assert any(r["zero_adv_group_frac"] < 1 for r in one_metrics)
+    for a, b in zip(one_metrics, two_metrics, strict=True):
+        for key in ("reward", "response_tokens", "loss", "pg_loss", "grad_norm", "ref_kl"):
+            np.testing.assert_allclose(b[key], a[key], rtol=2e-5, atol=1e-8, err_msg=key)
+    a, b = (
+        _weights(tmp_path / "one" / "hf" / "step_2"),
+        _weights(tmp_path / "two" / "hf" / "step_2"),
+    )
+    for name in a:
+        np.testing.assert_allclose(b[name], a[name], rtol=1e-4, atol=1e-6, err_msg=name)

@@ -1,4 +1,4 @@
-"""Question-answer data, one question a row (/work/shared/SEARCH_R1_FORMATS.md).
+"""Question-answer data, one question a row (docs/SEARCH_R1_FORMATS.md).
 
 `load_examples` reads, by file suffix and by the columns a row has:
 - Search-R1's parquet files (`.parquet`): `data_source`, `prompt` =

@@ -1,6 +1,6 @@
 """The Search-R1 tag protocol: prompts, actions, observations and answer scoring.
 
-Speaks the formats of /work/shared/SEARCH_R1_FORMATS.md unchanged:
+Speaks the formats of docs/SEARCH_R1_FORMATS.md unchanged:
 - the policy reasons in `<think>`, searches with `<search> query </search>`, reads the passages
   the host returns inside `<information>`, and answers with `<answer> answer </answer>`;
 - an observation numbers passages from 1, one `Doc i(Title: <title>) <text>` line each, wrapped
@@ -8,7 +8,7 @@ Speaks the formats of /work/shared/SEARCH_R1_FORMATS.md unchanged:
 - a corpus passage's `contents` is its title line (often in double quotes), then its text;
 - answers are scored by exact match after SQuAD normalization.
 
-`first_hit` is the match rule of /work/shared/TSPO.md: the gold answer's words must appear as a
+`first_hit` is the match rule of docs/TSPO.md: the gold answer's words must appear as a
 contiguous run of whole words of the observation, both SQuAD-normalized.
 
 Pure host functions, standard library only. A tokenizer, where one is accepted, is any object

@@ -1,6 +1,6 @@
 """Retrievers: BM25 over a local corpus, or a client for Search-R1's retrieval server.
 
-Formats (/work/shared/SEARCH_R1_FORMATS.md):
+Formats (docs/SEARCH_R1_FORMATS.md):
 - Corpus: JSONL, one passage a line, `{"id": "...", "contents": "\\"Title\\"\\nPassage text"}`.
 - Server: `POST <url>` (its /retrieve endpoint) with `{"queries": [...], "topk": k,
   "return_scores": true}`; the answer is `{"result": [per_query, ...]}` in query order, each

@@ -1,7 +1,7 @@
 """TSPO: turn-level, stage-aware credit assignment for multi-turn search agents (the algorithm).
 
 This file is the algorithm, and the only one a reader needs to port TSPO elsewhere: it imports
-only jax, jax.numpy and the standard library. The math is ``shared/TSPO.md`` (Ma et al., "TSPO:
+only jax, jax.numpy and the standard library. The math is ``docs/TSPO.md`` (Ma et al., "TSPO:
 Breaking the Double Homogenization Dilemma in Multi-turn Search Policy Optimization",
 arXiv:2601.22776), whose equations are tagged below where they are computed.
 

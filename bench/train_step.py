@@ -1,0 +1,161 @@
+"""One policy update (forward + backward of Eq. L, AdamW step) vs the same in PyTorch.
+
+    python bench/train_step.py --config tiny
+    python bench/train_step.py --config qwen2.5-0.5b
+
+Both sides get the same random Qwen2 checkpoint (built with transformers, saved, then loaded by
+each) and the same batch of R sequences x T tokens (random tokens, a loss mask on the last
+three quarters, random advantages and old log-probs). Ours: ``learner.update`` (chunked
+log-probs, ``tspo.policy_loss`` under shard_map, AdamW). PyTorch: transformers'
+Qwen2ForCausalLM, a straightforward PPO-clip loss on log_softmax of the full logits, AdamW.
+Each side runs in its own process (so that peak memory is its own): a warm-up step, then the
+median of several timed steps. Prints seconds per step and peak resident memory of each, and
+last `ratio: X` (PyTorch time / ours: above 1 means ours is faster).
+"""
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+CONFIGS = {
+    "tiny": dict(
+        hidden_size=256, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+        intermediate_size=1024, vocab_size=32000, tie_word_embeddings=True,
+    ),
+    "qwen2.5-0.5b": dict(
+        hidden_size=896, num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2,
+        intermediate_size=4864, vocab_size=151936, tie_word_embeddings=True,
+    ),
+}  # fmt: skip
+CLIP = 0.2
+
+
+def make_checkpoint(name, path):
+    import torch
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(0)
+    cfg = Qwen2Config(**CONFIGS[name], max_position_embeddings=4096, rope_theta=1e6)
+    Qwen2ForCausalLM(cfg).save_pretrained(path)
+
+
+def make_batch(rows, length, vocab, seed=0):
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    tokens = rng.integers(0, vocab, (rows, length)).astype(np.int32)
+    loss_mask = np.zeros((rows, length), bool)
+    loss_mask[:, length // 4 :] = True
+    adv = rng.normal(size=(rows, length)).astype(np.float32)
+    old_logp = (-rng.random((rows, length)) * 8).astype(np.float32)
+    return tokens, loss_mask, adv, old_logp
+
+
+def peak_rss_mb():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def run_jax(path, rows, length, steps):
+    import jax
+    import jax.numpy as jnp
+    import optax
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from tspo_jax import hf_io, learner
+
+    config, params = hf_io.load_hf(path, jnp.float32)
+    tokens, loss_mask, adv, old_logp = make_batch(rows, length, config.vocab_size)
+    shape = lambda x: jnp.asarray(x).reshape(1, rows, 1, length)  # [M, B, G, T]
+    batch = learner.UpdateBatch(
+        shape(tokens), shape(jnp.ones_like(tokens, bool)), shape(loss_mask), shape(adv),
+        shape(old_logp), None,
+    )  # fmt: skip
+    mesh = learner.make_mesh(-1, 1)
+    optimizer = optax.adamw(1e-6)
+    state = learner.TrainState(params, optimizer.init(params), jnp.zeros((), jnp.int32))
+    settings = learner.LossSettings(clip_low=CLIP, clip_high=CLIP)
+    kw = dict(config=config, mesh=mesh, optimizer=optimizer, settings=settings, chunk=128)
+    times = []
+    for i in range(steps + 1):
+        t0 = time.perf_counter()
+        state, metrics = learner.update(state, batch, **kw)
+        jax.block_until_ready(state.params)
+        if i:
+            times.append(time.perf_counter() - t0)
+    return times, float(metrics["loss"])
+
+
+def run_torch(path, rows, length, steps):
+    import torch
+    from transformers import Qwen2ForCausalLM
+
+    model = Qwen2ForCausalLM.from_pretrained(path, torch_dtype=torch.float32)
+    model.train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-6)
+    tokens, loss_mask, adv, old_logp = map(
+        torch.as_tensor, make_batch(rows, length, model.config.vocab_size)
+    )
+    mask = loss_mask[:, 1:].float()
+    times = []
+    for i in range(steps + 1):
+        t0 = time.perf_counter()
+        logits = model(input_ids=tokens.long()).logits[:, :-1].float()
+        logp = torch.log_softmax(logits, -1).gather(-1, tokens[:, 1:, None].long())[..., 0]
+        ratio = torch.exp(logp - old_logp[:, 1:])
+        a = adv[:, 1:]
+        pg = torch.maximum(-ratio * a, -torch.clamp(ratio, 1 - CLIP, 1 + CLIP) * a)
+        loss = (pg * mask).sum() / mask.sum()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        if i:
+            times.append(time.perf_counter() - t0)
+    return times, float(loss)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", default="tiny", choices=sorted(CONFIGS))
+    parser.add_argument("--rows", type=int, default=4, help="sequences per step")
+    parser.add_argument("--length", type=int, default=256, help="tokens per sequence")
+    parser.add_argument("--steps", type=int, default=3, help="timed steps (median)")
+    parser.add_argument("--side", choices=("jax", "torch"), help=argparse.SUPPRESS)
+    parser.add_argument("--checkpoint", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.side:  # a child process: one side, JSON on the last line
+        run = run_jax if args.side == "jax" else run_torch
+        times, loss = run(args.checkpoint, args.rows, args.length, args.steps)
+        print(json.dumps({"times": times, "loss": loss, "peak_rss_mb": peak_rss_mb()}))
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        make_checkpoint(args.config, tmp)
+        results = {}
+        for side in ("torch", "jax"):
+            out = subprocess.run(
+                [sys.executable, __file__, *sys.argv[1:], "--side", side, "--checkpoint", tmp],
+                check=True, capture_output=True, text=True, env={**os.environ, "XLA_FLAGS": ""},
+            )  # fmt: skip
+            results[side] = json.loads(out.stdout.strip().splitlines()[-1])
+    print(f"{args.config}: {args.rows} sequences x {args.length} tokens, fp32, AdamW step")
+    for side, r in results.items():
+        name = "tspo_jax" if side == "jax" else "transformers + PPO-clip"
+        print(
+            f"{name:>24}: {statistics.median(r['times']):.3f} s/step (median of {args.steps}), "
+            f"peak RSS {r['peak_rss_mb']:.0f} MB, loss {r['loss']:.4f}"
+        )
+    t_torch = statistics.median(results["torch"]["times"])
+    t_jax = statistics.median(results["jax"]["times"])
+    mem = results["jax"]["peak_rss_mb"] / results["torch"]["peak_rss_mb"]
+    print(f"peak memory: ours / PyTorch = {mem:.2f}")
+    print(f"ratio: {t_torch / t_jax:.2f}")
+
+
+if __name__ == "__main__":
+    main()
