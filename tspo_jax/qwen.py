@@ -1,0 +1,495 @@
+"""Qwen2 / Qwen2.5 decoder in Flax NNX, exposed as pure functions over a plain dict of arrays.
+
+The architecture (the same as transformers' ``Qwen2ForCausalLM``): token embedding, then per
+layer ``x + attn(rms_norm(x))`` and ``x + mlp(rms_norm(x))``, a final RMSNorm and a tied or
+untied LM head. Attention is grouped-query (K key/value heads shared by G = N / K query heads
+each) with biases on q, k and v and none on the output projection, and rotate-half RoPE. The MLP
+is SwiGLU: ``down(silu(gate(x)) * up(x))``.
+
+The NNX modules below define the parameters (shapes, initializers and logical axis names) and
+the forward pass. The public surface is pure functions over the plain pytree
+``params = nnx.to_pure_dict(nnx.state(model))`` (with the layers as a list), so jit, optax, orbax
+and NamedSharding apply to it directly: ``logits``, ``hidden_states``, ``token_logprobs`` and
+``forward`` (the decoder with an optional KV cache, used by ``tspo_jax/sampling.py``).
+Weights are one array per layer (no stacked layers under ``lax.scan``, which made decoding about
+1.6x slower on XLA:CPU).
+
+params (float32 or bfloat16; ``config.dtype`` is the compute dtype, weights are cast to it).
+Projections keep transformers' [out, in] layout with the head axes split out (q_NHD is
+q_proj.weight reshaped), so loading is a reshape, and ``dense`` can read them weight-stationary
+when decoding:
+    embed_VD                token embedding (also the LM head when tie_word_embeddings)
+    layers[l].attn_norm.scale_D, layers[l].mlp_norm.scale_D
+    layers[l].attn.{q_NHD, q_bias_NH, k_KHD, k_bias_KH, v_KHD, v_bias_KH, o_DNH}
+    layers[l].mlp.{gate_FD, up_FD, down_DF}
+    final_norm.scale_D
+    lm_head_VD              only when the head is untied
+
+Positions come from the mask: position = cumsum(mask) - 1 per row, so left padding and masked
+holes inside a sequence work, and masked keys are never attended to.
+
+Shape letters: B batch rows, T tokens (queries), S key slots (the sequence itself, or the KV
+cache), L layers, D model dim, N query heads, K key/value heads, G query heads per KV head,
+H head dim, F MLP hidden dim (or any output dim in ``dense``), V vocabulary, M tokens (rows of
+``dense``), Q = G * T query rows per key/value head; in token_logprobs, J chunks of c positions.
+"""
+
+import dataclasses
+import functools
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jax.sharding import PartitionSpec
+
+Params = dict[str, Any]
+
+_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class QwenConfig:
+    """Shape and numerics of a Qwen2 / Qwen2.5 checkpoint (its config.json, plus ``dtype``)."""
+
+    vocab_size: int  # V, rows of the embedding (151936 for Qwen2.5; the tokenizer has 151665)
+    hidden_size: int  # D, model width
+    intermediate_size: int  # F, SwiGLU hidden width
+    num_layers: int  # L, decoder layers (num_hidden_layers in config.json)
+    num_heads: int  # N, query heads (num_attention_heads)
+    num_kv_heads: int  # K, key/value heads (num_key_value_heads); N must be a multiple
+    head_dim: int  # H, per-head width (hidden_size // num_heads unless config.json says)
+    rms_norm_eps: float = 1e-6  # epsilon inside every RMSNorm
+    rope_theta: float = 1_000_000.0  # RoPE base (top-level or in rope_parameters)
+    tie_word_embeddings: bool = False  # LM head is the embedding table (0.5B, 1.5B, 3B)
+    max_position_embeddings: int = 32768  # longest position the checkpoint was trained for
+    bos_token_id: int | None = None  # beginning-of-sequence id (Qwen does not prepend it)
+    eos_token_ids: tuple[int, ...] = ()  # ids that end a generation (config + generation config)
+    dtype: str = "float32"  # compute dtype of activations and KV cache: float32 or bfloat16
+
+    def __post_init__(self):
+        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"QwenConfig.{name} must be positive, got {getattr(self, name)}")
+        if self.num_heads <= 0 or self.num_kv_heads <= 0 or self.head_dim <= 0:
+            raise ValueError("QwenConfig: num_heads, num_kv_heads and head_dim must be positive")
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(
+                f"QwenConfig: num_heads={self.num_heads} is not a multiple of "
+                f"num_kv_heads={self.num_kv_heads}"
+            )
+        if self.head_dim % 2:
+            raise ValueError(
+                f"QwenConfig: rotate-half RoPE needs an even head_dim, got {self.head_dim}"
+            )
+        if not (self.rms_norm_eps > 0 and self.rope_theta > 0):
+            raise ValueError("QwenConfig: rms_norm_eps and rope_theta must be positive")
+        if self.dtype not in _DTYPES:
+            raise ValueError(
+                f"QwenConfig.dtype must be one of {sorted(_DTYPES)}, got {self.dtype!r}"
+            )
+        if not isinstance(self.eos_token_ids, tuple):
+            raise TypeError("QwenConfig.eos_token_ids must be a tuple of ints")
+
+    @property
+    def compute_dtype(self):
+        return _DTYPES[self.dtype]
+
+    @classmethod
+    def from_hf_dict(cls, d: Mapping[str, Any], *, dtype: str = "float32") -> "QwenConfig":
+        """Reads a transformers Qwen2 config.json dict (4.x files and 5.x ``rope_parameters``)."""
+        if d.get("model_type") != "qwen2":
+            raise ValueError(
+                f"config.json: model_type is {d.get('model_type')!r}, expected 'qwen2' "
+                "(Qwen2 / Qwen2.5 checkpoints)"
+            )
+        required = (
+            "vocab_size",
+            "hidden_size",
+            "intermediate_size",
+            "num_hidden_layers",
+            "num_attention_heads",
+        )
+        missing = [k for k in required if d.get(k) is None]
+        if missing:
+            raise ValueError(f"config.json: missing required field(s) {missing}")
+        if d.get("hidden_act", "silu") != "silu":
+            raise ValueError(f"config.json: hidden_act {d['hidden_act']!r} is not supported (silu)")
+        if d.get("use_sliding_window", False):
+            raise ValueError("config.json: use_sliding_window=true is not supported")
+        rope = d.get("rope_parameters") or {}
+        scaling = d.get("rope_scaling") or {}
+        rope_type = rope.get("rope_type", scaling.get("rope_type", scaling.get("type", "default")))
+        if rope_type != "default":
+            raise ValueError(f"config.json: rope type {rope_type!r} is not supported (default)")
+        theta = d.get("rope_theta")
+        if theta is None:
+            theta = rope.get("rope_theta")
+        if theta is None:
+            raise ValueError("config.json: missing rope_theta (top level or in rope_parameters)")
+        heads = d["num_attention_heads"]
+        eos = d.get("eos_token_id")
+        eos_ids = () if eos is None else (eos,) if isinstance(eos, int) else tuple(eos)
+        return cls(
+            vocab_size=d["vocab_size"],
+            hidden_size=d["hidden_size"],
+            intermediate_size=d["intermediate_size"],
+            num_layers=d["num_hidden_layers"],
+            num_heads=heads,
+            num_kv_heads=d.get("num_key_value_heads") or heads,
+            head_dim=d.get("head_dim") or d["hidden_size"] // heads,
+            rms_norm_eps=float(d.get("rms_norm_eps", 1e-6)),
+            rope_theta=float(theta),
+            tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
+            max_position_embeddings=d.get("max_position_embeddings", 32768),
+            bos_token_id=d.get("bos_token_id"),
+            eos_token_ids=tuple(int(i) for i in eos_ids),
+            dtype=dtype,
+        )
+
+    def to_hf_dict(self, *, torch_dtype: str = "float32") -> dict[str, Any]:
+        """config.json for transformers and vLLM; ``torch_dtype`` names the dtype of the file."""
+        eos = list(self.eos_token_ids)
+        return {
+            "architectures": ["Qwen2ForCausalLM"],
+            "model_type": "qwen2",
+            "vocab_size": self.vocab_size,
+            "hidden_size": self.hidden_size,
+            "intermediate_size": self.intermediate_size,
+            "num_hidden_layers": self.num_layers,
+            "num_attention_heads": self.num_heads,
+            "num_key_value_heads": self.num_kv_heads,
+            "head_dim": self.head_dim,
+            "hidden_act": "silu",
+            "rms_norm_eps": self.rms_norm_eps,
+            "rope_theta": self.rope_theta,
+            "rope_parameters": {"rope_theta": self.rope_theta, "rope_type": "default"},
+            "rope_scaling": None,
+            "tie_word_embeddings": self.tie_word_embeddings,
+            "max_position_embeddings": self.max_position_embeddings,
+            "max_window_layers": self.num_layers,
+            "use_sliding_window": False,
+            "sliding_window": None,
+            "attention_dropout": 0.0,
+            "initializer_range": 0.02,
+            "use_cache": True,
+            "bos_token_id": self.bos_token_id,
+            "eos_token_id": eos[0] if len(eos) == 1 else (eos or None),
+            "torch_dtype": torch_dtype,
+            "dtype": torch_dtype,
+        }
+
+
+# ---------------------------------------------------------------------------------------------
+# Modules. Each nnx.Param carries ``axes``: one logical axis name per dimension.
+
+
+def _param(rngs: nnx.Rngs | None, shape, axes, dtype, *, init="normal"):
+    if init == "normal":
+        value = 0.02 * jax.random.normal(rngs.params(), shape, jnp.float32)
+    elif init == "ones":
+        value = jnp.ones(shape, jnp.float32)
+    else:
+        value = jnp.zeros(shape, jnp.float32)
+    return nnx.Param(value.astype(dtype), axes=PartitionSpec(*axes))
+
+
+def rms_norm(x_BTD: jax.Array, scale_D: jax.Array, eps: float) -> jax.Array:
+    """x / sqrt(mean(x^2) + eps) * scale, with the statistics in float32 (as transformers)."""
+    x32_BTD = x_BTD.astype(jnp.float32)
+    x32_BTD = x32_BTD * jax.lax.rsqrt(jnp.mean(x32_BTD**2, axis=-1, keepdims=True) + eps)
+    return scale_D.astype(x_BTD.dtype) * x32_BTD.astype(x_BTD.dtype)
+
+
+def rope_tables(pos_BT: jax.Array, head_dim: int, theta: float) -> tuple[jax.Array, jax.Array]:
+    """cos, sin [B, T, H] in float32 for rotate-half RoPE at integer positions pos_BT."""
+    inv_freq = 1.0 / theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim)
+    angle_BTh = pos_BT.astype(jnp.float32)[..., None] * inv_freq
+    angle_BTH = jnp.concatenate([angle_BTh, angle_BTh], axis=-1)
+    return jnp.cos(angle_BTH), jnp.sin(angle_BTH)
+
+
+def apply_rope(x_BTNH: jax.Array, cos_BTH: jax.Array, sin_BTH: jax.Array) -> jax.Array:
+    """x * cos + rotate_half(x) * sin, rotate_half(x) = [-x2, x1]; computed in float32."""
+    x_BTNH32 = x_BTNH.astype(jnp.float32)
+    x1, x2 = jnp.split(x_BTNH32, 2, axis=-1)
+    rotated_BTNH = jnp.concatenate([-x2, x1], axis=-1)
+    out_BTNH = x_BTNH32 * cos_BTH[:, :, None] + rotated_BTNH * sin_BTH[:, :, None]
+    return out_BTNH.astype(x_BTNH.dtype)
+
+
+# Up to this many tokens, dense() multiplies weight-stationary: w [F, D] @ x.T [D, M], then
+# transposes the small [F, M] result. On XLA:CPU that streams the weights at close to memory
+# bandwidth, where x @ w.T with few rows M reaches about 2/3 of it (decoding is memory bound).
+WEIGHT_STATIONARY_MAX_TOKENS = 64
+
+
+def dense(x_MD: jax.Array, w_FD: jax.Array, preferred_element_type=None) -> jax.Array:
+    """x @ w.T over the last axis of both ("...D,F...D->...F..."): w is [out..., in], the
+    transformers layout, and x may have any leading axes. Few tokens (decoding) take the
+    weight-stationary form; the optimization barrier keeps XLA from folding the transpose
+    back into the dot.
+    """
+    lead, out = x_MD.shape[:-1], w_FD.shape[:-1]
+    D = x_MD.shape[-1]
+    assert w_FD.shape[-1] == D, (x_MD.shape, w_FD.shape)
+    x2_MD, w2_FD = x_MD.reshape(-1, D), w_FD.reshape(-1, D)
+    contract = (((1,), (1,)), ((), ()))
+    if x2_MD.shape[0] <= WEIGHT_STATIONARY_MAX_TOKENS:
+        y_FM = jax.lax.dot_general(
+            w2_FD, x2_MD, contract, preferred_element_type=preferred_element_type
+        )
+        y_MF = jax.lax.optimization_barrier(y_FM).T
+    else:
+        y_MF = jax.lax.dot_general(
+            x2_MD, w2_FD, contract, preferred_element_type=preferred_element_type
+        )
+    return y_MF.reshape(*lead, *out)
+
+
+def attend(q_BTNH, k_BKSH, v_BKSH, mask_BTS) -> jax.Array:
+    """Grouped-query softmax attention (no repeat of K/V); the softmax is in float32.
+
+    Query head n uses key/value head n // G, as transformers' repeat_kv. The G query heads and
+    T positions that share a key/value head form one matrix of Q = G * T rows, so each score
+    and value product is a single batched matmul over (B, K) (twice as fast on XLA:CPU as
+    keeping G and T apart). A query with no attendable key (a left-padding token) gets a
+    uniform average instead of NaN.
+    """
+    B, T, N, H = q_BTNH.shape
+    K, S = k_BKSH.shape[1], k_BKSH.shape[2]
+    G = N // K
+    q_BKQH = q_BTNH.reshape(B, T, K, G, H).transpose(0, 2, 3, 1, 4).reshape(B, K, G * T, H)
+    scores_BKQS = jnp.einsum("BKQH,BKSH->BKQS", q_BKQH, k_BKSH, preferred_element_type=jnp.float32)
+    scores_BKGTS = scores_BKQS.reshape(B, K, G, T, S) / math.sqrt(H)
+    scores_BKGTS = jnp.where(mask_BTS[:, None, None], scores_BKGTS, jnp.finfo(jnp.float32).min)
+    probs_BKQS = jax.nn.softmax(scores_BKGTS, axis=-1).reshape(B, K, G * T, S)
+    out_BKQH = jnp.einsum("BKQS,BKSH->BKQH", probs_BKQS.astype(v_BKSH.dtype), v_BKSH)
+    return out_BKQH.reshape(B, K, G, T, H).transpose(0, 3, 1, 2, 4).reshape(B, T, N, H)
+
+
+class RMSNorm(nnx.Module):
+    def __init__(self, config: QwenConfig, *, param_dtype):
+        self.eps = config.rms_norm_eps
+        self.scale_D = _param(None, (config.hidden_size,), (None,), param_dtype, init="ones")
+
+    def __call__(self, x_BTD):
+        return rms_norm(x_BTD, self.scale_D[...], self.eps)
+
+
+class Attention(nnx.Module):
+    def __init__(self, config: QwenConfig, *, rngs: nnx.Rngs, param_dtype):
+        D, N, K, H = config.hidden_size, config.num_heads, config.num_kv_heads, config.head_dim
+        self.q_NHD = _param(rngs, (N, H, D), ("q_heads", "head_dim", "embed"), param_dtype)
+        self.q_bias_NH = _param(rngs, (N, H), ("q_heads", "head_dim"), param_dtype, init="zeros")
+        self.k_KHD = _param(rngs, (K, H, D), ("kv_heads", "head_dim", "embed"), param_dtype)
+        self.k_bias_KH = _param(rngs, (K, H), ("kv_heads", "head_dim"), param_dtype, init="zeros")
+        self.v_KHD = _param(rngs, (K, H, D), ("kv_heads", "head_dim", "embed"), param_dtype)
+        self.v_bias_KH = _param(rngs, (K, H), ("kv_heads", "head_dim"), param_dtype, init="zeros")
+        self.o_DNH = _param(rngs, (D, N, H), ("embed", "q_heads", "head_dim"), param_dtype)
+
+    def __call__(self, x_BTD, cos_BTH, sin_BTH, mask_BTS, k_BKSH=None, v_BKSH=None, cursor=None):
+        """Self-attention of the T new tokens; with a cache, they are first written at cursor.
+
+        Without a cache the keys are the T tokens themselves (S = T). Returns the output and the
+        keys/values attended over (the updated cache, or the tokens' own k/v).
+        """
+        dt = x_BTD.dtype
+        q_BTNH = dense(x_BTD, self.q_NHD[...].astype(dt))  # "BTD,NHD->BTNH"
+        k_BTKH = dense(x_BTD, self.k_KHD[...].astype(dt))  # "BTD,KHD->BTKH"
+        v_BTKH = dense(x_BTD, self.v_KHD[...].astype(dt))
+        q_BTNH = apply_rope(q_BTNH + self.q_bias_NH[...].astype(dt), cos_BTH, sin_BTH)
+        k_BTKH = apply_rope(k_BTKH + self.k_bias_KH[...].astype(dt), cos_BTH, sin_BTH)
+        v_BTKH = v_BTKH + self.v_bias_KH[...].astype(dt)
+        k_BKTH, v_BKTH = k_BTKH.transpose(0, 2, 1, 3), v_BTKH.transpose(0, 2, 1, 3)
+        if k_BKSH is None:
+            k_BKSH, v_BKSH = k_BKTH, v_BKTH
+        else:
+            start = (0, 0, cursor, 0)
+            k_BKSH = jax.lax.dynamic_update_slice(k_BKSH, k_BKTH.astype(k_BKSH.dtype), start)
+            v_BKSH = jax.lax.dynamic_update_slice(v_BKSH, v_BKTH.astype(v_BKSH.dtype), start)
+        out_BTNH = attend(q_BTNH, k_BKSH.astype(dt), v_BKSH.astype(dt), mask_BTS)
+        B, T, N, H = out_BTNH.shape
+        o_DNH = self.o_DNH[...].astype(dt)
+        y_BTD = dense(out_BTNH.reshape(B, T, N * H), o_DNH.reshape(-1, N * H))  # "BTNH,DNH->BTD"
+        return y_BTD, k_BKSH, v_BKSH
+
+
+class MLP(nnx.Module):
+    def __init__(self, config: QwenConfig, *, rngs: nnx.Rngs, param_dtype):
+        D, F = config.hidden_size, config.intermediate_size
+        self.gate_FD = _param(rngs, (F, D), ("mlp", "embed"), param_dtype)
+        self.up_FD = _param(rngs, (F, D), ("mlp", "embed"), param_dtype)
+        self.down_DF = _param(rngs, (D, F), ("embed", "mlp"), param_dtype)
+
+    def __call__(self, x_BTD):
+        dt = x_BTD.dtype
+        gate_BTF = dense(x_BTD, self.gate_FD[...].astype(dt))
+        up_BTF = dense(x_BTD, self.up_FD[...].astype(dt))
+        return dense(jax.nn.silu(gate_BTF) * up_BTF, self.down_DF[...].astype(dt))
+
+
+class DecoderLayer(nnx.Module):
+    def __init__(self, config: QwenConfig, *, rngs: nnx.Rngs, param_dtype):
+        self.attn_norm = RMSNorm(config, param_dtype=param_dtype)
+        self.attn = Attention(config, rngs=rngs, param_dtype=param_dtype)
+        self.mlp_norm = RMSNorm(config, param_dtype=param_dtype)
+        self.mlp = MLP(config, rngs=rngs, param_dtype=param_dtype)
+
+    def __call__(self, x_BTD, cos_BTH, sin_BTH, mask_BTS, k_BKSH=None, v_BKSH=None, cursor=None):
+        y_BTD, k_BKSH, v_BKSH = self.attn(
+            self.attn_norm(x_BTD), cos_BTH, sin_BTH, mask_BTS, k_BKSH, v_BKSH, cursor
+        )
+        x_BTD = x_BTD + y_BTD
+        x_BTD = x_BTD + self.mlp(self.mlp_norm(x_BTD))
+        return x_BTD, k_BKSH, v_BKSH
+
+
+class Qwen2(nnx.Module):
+    """Qwen2ForCausalLM. ``__call__`` returns the final-normed hidden states (and the cache)."""
+
+    def __init__(self, config: QwenConfig, *, rngs: nnx.Rngs, param_dtype=jnp.float32):
+        V, D = config.vocab_size, config.hidden_size
+        self.config = config
+        self.embed_VD = _param(rngs, (V, D), ("vocab", "embed"), param_dtype)
+        self.layers = nnx.List(
+            [
+                DecoderLayer(config, rngs=rngs, param_dtype=param_dtype)
+                for _ in range(config.num_layers)
+            ]
+        )
+        self.final_norm = RMSNorm(config, param_dtype=param_dtype)
+        if not config.tie_word_embeddings:
+            self.lm_head_VD = _param(rngs, (V, D), ("vocab", "embed"), param_dtype)
+
+    def head_VD(self) -> jax.Array:
+        return self.embed_VD[...] if self.config.tie_word_embeddings else self.lm_head_VD[...]
+
+    def __call__(self, tokens_BT, pos_BT, mask_BTS, k_LBKSH=None, v_LBKSH=None, cursor=None):
+        cfg = self.config
+        x_BTD = self.embed_VD[...].astype(cfg.compute_dtype)[tokens_BT]
+        cos_BTH, sin_BTH = rope_tables(pos_BT, cfg.head_dim, cfg.rope_theta)
+        new_k, new_v = [], []
+        for i, layer in enumerate(self.layers):
+            cache = (None, None) if k_LBKSH is None else (k_LBKSH[i], v_LBKSH[i])
+            x_BTD, k_BKSH, v_BKSH = layer(x_BTD, cos_BTH, sin_BTH, mask_BTS, *cache, cursor)
+            new_k.append(k_BKSH)
+            new_v.append(v_BKSH)
+        return self.final_norm(x_BTD), tuple(new_k), tuple(new_v)
+
+
+# ---------------------------------------------------------------------------------------------
+# Pure functions over the params dict.
+
+
+def _to_nnx_state(params: Params) -> dict:
+    return {**params, "layers": dict(enumerate(params["layers"]))}
+
+
+def _from_nnx_state(state: dict) -> Params:
+    layers = state["layers"]
+    return {**state, "layers": [layers[i] for i in range(len(layers))]}
+
+
+@functools.cache
+def _abstract_model(config: QwenConfig) -> Qwen2:
+    return nnx.eval_shape(lambda: Qwen2(config, rngs=nnx.Rngs(0)))
+
+
+def module(params: Params, config: QwenConfig) -> Qwen2:
+    """The NNX model holding ``params`` (no copy); usable inside jit."""
+    graphdef = nnx.graphdef(_abstract_model(config))
+    return nnx.merge(graphdef, _to_nnx_state(params))
+
+
+def init_params(config: QwenConfig, key: jax.Array, dtype=jnp.float32) -> Params:
+    """Random parameters (normal(0, 0.02) weights, zero biases, unit norms), as transformers."""
+    model = Qwen2(config, rngs=nnx.Rngs(params=key), param_dtype=dtype)
+    return _from_nnx_state(nnx.to_pure_dict(nnx.state(model, nnx.Param)))
+
+
+def logical_axes(config: QwenConfig) -> Params:
+    """Pytree like params whose leaves are PartitionSpecs of logical axis names.
+
+    Names: vocab, embed, q_heads, kv_heads, head_dim, mlp, and None (norm scales). The leaves
+    are PartitionSpecs rather than bare tuples so that jax.tree.map treats them as leaves; they
+    iterate like tuples: ``NamedSharding(mesh, P(*(rules[a] for a in axes)))``.
+    """
+    state = nnx.state(_abstract_model(config), nnx.Param)
+    axes = jax.tree.map(
+        lambda v: v.get_metadata()["axes"], state, is_leaf=lambda v: isinstance(v, nnx.Variable)
+    )
+    return _from_nnx_state(nnx.to_pure_dict(axes))
+
+
+def positions(mask_BT: jax.Array) -> jax.Array:
+    """RoPE position of each token: the number of valid tokens before it in its row."""
+    return jnp.maximum(jnp.cumsum(mask_BT.astype(jnp.int32), axis=-1) - 1, 0)
+
+
+def forward(params, config, tokens_BT, pos_BT, mask_BTS, k_LBKSH=None, v_LBKSH=None, cursor=None):
+    """Decoder stack -> (final-normed x_BTD, k_LBKSH, v_LBKSH).
+
+    mask_BTS[b, t, s]: query t may attend key slot s. Without a cache S = T (the tokens
+    themselves); with one, the T new tokens' keys/values are written at slot ``cursor`` of each
+    per-layer [B, K, S, H] cache first, and the updated caches are returned.
+    """
+    return module(params, config)(tokens_BT, pos_BT, mask_BTS, k_LBKSH, v_LBKSH, cursor)
+
+
+def lm_head(params: Params, config: QwenConfig) -> jax.Array:
+    """The [V, D] output projection: the embedding when tied, else lm_head_VD."""
+    return params["embed_VD"] if config.tie_word_embeddings else params["lm_head_VD"]
+
+
+def head_logits(x_BTD: jax.Array, head_VD: jax.Array) -> jax.Array:
+    """Logits in float32 (the dot accumulates in float32 for bfloat16 inputs)."""
+    return dense(x_BTD, head_VD.astype(x_BTD.dtype), preferred_element_type=jnp.float32)
+
+
+def causal_mask(mask_BT: jax.Array) -> jax.Array:
+    """mask_BTS for a full sequence: key s <= query t, and key s is a valid token."""
+    T = mask_BT.shape[1]
+    causal_TS = jnp.arange(T)[:, None] >= jnp.arange(T)[None, :]
+    return causal_TS[None] & mask_BT.astype(bool)[:, None, :]
+
+
+def hidden_states(params: Params, config: QwenConfig, tokens_BT, mask_BT) -> jax.Array:
+    """Final-normed hidden states x_BTD of a (left-padded) batch; positions from the mask."""
+    x_BTD, _, _ = forward(params, config, tokens_BT, positions(mask_BT), causal_mask(mask_BT))
+    return x_BTD
+
+
+def logits(params: Params, config: QwenConfig, tokens_BT, mask_BT) -> jax.Array:
+    """Next-token logits_BTV (float32) at every position; rows may be left padded."""
+    return head_logits(hidden_states(params, config, tokens_BT, mask_BT), lm_head(params, config))
+
+
+def token_logprobs(params: Params, config: QwenConfig, tokens_BT, mask_BT, *, chunk: int = 128):
+    """logp_BT[b, t] = log p(tokens[b, t+1] | tokens[b, :t+1]), 0 where mask[b, t+1] = 0 and at
+    t = T-1. The log-softmax runs over chunks of ``chunk`` positions under a rematerialized scan,
+    so neither the forward nor the backward pass holds [B, T, V] float32 logits.
+    """
+    tokens_BT = jnp.asarray(tokens_BT, jnp.int32)
+    B, T = tokens_BT.shape
+    x_BTD = hidden_states(params, config, tokens_BT, mask_BT)
+    head_VD = lm_head(params, config)
+    next_BT = jnp.concatenate([tokens_BT[:, 1:], jnp.zeros((B, 1), tokens_BT.dtype)], axis=1)
+    next_mask_BT = jnp.concatenate([mask_BT[:, 1:], jnp.zeros((B, 1), mask_BT.dtype)], axis=1)
+    n_chunks = -(-T // chunk)
+    pad = n_chunks * chunk - T
+    x_JBcD = jnp.pad(x_BTD, ((0, 0), (0, pad), (0, 0))).reshape(B, n_chunks, chunk, -1)
+    x_JBcD = x_JBcD.swapaxes(0, 1)
+    next_JBc = jnp.pad(next_BT, ((0, 0), (0, pad))).reshape(B, n_chunks, chunk).swapaxes(0, 1)
+
+    @jax.checkpoint
+    def chunk_logp(x_BcD, next_Bc):
+        logits_BcV = head_logits(x_BcD, head_VD)
+        picked_Bc = jnp.take_along_axis(logits_BcV, next_Bc[..., None], axis=-1)[..., 0]
+        return picked_Bc - jax.nn.logsumexp(logits_BcV, axis=-1)
+
+    logp_JBc = jax.lax.map(lambda xs: chunk_logp(*xs), (x_JBcD, next_JBc))
+    logp_BT = logp_JBc.swapaxes(0, 1).reshape(B, n_chunks * chunk)[:, :T]
+    return jnp.where(next_mask_BT.astype(bool), logp_BT, 0.0)
