@@ -187,13 +187,26 @@ def rollout(
     group_size: int,
     key: jax.Array,
     cfg: RolloutConfig,
+    example_ids: Sequence[int] | None = None,
 ) -> tuple[list[Trajectory], Timing]:
     """Runs every example ``group_size`` times through the turn loop (see the module docstring).
+
+    Sample g of example i draws its tokens from the key fold_in(fold_in(key, example_ids[i]),
+    g), so a trajectory does not depend on which other rows share the batch: processes that
+    each roll out a share of the prompts sample what one process would. example_ids defaults
+    to 0 .. len(examples) - 1.
 
     Returns the trajectories in (example, sample) order and where the time went.
     """
     rows = [ex for ex in examples for _ in range(group_size)]
     N = len(rows)
+    ids = range(len(examples)) if example_ids is None else example_ids
+    if len(ids) != len(examples):
+        raise ValueError(f"{len(ids)} example_ids for {len(examples)} examples")
+    row_keys = jax.vmap(lambda i, g: jax.random.fold_in(jax.random.fold_in(key, i), g))(
+        np.repeat(np.asarray(ids, np.uint32), group_size),
+        np.tile(np.arange(group_size, dtype=np.uint32), len(ids)),
+    )
     prompts = [
         tokenizer.encode(
             protocol.build_prompt(
@@ -221,7 +234,7 @@ def rollout(
             policy.extend([prefix if a else [] for a in live])
             length += len(prefix) * live
         samples = policy.sample(
-            jax.random.fold_in(key, k),
+            sampling.fold_in_rows(row_keys, k),
             live,
             ("</answer>",) if prefix else ("</search>", "</answer>"),
             cfg.max_new_tokens,

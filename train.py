@@ -140,9 +140,11 @@ TOYWORLD_PRESET = dict(
     eval_every=20,
     eval_size=200,
     checkpoint_every=20,
-    max_new_tokens=24,
-    max_obs_tokens=120,
+    max_new_tokens=16,
+    max_obs_tokens=96,
     max_context=512,
+    template="Question: {question}\n",
+    eval_batch=100,
 )
 
 # Options that may change when a run is resumed; every other one must match its checkpoint.
@@ -163,7 +165,7 @@ def parse_config(argv=None) -> Config:
 
 
 def step_prompts(examples, step: int, cfg: Config):
-    """This process's prompts of ``step``.
+    """This process's prompts of ``step`` and their global positions (their sampling ids).
 
     The step takes global positions step*B .. step*B + B - 1 of a sequence of seeded shuffles
     of the data (one shuffle per pass). Each micro-batch of them is split evenly over the
@@ -173,14 +175,15 @@ def step_prompts(examples, step: int, cfg: Config):
     n, B, P = len(examples), cfg.prompts_per_step, jax.process_count()
     micro = cfg.micro_batch or cfg.mini_batch
     share = micro // P
-    picked = []
+    picked, positions = [], []
     for m in range(B // micro):
         first = step * B + m * micro + jax.process_index() * share
         for i in range(first, first + share):
             epoch, pos = divmod(i, n)
             order = np.random.default_rng([cfg.seed, epoch]).permutation(n)
             picked.append(examples[order[pos]])
-    return picked
+            positions.append(i)
+    return picked, positions
 
 
 # ---------------------------------------------------------------------------------------------
@@ -307,13 +310,20 @@ def memory_report(state, ref_params, update_compiled) -> str:
 # The run
 
 
-def embedded_default(cfg: Config) -> Config:
-    """Builds (once) the toy world and its warm-started policy; points cfg at them."""
+def embedded_default(cfg: Config, world_cfg=None, policy_cfg=None) -> Config:
+    """Builds (once) the toy world and its warm-started policy; points cfg at them.
+
+    world_cfg / policy_cfg: a toyworld.ToyWorldConfig / sft.WarmStartConfig other than the
+    defaults (tests shrink them); the world's demonstrations always use the run's template."""
     from tspo_jax import sft, toyworld
 
+    world_cfg = world_cfg or toyworld.ToyWorldConfig()
+    policy_cfg = policy_cfg or sft.WarmStartConfig()
+
     root = Path(os.environ.get("TSPO_JAX_CACHE", Path.home() / ".cache" / "tspo_jax"))
-    world = toyworld.build(root / "toyworld")
-    model_dir = sft.warm_start(world, root / "toyworld-policy")
+    world_cfg = dataclasses.replace(world_cfg, template=cfg.rollout.template)  # the demos' prompt
+    world = toyworld.build(root / "toyworld", world_cfg)
+    model_dir = sft.warm_start(world, root / "toyworld-policy", policy_cfg)
     return dataclasses.replace(
         cfg,
         model=str(model_dir),
@@ -442,16 +452,16 @@ def collect(run: Run, state: learner.TrainState, step: int):
     policy = rollout.KVCachePolicy(
         sampling_params(state.params), run.model_config, run.tokenizer, cfg.rollout
     )
-    prompts = step_prompts(run.train_set, step, cfg)
-    key = jax.random.fold_in(jax.random.key(cfg.seed), step)
+    prompts, positions = step_prompts(run.train_set, step, cfg)
     trajs, timing = rollout.rollout(
         policy,
         run.tokenizer,
         run.retriever,
         prompts,
         group_size=cfg.group_size,
-        key=key,
+        key=jax.random.key(cfg.seed),
         cfg=cfg.rollout,
+        example_ids=positions,
     )
     longest = max(len(rollout.sequence(t)[0]) for t in trajs)
     T = agreed_length(sampling.bucket_length(longest))

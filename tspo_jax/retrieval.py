@@ -24,12 +24,21 @@ import warnings
 from pathlib import Path
 from typing import NamedTuple, Protocol
 
-import bm25s
 import numpy as np
 
 from tspo_jax.protocol import split_title
 
 _WORD_RE = re.compile(r"\w+")
+
+
+def _bm25s():
+    """bm25s, imported on first use: importing it starts JAX's backend (it probes for jax), which
+    must wait for jax.distributed.initialize() in multi-process runs."""
+    import bm25s
+
+    return bm25s
+
+
 # Bump when the tokenization or the bm25s parameters change, so old caches are rebuilt.
 _INDEX_VERSION = 1
 
@@ -94,17 +103,17 @@ class BM25Retriever:
         self.index = self._load_cache(key)
         self.from_cache = self.index is not None
         if self.index is None:
-            self.index = bm25s.BM25()
+            self.index = _bm25s().BM25()
             self.index.index(
                 [tokenize(f"{p.title}\n{p.text}") for p in self.passages], show_progress=False
             )
             self._save_cache(key)
 
-    def _load_cache(self, key: dict) -> bm25s.BM25 | None:
+    def _load_cache(self, key: dict):
         try:
             if json.loads((self.cache_dir / "key.json").read_text()) != key:
                 return None
-            return bm25s.BM25.load(str(self.cache_dir), show_progress=False, verbosity=0)
+            return _bm25s().BM25.load(str(self.cache_dir), show_progress=False, verbosity=0)
         except Exception:  # no cache, a stale one, or an unreadable one: rebuild
             return None
 

@@ -1,16 +1,20 @@
 """Supervised warm start on demonstrations in the tag protocol (the embedded default's policy).
 
 A demonstration is a list of (text, trained) segments: the prompt, then the policy's turns and the
-host's observations. Segments are tokenized one by one, as a rollout does, and the loss is the
-mean negative log-likelihood of the trained tokens (the policy's text), so the model is never
-taught to write observations.
+host's observations. Segments are tokenized one by one, as a rollout does. The loss is the mean
+negative log-likelihood of the policy's text, plus, with weight ``observation_weight``, that of
+the observations: a reading exercise, as every passage repeats its title and the search named
+the entity it is about, so predicting an observation is mostly copying names from the context,
+the skill the policy needs to search and answer with names it has never seen. (The policy never
+writes an observation in a rollout: the host appends it after ``</search>``.)
 
-``warm_start`` builds the toy world's policy: a small random Qwen2 (few million parameters), a
-short SFT on ``toyworld``'s demonstrations, saved as a Hugging Face folder, so that training starts
-from exactly the code path of a real Qwen2.5 checkpoint. It is cached by a fingerprint of its
-settings and of the world, and written atomically (temporary folder, then rename).
+``warm_start`` builds the toy world's policy: a small random Qwen2, one pass of SFT over
+``toyworld``'s demonstrations (each from a demo world of its own names, so copying is the only
+way to lower the loss), saved as a Hugging Face folder, so that training starts from exactly the
+code path of a real Qwen2.5 checkpoint. It is cached by a fingerprint of its settings and of the
+world, and written atomically (temporary folder, then rename).
 
-Shape letters: B sequences, T tokens.
+Shape letters: B sequences, T tokens, V vocabulary.
 """
 
 import dataclasses
@@ -19,7 +23,9 @@ import hashlib
 import json
 import os
 import shutil
+import sys
 import tempfile
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -27,9 +33,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from tqdm import tqdm
 
-from tspo_jax import hf_io, qwen, sampling
+from tspo_jax import hf_io, qwen
 from tspo_jax.cli import option
+
+PAD_MULTIPLE = 32  # batches are padded to a multiple of this many tokens: few shapes to compile
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -37,74 +46,118 @@ class WarmStartConfig:
     """The toy policy's shape and its supervised warm start."""
 
     hidden_size: int = option(128, "model width D")
-    num_layers: int = option(4, "decoder layers")
+    num_layers: int = option(2, "decoder layers")
     num_heads: int = option(4, "query heads")
     num_kv_heads: int = option(2, "key/value heads")
-    intermediate_size: int = option(512, "SwiGLU hidden width")
-    epochs: int = option(3, "passes over the demonstrations")
-    batch_size: int = option(32, "demonstrations per update")
-    lr: float = option(2e-3, "peak AdamW learning rate (cosine decay after 20 warm-up updates)")
+    intermediate_size: int = option(256, "SwiGLU hidden width")
+    epochs: int = option(1, "passes over the demonstrations")
+    batch_size: int = option(16, "demonstrations per update")
+    lr: float = option(5e-4, "peak AdamW learning rate (cosine decay after 30 warm-up updates)")
+    observation_weight: float = option(0.0, "loss weight of observation tokens (0: turns only)")
     seed: int = option(0, "initialization and shuffling seed")
 
+    def __post_init__(self):
+        if min(self.epochs, self.batch_size, self.num_layers) < 1 or self.lr <= 0:
+            raise ValueError("need epochs, batch_size, num_layers >= 1 and lr > 0")
+        if self.observation_weight < 0:
+            raise ValueError(f"observation_weight must be >= 0, got {self.observation_weight}")
 
-def tokenize_segments(segments: Sequence[tuple[str, bool]], tokenizer) -> tuple[list, list]:
-    """(token ids, loss mask) of a demonstration, each segment tokenized on its own."""
-    tokens, mask = [], []
-    for text, trained in segments:
-        ids = tokenizer.encode(text, add_special_tokens=False)
-        tokens += ids
-        mask += [int(trained)] * len(ids)
-    return tokens, mask
+
+def tokenize_demonstrations(demos, tokenizer, observation_weight: float) -> list[tuple]:
+    """(token ids, loss weights) per demonstration, each segment tokenized on its own: weight 1
+    on the policy's text, observation_weight on observations, 0 on the prompt."""
+    texts = [text for d in demos for text, _ in d.segments]
+    ids = iter(tokenizer(texts, add_special_tokens=False)["input_ids"])
+    rows = []
+    for d in demos:
+        tokens, weights = [], []
+        for k, (_, trained) in enumerate(d.segments):
+            piece = next(ids)
+            tokens += piece
+            weight = 1.0 if trained else (observation_weight if k else 0.0)
+            weights += [weight] * len(piece)
+        rows.append((tokens, weights))
+    return rows
 
 
 def pack(rows: Sequence[tuple[list, list]], pad_id: int) -> tuple[np.ndarray, ...]:
-    """(tokens_BT, mask_BT, loss_mask_BT), right-padded to a length bucket."""
-    T = sampling.bucket_length(max(len(t) for t, _ in rows))
+    """(tokens_BT, mask_BT, weight_BT), right-padded to a multiple of PAD_MULTIPLE."""
+    T = -(-max(len(t) for t, _ in rows) // PAD_MULTIPLE) * PAD_MULTIPLE
     tokens_BT = np.full((len(rows), T), pad_id, np.int32)
     mask_BT = np.zeros((len(rows), T), bool)
-    loss_mask_BT = np.zeros((len(rows), T), bool)
-    for b, (t, m) in enumerate(rows):
+    weight_BT = np.zeros((len(rows), T), np.float32)
+    for b, (t, w) in enumerate(rows):
         tokens_BT[b, : len(t)] = t
         mask_BT[b, : len(t)] = True
-        loss_mask_BT[b, : len(t)] = m
-    return tokens_BT, mask_BT, loss_mask_BT
+        weight_BT[b, : len(t)] = w
+    return tokens_BT, mask_BT, weight_BT
 
 
-def nll(params, config, tokens_BT, mask_BT, loss_mask_BT):
-    """Mean negative log-likelihood of the trained tokens."""
-    next_BT = qwen.token_logprobs(params, config, tokens_BT, mask_BT)
-    logp_BT = jnp.concatenate([jnp.zeros_like(next_BT[:, :1]), next_BT[:, :-1]], axis=1)
-    m_BT = loss_mask_BT.astype(jnp.float32)
-    return -jnp.sum(m_BT * logp_BT) / jnp.maximum(jnp.sum(m_BT), 1.0)
+def batches(lengths: Sequence[int], batch_size: int, rng: np.random.Generator) -> list[list]:
+    """One epoch of index batches, each drawn at random from the rows of one padded length (a
+    multiple of PAD_MULTIPLE), so that batches are cheap to pad yet mix every kind of question;
+    the batches in random order. Leftovers of each length (fewer than batch_size) are dropped.
+
+    (Sorting rows by exact length instead put one question template per batch, and a tiny
+    policy trained that way never learned to copy the answer of some templates.)
+    """
+    by_length: dict[int, list[int]] = {}
+    for i, n in enumerate(lengths):
+        by_length.setdefault(-(-n // PAD_MULTIPLE), []).append(i)
+    out = []
+    for rows in by_length.values():
+        rows = [rows[i] for i in rng.permutation(len(rows))]
+        out += [rows[i : i + batch_size] for i in range(0, len(rows) - batch_size + 1, batch_size)]
+    return [out[i] for i in rng.permutation(len(out))]
+
+
+def nll(params, config, tokens_BT, mask_BT, weight_BT):
+    """Weighted mean negative log-likelihood of each token given the ones before it."""
+    logits_BTV = qwen.logits(params, config, tokens_BT, mask_BT)[:, :-1]
+    logp_BTV = jax.nn.log_softmax(logits_BTV.astype(jnp.float32), axis=-1)
+    logp_BT = jnp.take_along_axis(logp_BTV, tokens_BT[:, 1:, None], axis=-1)[..., 0]
+    w_BT = weight_BT[:, 1:]
+    return -jnp.sum(w_BT * logp_BT) / jnp.maximum(jnp.sum(w_BT), 1.0)
 
 
 @functools.partial(jax.jit, static_argnames=("config", "optimizer"), donate_argnums=(0, 1))
-def sft_step(params, opt_state, tokens_BT, mask_BT, loss_mask_BT, *, config, optimizer):
-    loss, grads = jax.value_and_grad(nll)(params, config, tokens_BT, mask_BT, loss_mask_BT)
+def sft_step(params, opt_state, tokens_BT, mask_BT, weight_BT, *, config, optimizer):
+    loss, grads = jax.value_and_grad(nll)(params, config, tokens_BT, mask_BT, weight_BT)
     updates, opt_state = optimizer.update(grads, opt_state, params)
     return optax.apply_updates(params, updates), opt_state, loss
 
 
 def train(params, config, rows, cfg: WarmStartConfig, pad_id: int, log=print):
-    """SFT over ``rows`` of (tokens, loss mask); returns the trained params and the losses."""
-    n_updates = cfg.epochs * (len(rows) // cfg.batch_size)
-    schedule = optax.warmup_cosine_decay_schedule(0.0, cfg.lr, 20, max(n_updates, 21))
+    """SFT over ``rows`` of (tokens, loss weights); returns the trained params and the losses."""
+    rng = np.random.default_rng(cfg.seed)
+    lengths = [len(t) for t, _ in rows]
+    plan = [b for _ in range(cfg.epochs) for b in batches(lengths, cfg.batch_size, rng)]
+    warmup = min(30, len(plan) // 2)
+    schedule = optax.warmup_cosine_decay_schedule(0.0, cfg.lr, warmup, max(len(plan), warmup + 1))
     optimizer = optax.chain(
         optax.clip_by_global_norm(1.0), optax.adamw(schedule, weight_decay=0.01)
     )
     opt_state = optimizer.init(params)
-    rng = np.random.default_rng(cfg.seed)
     losses = []
-    for epoch in range(cfg.epochs):
-        order = rng.permutation(len(rows))
-        for i in range(len(rows) // cfg.batch_size):
-            picked = [rows[j] for j in order[i * cfg.batch_size : (i + 1) * cfg.batch_size]]
-            params, opt_state, loss = sft_step(
-                params, opt_state, *pack(picked, pad_id), config=config, optimizer=optimizer
-            )
-            losses.append(loss)
-        log(f"warm start: epoch {epoch + 1}/{cfg.epochs}, loss {float(losses[-1]):.4f}")
-    return params, [float(x) for x in losses]
+    bar = tqdm(plan, desc="warm start", file=sys.stderr)
+    for i, picked in enumerate(bar):
+        batch = pack([rows[j] for j in picked], pad_id)
+        params, opt_state, loss = sft_step(
+            params, opt_state, *batch, config=config, optimizer=optimizer
+        )
+        losses.append(loss)
+        if (i + 1) % 50 == 0:  # one update behind: no host sync in the loop
+            bar.set_postfix(loss=f"{float(losses[-2]):.3f}", refresh=False)
+    losses = [float(x) for x in jax.device_get(losses)]
+    log(f"warm start: {len(plan)} updates, final loss {np.mean(losses[-20:]):.4f}")
+    return params, losses
+
+
+def fingerprint(world, cfg: WarmStartConfig) -> str:
+    """Changes with the settings and with the world (its own fingerprint)."""
+    world_key = json.loads(Path(world.info).read_text())["fingerprint"]
+    key = json.dumps([dataclasses.asdict(cfg), world_key], sort_keys=True)
+    return hashlib.sha256(key.encode()).hexdigest()[:16]
 
 
 def warm_start(world, out_dir, cfg: WarmStartConfig = WarmStartConfig(), log=print) -> Path:
@@ -117,14 +170,12 @@ def warm_start(world, out_dir, cfg: WarmStartConfig = WarmStartConfig(), log=pri
     from tspo_jax import toyworld
 
     out = Path(out_dir)
-    world_info = json.loads(Path(world.info).read_text())
-    key = hashlib.sha256(
-        json.dumps([dataclasses.asdict(cfg), world_info["fingerprint"]]).encode()
-    ).hexdigest()[:16]
+    key = fingerprint(world, cfg)
     stamp = out / "warm_start.json"
     if stamp.exists() and json.loads(stamp.read_text()).get("fingerprint") == key:
         return out
     log(f"warm start: training the toy policy into {out} (once; cached afterwards)")
+    t0 = time.perf_counter()
     tokenizer = AutoTokenizer.from_pretrained(world.tokenizer)
     config = qwen.QwenConfig(
         vocab_size=len(tokenizer),
@@ -141,7 +192,7 @@ def warm_start(world, out_dir, cfg: WarmStartConfig = WarmStartConfig(), log=pri
         eos_token_ids=(tokenizer.eos_token_id,),
     )
     demos = toyworld.load_demonstrations(world.demos)
-    rows = [tokenize_segments(d.segments, tokenizer) for d in demos]
+    rows = tokenize_demonstrations(demos, tokenizer, cfg.observation_weight)
     params = qwen.init_params(config, jax.random.key(cfg.seed))
     params, losses = train(params, config, rows, cfg, tokenizer.pad_token_id or 0, log)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -149,7 +200,13 @@ def warm_start(world, out_dir, cfg: WarmStartConfig = WarmStartConfig(), log=pri
     try:
         hf_io.save_hf(str(tmp), config, jax.device_get(params))
         tokenizer.save_pretrained(str(tmp))
-        info = {"fingerprint": key, "config": dataclasses.asdict(cfg), "final_loss": losses[-1]}
+        info = {
+            "fingerprint": key,
+            "config": dataclasses.asdict(cfg),
+            "updates": len(losses),
+            "final_loss": float(np.mean(losses[-20:])),
+            "seconds": round(time.perf_counter() - t0, 1),
+        }
         (tmp / "warm_start.json").write_text(json.dumps(info, indent=1) + "\n")
         if out.exists():
             shutil.rmtree(out)
