@@ -133,10 +133,10 @@ TOYWORLD_PRESET = dict(
     out_dir="runs/toyworld",
     prompts_per_step=16,
     mini_batch=16,
-    lr=1e-4,
+    lr=3e-4,
     warmup_steps=5,
     kl_coef=0.0,
-    steps=40,
+    steps=100,
     eval_every=20,
     eval_size=200,
     checkpoint_every=20,
@@ -546,6 +546,7 @@ def initialize_distributed(cfg: Config) -> None:
 
 
 def main(argv=None) -> dict:
+    t_start = time.perf_counter()
     cfg = parse_config(argv)
     if cfg.distributed:
         initialize_distributed(cfg)
@@ -624,8 +625,30 @@ def main(argv=None) -> dict:
 
         plots.plot_metrics(run.out / "metrics.jsonl", run.out / "metrics.png")
     if run.lead and history:
-        print(json.dumps({k: v for k, v in history[-1].items() if not k.startswith("time")}))
+        print(final_report(history, run.out, time.perf_counter() - t_start))
     return {"history": history, "state": state, "config": cfg}
+
+
+def final_report(history: list[dict], out: Path, seconds: float) -> str:
+    """What a run ends by printing: held-out metrics at the first and last evaluation, the last
+    step's training metrics, and where the outputs are."""
+    lines = [f"done: {history[-1]['step']} steps in {seconds:.0f} s; outputs in {out}/"]
+    evals = [r for r in history if "eval_em" in r]
+    if evals:
+        first, last = evals[0], evals[-1]
+        lines.append(f"held-out, greedy    step {first['step']:>4}  step {last['step']:>4}")
+        for key in ("em", "f1", "turns", "searches", "answer_rate", "folr_hit_rate"):
+            a, b = first[f"eval_{key}"], last[f"eval_{key}"]
+            lines.append(f"  {key:<17} {a:>9.3f}  {b:>9.3f}")
+    train_rows = [r for r in history if "reward" in r]
+    if train_rows:
+        r = train_rows[-1]
+        lines.append(
+            f"last step: reward {r['reward']:.3f}, zero-advantage groups "
+            f"{r['zero_adv_group_frac']:.2f}, FOLR hits {r['folr_hit_rate']:.2f}, "
+            f"turns {r['turns']:.2f}"
+        )
+    return "\n".join(lines)
 
 
 def evaluate(run: Run, params) -> dict:
@@ -659,4 +682,4 @@ def export(run: Run, params, path: Path) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)

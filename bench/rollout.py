@@ -71,7 +71,7 @@ def main():
     args = parser.parse_args()
 
     root = Path(os.environ.get("TSPO_JAX_CACHE", Path.home() / ".cache" / "tspo_jax"))
-    world = toyworld.build(root / "toyworld")
+    world = toyworld.build(root / "bench-rollout-world")  # not train.py's (another template)
     model_dir = sft.warm_start(world, root / f"bench-rollout-{args.config}", SHAPES[args.config])
     model_config, params, tokenizer = rollout.load_policy(str(model_dir))
     retriever = retrieval.BM25Retriever(world.corpus)

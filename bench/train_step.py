@@ -9,9 +9,11 @@ three quarters, random advantages and old log-probs). Ours: ``learner.update`` (
 log-probs, ``tspo.policy_loss`` under shard_map, AdamW). PyTorch: transformers'
 Qwen2ForCausalLM, a straightforward PPO-clip loss on log_softmax of the full logits, AdamW.
 Each side runs in its own process (so that peak memory is its own): a warm-up step, then the
-median of several timed steps. Prints seconds per step and peak memory of each (the process's
-peak resident memory on CPU, peak device memory on a GPU), and last `ratio: X` (PyTorch time /
-ours: above 1 means ours is faster). On a GPU machine both sides use the GPU.
+median of several timed steps. Prints seconds per step and peak memory of each (on CPU the
+process's peak resident memory during the timed steps, the peak being reset after the warm-up
+so that imports and compilation do not count; peak device memory on a GPU), and last
+`ratio: X` (PyTorch time / ours: above 1 means ours is faster). On a GPU machine both sides
+use the GPU.
 """
 
 import argparse
@@ -59,8 +61,28 @@ def make_batch(rows, length, vocab, seed=0):
     return tokens, loss_mask, adv, old_logp
 
 
+def _status_mb(field):
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(field)) / 1024
+
+
+RESIDENT_AT_RESET = [0.0]
+
+
+def reset_peak_memory():
+    """Restarts the process's peak resident memory (Linux: VmHWM) after the warm-up step, so
+    compilation and start-up are not counted: the peak is that of the training steps."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        RESIDENT_AT_RESET[0] = _status_mb("VmRSS")
+    except OSError:
+        pass
+
+
 def peak_memory_mb(side):
-    """Peak device memory on an accelerator, else the process's peak resident memory."""
+    """Peak device memory on an accelerator, else the process's peak resident memory since
+    reset_peak_memory (VmHWM; ru_maxrss where /proc is missing)."""
     if side == "jax":
         import jax
 
@@ -72,7 +94,10 @@ def peak_memory_mb(side):
 
         if torch.cuda.is_available():
             return torch.cuda.max_memory_allocated() / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    try:
+        return _status_mb("VmHWM")
+    except (OSError, StopIteration):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def run_jax(path, rows, length, steps):
@@ -83,16 +108,17 @@ def run_jax(path, rows, length, steps):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     from tspo_jax import hf_io, learner
 
-    config, params = hf_io.load_hf(path, jnp.float32)
+    mesh = learner.make_mesh(-1, 1)
+    config = hf_io.read_config(path, jnp.float32)
+    _, params = hf_io.load_hf(path, jnp.float32, sharding=learner.param_shardings(config, mesh))
     tokens, loss_mask, adv, old_logp = make_batch(rows, length, config.vocab_size)
     shape = lambda x: jnp.asarray(x).reshape(1, rows, 1, length)  # [M, B, G, T]
     batch = learner.UpdateBatch(
         shape(tokens), shape(jnp.ones_like(tokens, bool)), shape(loss_mask), shape(adv),
         shape(old_logp), None,
     )  # fmt: skip
-    mesh = learner.make_mesh(-1, 1)
     optimizer = optax.adamw(1e-6)
-    state = learner.TrainState(params, optimizer.init(params), jnp.zeros((), jnp.int32))
+    state = learner.TrainState(params, jax.jit(optimizer.init)(params), jnp.zeros((), jnp.int32))
     settings = learner.LossSettings(clip_low=CLIP, clip_high=CLIP)
     kw = dict(config=config, mesh=mesh, optimizer=optimizer, settings=settings, chunk=128)
     times = []
@@ -102,6 +128,8 @@ def run_jax(path, rows, length, steps):
         jax.block_until_ready(state.params)
         if i:
             times.append(time.perf_counter() - t0)
+        else:
+            reset_peak_memory()
     return times, float(metrics["loss"])
 
 
@@ -133,6 +161,8 @@ def run_torch(path, rows, length, steps):
             torch.cuda.synchronize()
         if i:
             times.append(time.perf_counter() - t0)
+        else:
+            reset_peak_memory()
     return times, float(loss)
 
 
@@ -148,7 +178,9 @@ def main():
     if args.side:  # a child process: one side, JSON on the last line
         run = run_jax if args.side == "jax" else run_torch
         times, loss = run(args.checkpoint, args.rows, args.length, args.steps)
-        print(json.dumps({"times": times, "loss": loss, "peak_mb": peak_memory_mb(args.side)}))
+        peak = peak_memory_mb(args.side)
+        growth = peak - RESIDENT_AT_RESET[0] if RESIDENT_AT_RESET[0] else float("nan")
+        print(json.dumps({"times": times, "loss": loss, "peak_mb": peak, "growth_mb": growth}))
         return
     with tempfile.TemporaryDirectory() as tmp:
         make_checkpoint(args.config, tmp)
@@ -164,7 +196,8 @@ def main():
         name = "tspo_jax" if side == "jax" else "transformers + PPO-clip"
         print(
             f"{name:>24}: {statistics.median(r['times']):.3f} s/step (median of {args.steps}), "
-            f"peak memory {r['peak_mb']:.0f} MB, loss {r['loss']:.4f}"
+            f"peak memory {r['peak_mb']:.0f} MB (+{r['growth_mb']:.0f} MB over the resident "
+            f"memory before the timed steps), loss {r['loss']:.4f}"
         )
     t_torch = statistics.median(results["torch"]["times"])
     t_jax = statistics.median(results["jax"]["times"])

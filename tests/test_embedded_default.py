@@ -114,16 +114,17 @@ def test_warm_start_loads_and_follows_the_tag_protocol(default_run):
     _, _, tokenizer = rollout.load_policy(cfg.model)
     assert model_config.vocab_size == len(tokenizer)
     examples = data.load_examples(cfg.eval_data)
-    summary, trajectories = rollout.evaluate(
-        params,
-        model_config,
-        tokenizer,
-        retrieval.BM25Retriever(cfg.corpus),
-        examples,
+    greedy = functools.partial(
+        rollout.evaluate,
+        model_config=model_config,
+        tokenizer=tokenizer,
+        retriever=retrieval.BM25Retriever(cfg.corpus),
+        examples=examples,
         cfg=dataclasses.replace(cfg.rollout, greedy=True),
         batch_size=len(examples),
         progress=False,
     )
+    summary, trajectories = greedy(params)
     # Most trajectories search first, with a query "<name> <relation>", then answer.
     assert summary["invalid_rate"] <= 0.1 and summary["answer_rate"] >= 0.9
     first = [t.turns[0].action for t in trajectories]
@@ -132,14 +133,5 @@ def test_warm_start_loads_and_follows_the_tag_protocol(default_run):
     queries = [a.content.split() for a in first if a.kind == "search"]
     assert np.mean([len(q) == 2 and q[1] in relations for q in queries]) >= 0.8
     # A random policy of the same shape does none of this.
-    summary, _ = rollout.evaluate(
-        qwen.init_params(model_config, jax.random.key(0)),
-        model_config,
-        tokenizer,
-        retrieval.BM25Retriever(cfg.corpus),
-        examples,
-        cfg=dataclasses.replace(cfg.rollout, greedy=True),
-        batch_size=len(examples),
-        progress=False,
-    )
+    summary, _ = greedy(qwen.init_params(model_config, jax.random.key(0)))
     assert summary["answer_rate"] < 0.5

@@ -13,7 +13,7 @@ import pytest
 from safetensors.numpy import load_file
 
 import train
-from tspo_jax import data
+from tspo_jax import cli, data
 
 ROOT = Path(__file__).resolve().parents[1]
 # Gold answers that the briefly warm-started test policy often writes and retrieves (relation
@@ -199,3 +199,20 @@ def test_two_processes_match_one(small_world, small_policy, questions, tmp_path)
     )
     for name in a:
         np.testing.assert_allclose(b[name], a[name], rtol=1e-4, atol=1e-6, err_msg=name)
+
+
+def test_bad_input_gets_a_clear_message(small_world, small_policy, questions, tmp_path, capsys):
+    """Bad inputs stop train.py's command line with one line naming the input, before work."""
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n")
+    cases = [
+        (["--model", str(tmp_path / "no_model")], "no_model"),
+        (["--data", str(empty)], "empty.jsonl"),
+        (["--prompts-per-step", "4", "--mini-batch", "4"], "divide evenly over the 8 devices"),
+    ]
+    for extra, needle in cases:
+        with pytest.raises(SystemExit) as exit_info:
+            cli.run(train.main, args(small_world, small_policy, questions, tmp_path / "o", *extra))
+        assert exit_info.value.code == 2
+        err = capsys.readouterr().err
+        assert "error:" in err and needle in err and "Traceback" not in err, err

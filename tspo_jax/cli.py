@@ -10,8 +10,11 @@ error naming the option.
 import argparse
 import dataclasses
 import json
+import os
+import sys
 import types
 import typing
+from pathlib import Path
 
 
 def option(default, help, *, choices=None):
@@ -114,3 +117,26 @@ def describe(config):
     flat = flatten(to_dict(config))
     width = max(len(k) for k in flat)
     return "\n".join(f"  {k:<{width}} {json.dumps(v)}" for k, v in flat.items())
+
+
+# Errors that name a bad input (a missing folder, an empty file, a server that is down, a loss
+# that stayed non-finite): a command line shows their message, not a traceback.
+INPUT_ERRORS = (
+    ValueError,
+    FileNotFoundError,
+    NotADirectoryError,
+    ConnectionError,
+    FloatingPointError,
+)
+
+
+def run(main, argv=None):
+    """Runs a command's ``main``: an input error prints ``<prog>: error: <message>`` and exits
+    with status 2 (set TSPO_JAX_TRACEBACK=1 to see the traceback)."""
+    try:
+        return main(argv)
+    except INPUT_ERRORS as e:
+        if os.environ.get("TSPO_JAX_TRACEBACK"):
+            raise
+        print(f"{Path(sys.argv[0]).name}: error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None

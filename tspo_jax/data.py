@@ -36,7 +36,7 @@ def load_examples(path: str | os.PathLike) -> list[Example]:
     if path.suffix == ".parquet":
         rows = _parquet_rows(path)
     elif path.suffix == ".jsonl":
-        rows = _jsonl_rows(path)
+        rows = jsonl_rows(path)
     else:
         raise ValueError(f"{path}: expected a .parquet or .jsonl file")
     examples = [_example(row, where, position) for position, (where, row) in enumerate(rows)]
@@ -54,7 +54,8 @@ def _parquet_rows(path: Path) -> Iterator[tuple[str, Any]]:
         yield f"{path}, row {i}", row
 
 
-def _jsonl_rows(path: Path) -> Iterator[tuple[str, Any]]:
+def jsonl_rows(path: str | os.PathLike) -> Iterator[tuple[str, Any]]:
+    """(where, parsed JSON) per non-blank line; where is "<path>, line N" for error messages."""
     with open(path, encoding="utf-8") as f:
         for line_no, line in enumerate(f, start=1):
             if not line.strip():

@@ -13,6 +13,7 @@ in query order, best first, at most k passages each.
 
 import http.client
 import json
+import logging
 import os
 import re
 import shutil
@@ -26,6 +27,7 @@ from typing import NamedTuple, Protocol
 
 import numpy as np
 
+from tspo_jax.data import jsonl_rows
 from tspo_jax.protocol import split_title
 
 _WORD_RE = re.compile(r"\w+")
@@ -33,9 +35,11 @@ _WORD_RE = re.compile(r"\w+")
 
 def _bm25s():
     """bm25s, imported on first use: importing it starts JAX's backend (it probes for jax), which
-    must wait for jax.distributed.initialize() in multi-process runs."""
+    must wait for jax.distributed.initialize() in multi-process runs. Its logger is set to
+    DEBUG on import and announces every index it builds: quieted to warnings."""
     import bm25s
 
+    logging.getLogger("bm25s").setLevel(logging.WARNING)
     return bm25s
 
 
@@ -67,17 +71,7 @@ def _passage(doc: object, score: float, where: str) -> Passage:
 
 def load_corpus(path: str | os.PathLike) -> list[Passage]:
     """Reads a Search-R1 JSONL corpus (blank lines skipped); score is 0.0."""
-    passages = []
-    with open(path, encoding="utf-8") as f:
-        for line_no, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            where = f"{path}, line {line_no}"
-            try:
-                doc = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{where}: not valid JSON ({e.msg})") from None
-            passages.append(_passage(doc, 0.0, where))
+    passages = [_passage(doc, 0.0, where) for where, doc in jsonl_rows(path)]
     if not passages:
         raise ValueError(f"{path}: the corpus has no passages")
     return passages

@@ -8,7 +8,7 @@ the entity it is about, so predicting an observation is mostly copying names fro
 the skill the policy needs to search and answer with names it has never seen. (The policy never
 writes an observation in a rollout: the host appends it after ``</search>``.)
 
-``warm_start`` builds the toy world's policy: a small random Qwen2, one pass of SFT over
+``warm_start`` builds the toy world's policy: a small random Qwen2, two passes of SFT over
 ``toyworld``'s demonstrations (each from a demo world of its own names, so copying is the only
 way to lower the loss), saved as a Hugging Face folder, so that training starts from exactly the
 code path of a real Qwen2.5 checkpoint. It is cached by a fingerprint of its settings and of the
@@ -50,9 +50,9 @@ class WarmStartConfig:
     num_heads: int = option(4, "query heads")
     num_kv_heads: int = option(2, "key/value heads")
     intermediate_size: int = option(256, "SwiGLU hidden width")
-    epochs: int = option(1, "passes over the demonstrations")
+    epochs: int = option(2, "passes over the demonstrations")
     batch_size: int = option(16, "demonstrations per update")
-    lr: float = option(5e-4, "peak AdamW learning rate (cosine decay after 30 warm-up updates)")
+    lr: float = option(1e-3, "peak AdamW learning rate (cosine decay after 30 warm-up updates)")
     observation_weight: float = option(0.0, "loss weight of observation tokens (0: turns only)")
     seed: int = option(0, "initialization and shuffling seed")
 

@@ -99,7 +99,6 @@ numbers for the world built.
 import dataclasses
 import hashlib
 import json
-import logging
 import os
 import random
 import re
@@ -897,10 +896,7 @@ def build(out_dir: str | os.PathLike, cfg: ToyWorldConfig = ToyWorldConfig()) ->
     tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.tmp-", dir=root.parent))
     os.chmod(tmp, 0o755)  # mkdtemp makes it private
     stale = None
-    bm25s_log = logging.getLogger("bm25s")  # bm25s logs every index it builds at DEBUG level
-    level = bm25s_log.level
     try:
-        bm25s_log.setLevel(logging.WARNING)
         _write_world(tmp, cfg, key)
         if root.exists():  # a world of other settings: moved aside, then removed
             stale = Path(tempfile.mkdtemp(prefix=f".{root.name}.old-", dir=root.parent))
@@ -911,7 +907,6 @@ def build(out_dir: str | os.PathLike, cfg: ToyWorldConfig = ToyWorldConfig()) ->
             if not _is_built(paths, key):
                 raise
     finally:
-        bm25s_log.setLevel(level)
         shutil.rmtree(tmp, ignore_errors=True)
         if stale is not None:
             shutil.rmtree(stale, ignore_errors=True)
