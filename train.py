@@ -175,13 +175,14 @@ def step_prompts(examples, step: int, cfg: Config):
     n, B, P = len(examples), cfg.prompts_per_step, jax.process_count()
     micro = cfg.micro_batch or cfg.mini_batch
     share = micro // P
-    picked, positions = [], []
+    picked, positions, orders = [], [], {}
     for m in range(B // micro):
         first = step * B + m * micro + jax.process_index() * share
         for i in range(first, first + share):
             epoch, pos = divmod(i, n)
-            order = np.random.default_rng([cfg.seed, epoch]).permutation(n)
-            picked.append(examples[order[pos]])
+            if epoch not in orders:
+                orders[epoch] = np.random.default_rng([cfg.seed, epoch]).permutation(n)
+            picked.append(examples[orders[epoch][pos]])
             positions.append(i)
     return picked, positions
 

@@ -341,35 +341,18 @@ def test_stop_strings_end_rows_independently(qwen_tok):
         for p in ("Question: Alpha", "Q: Beta", "Q: Gamma", "Q: Delta", "Question: x Alpha")
     ]
     active = [True, True, True, True, False]
+
+    def prefilled():  # the cache after the prompts; a fresh one per call (the state is donated)
+        state = sp.init_state(config, 5, 64)
+        return sp.append(params, config, state, *sp.pad_chunk(prompts, buckets=(16,), left=True))
+
+    turn_args = dict(max_new_tokens=10, active_B=active, stop_table=table, greedy=True)
     # Inside the loop: row 0 stops on the split stop string, row 2's merged one is not seen.
-    state = sp.init_state(config, 5, 64)
-    state = sp.append(params, config, state, *sp.pad_chunk(prompts, buckets=(16,), left=True))
-    _, gen = sp.generate(
-        params,
-        config,
-        state,
-        jax.random.key(0),
-        max_new_tokens=10,
-        active_B=active,
-        stop_table=table,
-        greedy=True,
-    )
+    _, gen = sp.generate(params, config, prefilled(), jax.random.key(0), **turn_args)
     assert gen.stop_B.tolist() == [sp.STOP_STRING, sp.EOS, sp.LENGTH, sp.LENGTH, sp.INACTIVE]
     assert gen.length_B.tolist() == [7, 3, 10, 10, 0]
     # sample_turn also cuts row 2 on the host, and rewinds its cache.
-    state = sp.init_state(config, 5, 64)
-    state = sp.append(params, config, state, *sp.pad_chunk(prompts, buckets=(16,), left=True))
-    state, turn = sp.sample_turn(
-        params,
-        config,
-        state,
-        jax.random.key(0),
-        tok,
-        max_new_tokens=10,
-        active_B=active,
-        stop_table=table,
-        greedy=True,
-    )
+    state, turn = sp.sample_turn(params, config, prefilled(), jax.random.key(0), tok, **turn_args)
     assert [t.stop for t in turn] == ["stop", "eos", "stop", "length", "inactive"]
     assert [t.stop_string for t in turn] == ["</search>", None, "</answer>", None, None]
     assert turn[0].text == "<search> who </search>"
