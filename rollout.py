@@ -39,8 +39,6 @@ from tspo_jax import cli, data, hf_io, protocol, retrieval, sampling
 from tspo_jax.cli import option
 
 FORCED_ANSWER_PREFIX = "<answer>"
-# Cache slots an observation may take beyond max_obs_tokens (the corrective message, tags).
-OBSERVATION_SLACK = 32
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -128,9 +126,11 @@ class KVCachePolicy:
     (tests) can stand in for it.
 
     The cache is shared by the rows with one write cursor (tspo_jax/sampling.py), so each
-    append or turn takes the slots of its longest row; it is sized for the worst case of
-    ``cfg`` (every turn sampling max_new_tokens and bringing a full observation), while the
-    turn loop holds each row to ``max_context`` real tokens.
+    append or turn takes the slots of its longest row. It starts sized for the prompts and
+    grows by buckets as turns and observations arrive (``sampling.grow``): every decode step
+    attends over the whole cache, so a cache sized for the worst case of ``cfg`` up front would
+    make the early turns pay for slots they do not use. The turn loop holds each row to
+    ``max_context`` real tokens.
     """
 
     def __init__(self, params, model_config, tokenizer, cfg: RolloutConfig):
@@ -144,21 +144,23 @@ class KVCachePolicy:
 
     def start(self, prompts: Sequence[list[int]]) -> None:
         """Prefills the (left-padded) prompts into a fresh cache."""
-        cfg, bucket = self.cfg, sampling.bucket_length
-        turn_slots = cfg.max_new_tokens + 2 + bucket(cfg.max_obs_tokens + OBSERVATION_SLACK)
-        slots = bucket(max(map(len, prompts))) + cfg.max_turns * turn_slots
-        self.state = sampling.init_state(self.model_config, len(prompts), slots)
+        first_turn = sampling.bucket_length(max(map(len, prompts))) + self.cfg.max_new_tokens + 1
+        self.state = sampling.init_state(
+            self.model_config, len(prompts), sampling.bucket_length(first_turn)
+        )
         self.extend(prompts, left=True)
 
     def extend(self, rows: Sequence[list[int]], *, left: bool = False) -> None:
         """Appends each row's tokens (an observation, a forced prefix; none for some rows)."""
         tokens_BC, mask_BC = sampling.pad_chunk(rows, left=left, pad_id=self.pad_id)
+        self.state = sampling.grow(self.state, tokens_BC.shape[1])
         self.state = sampling.append(self.params, self.model_config, self.state, tokens_BC, mask_BC)
 
     def sample(self, key, live, stop_strings, max_new_tokens) -> list[sampling.TurnSample]:
         """One turn for the live rows, each until a stop string, EOS or max_new_tokens."""
         if stop_strings not in self._stop_tables:
             self._stop_tables[stop_strings] = sampling.make_stop_table(self.tokenizer, stop_strings)
+        self.state = sampling.grow(self.state, max_new_tokens + 1)
         self.state, samples = sampling.sample_turn(
             self.params,
             self.model_config,

@@ -402,7 +402,7 @@ def setup(cfg: Config) -> tuple[Run, learner.TrainState, int]:
         b1=cfg.adam_b1,
         b2=cfg.adam_b2,
     )
-    state = learner.TrainState(params, jax.jit(optimizer.init)(params), jnp.zeros((), jnp.int32))
+    state = learner.init_state(params, model_config, mesh, optimizer)
     manager = checkpoint_manager(cfg)
     start = 0
     if cfg.resume:
@@ -516,18 +516,14 @@ def learn(run: Run, state: learner.TrainState, batch: rollout.Batch, adv_BGK, co
             )
             shape = update_batch.tokens_MBGT.shape
             if shape not in compiled:
-                compiled[shape] = (
-                    learner.jitted_update()
-                    .lower(
-                        state,
-                        update_batch,
-                        mesh=run.mesh,
-                        optimizer=run.optimizer,
-                        settings=run.settings,
-                        **static,
-                    )
-                    .compile()
-                )
+                compiled[shape] = learner.update.lower(
+                    state,
+                    update_batch,
+                    mesh=run.mesh,
+                    optimizer=run.optimizer,
+                    settings=run.settings,
+                    **static,
+                ).compile()
                 if run.lead and len(compiled) == 1:
                     report = memory_report(state, run.ref_params, compiled[shape])
                     print("memory per device:\n" + report, flush=True)

@@ -118,7 +118,7 @@ def run_jax(path, rows, length, steps):
         shape(old_logp), None,
     )  # fmt: skip
     optimizer = optax.adamw(1e-6)
-    state = learner.TrainState(params, jax.jit(optimizer.init)(params), jnp.zeros((), jnp.int32))
+    state = learner.init_state(params, config, mesh, optimizer)
     settings = learner.LossSettings(clip_low=CLIP, clip_high=CLIP)
     kw = dict(config=config, mesh=mesh, optimizer=optimizer, settings=settings, chunk=128)
     times = []

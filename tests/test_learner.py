@@ -137,6 +137,9 @@ def test_non_finite_update_is_skipped(params):
     assert float(metrics["skipped"]) == 1 and int(state.step) == 0
     for a, p in zip(jax.tree.leaves(state.params), jax.tree.leaves(params), strict=True):
         np.testing.assert_array_equal(a, p)
+    fresh = jax.tree.leaves(opt.init(params))
+    for a, p in zip(jax.tree.leaves(state.opt_state), fresh, strict=True):
+        np.testing.assert_array_equal(a, p)  # moments and Adam's step count untouched
 
 
 def test_sharding_rules_leave_indivisible_dimensions_replicated():

@@ -94,6 +94,30 @@ def init_state(config: qwen.QwenConfig, batch: int, max_len: int, dtype=None) ->
     )
 
 
+@functools.partial(jax.jit, static_argnums=1)
+def _grow(state: DecodeState, slots: int) -> DecodeState:
+    pad = slots - state.valid_BS.shape[1]
+    kv = lambda x_BKSH: jnp.pad(x_BKSH, ((0, 0), (0, 0), (0, pad), (0, 0)))
+    return state._replace(
+        k_LBKSH=tuple(map(kv, state.k_LBKSH)),
+        v_LBKSH=tuple(map(kv, state.v_LBKSH)),
+        valid_BS=jnp.pad(state.valid_BS, ((0, 0), (0, pad))),
+    )
+
+
+def grow(state: DecodeState, needed: int) -> DecodeState:
+    """The state with room for ``needed`` more slots after the cursor: unchanged when it has
+    them, else copied into a cache of bucket_length(cursor + needed) slots.
+
+    Every decode step attends over all S slots of the cache, used or not, so a cache that
+    starts small and grows by buckets decodes faster than one sized for the worst case.
+    """
+    total = int(state.cursor) + needed
+    if total <= state.valid_BS.shape[1]:
+        return state
+    return _grow(state, bucket_length(total))
+
+
 def _append(params, config: qwen.QwenConfig, state: DecodeState, tokens_BC, mask_BC):
     """Writes C tokens per row at the cursor and updates each row's next-token logits."""
     C = tokens_BC.shape[1]
