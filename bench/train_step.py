@@ -66,18 +66,16 @@ def _status_mb(field):
         return next(int(line.split()[1]) for line in f if line.startswith(field)) / 1024
 
 
-RESIDENT_AT_RESET = [0.0]
-
-
 def reset_peak_memory():
     """Restarts the process's peak resident memory (Linux: VmHWM) after the warm-up step, so
-    compilation and start-up are not counted: the peak is that of the training steps."""
+    compilation and start-up are not counted: the peak is that of the training steps. Returns
+    the resident memory at the reset in MB (NaN where /proc cannot reset it)."""
     try:
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")
-        RESIDENT_AT_RESET[0] = _status_mb("VmRSS")
+        return _status_mb("VmRSS")
     except OSError:
-        pass
+        return float("nan")
 
 
 def peak_memory_mb(side):
@@ -129,8 +127,8 @@ def run_jax(path, rows, length, steps):
         if i:
             times.append(time.perf_counter() - t0)
         else:
-            reset_peak_memory()
-    return times, float(metrics["loss"])
+            resident = reset_peak_memory()
+    return times, float(metrics["loss"]), resident
 
 
 def run_torch(path, rows, length, steps):
@@ -162,8 +160,8 @@ def run_torch(path, rows, length, steps):
         if i:
             times.append(time.perf_counter() - t0)
         else:
-            reset_peak_memory()
-    return times, float(loss)
+            resident = reset_peak_memory()
+    return times, float(loss), resident
 
 
 def main():
@@ -177,9 +175,9 @@ def main():
     args = parser.parse_args()
     if args.side:  # a child process: one side, JSON on the last line
         run = run_jax if args.side == "jax" else run_torch
-        times, loss = run(args.checkpoint, args.rows, args.length, args.steps)
+        times, loss, resident = run(args.checkpoint, args.rows, args.length, args.steps)
         peak = peak_memory_mb(args.side)
-        growth = peak - RESIDENT_AT_RESET[0] if RESIDENT_AT_RESET[0] else float("nan")
+        growth = peak - resident
         print(json.dumps({"times": times, "loss": loss, "peak_mb": peak, "growth_mb": growth}))
         return
     with tempfile.TemporaryDirectory() as tmp:
