@@ -33,9 +33,11 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 from tqdm import tqdm
 
-from tspo_jax import cli, data, hf_io, protocol, retrieval, sampling
+from tspo_jax import cli, data, hf_io, protocol, qwen, retrieval, sampling
 from tspo_jax.cli import option
 
 FORCED_ANSWER_PREFIX = "<answer>"
@@ -125,42 +127,77 @@ class KVCachePolicy:
     context (bench/rollout.py re-prefills every turn, as Search-R1 does) or a scripted policy
     (tests) can stand in for it.
 
-    The cache is shared by the rows with one write cursor (tspo_jax/sampling.py), so each
-    append or turn takes the slots of its longest row. It starts sized for the prompts and
-    grows by buckets as turns and observations arrive (``sampling.grow``): every decode step
-    attends over the whole cache, so a cache sized for the worst case of ``cfg`` up front would
-    make the early turns pay for slots they do not use. The turn loop holds each row to
-    ``max_context`` real tokens.
+    ``mesh``: the devices the rows are split over (``rollout_mesh``; None: the default device).
+    ``params`` must then be replicated on it (train.sampling_params). A batch of fewer than
+    ``batch_rows`` rows, or whose rows do not divide evenly over the devices, is padded with
+    empty rows that never sample (so a last, smaller wave compiles nothing new). The cache
+    starts sized for the prompts' first turn and grows by buckets (``sampling.grow``), never
+    past ``max_context`` slots: every decode step attends over the whole cache, so a cache
+    sized for the worst case up front would make the early turns pay for slots they do not use.
     """
 
-    def __init__(self, params, model_config, tokenizer, cfg: RolloutConfig):
+    def __init__(
+        self,
+        params,
+        model_config,
+        tokenizer,
+        cfg: RolloutConfig,
+        *,
+        mesh=None,
+        attention_bytes=0,
+        batch_rows=1,
+    ):
         self.params, self.model_config, self.cfg = params, model_config, cfg
         self.tokenizer = tokenizer
         eos = set(model_config.eos_token_ids) | {tokenizer.eos_token_id}
         self.eos_ids = tuple(sorted(eos - {None}))
         self.pad_id = tokenizer.pad_token_id or 0
-        self.state = None
+        self.devices = 1 if mesh is None else mesh.size
+        self.batch_rows = -(-batch_rows // self.devices) * self.devices
+        rows = None if mesh is None else NamedSharding(mesh, P(mesh.axis_names))
+        self.options = qwen.ForwardOptions(batch_sharding=rows, attention_bytes=attention_bytes)
+        self.state, self.rows = None, 0
         self._stop_tables = {}
 
+    def _pad(self, rows: Sequence) -> list:
+        """rows, then empty rows up to the padded batch (a multiple of the devices)."""
+        return [*rows, *[[]] * (self._padded(len(rows)) - len(rows))]
+
+    def _padded(self, n: int) -> int:
+        return max(self.batch_rows, -(-n // self.devices) * self.devices)
+
     def start(self, prompts: Sequence[list[int]]) -> None:
-        """Prefills the (left-padded) prompts into a fresh cache."""
-        first_turn = sampling.bucket_length(max(map(len, prompts))) + self.cfg.max_new_tokens + 1
+        """Prefills the prompts into a fresh cache (the previous one is freed first)."""
+        self.state, self.rows = None, len(prompts)
+        first_turn = max(map(len, prompts)) + self.cfg.max_new_tokens
+        slots = min(sampling.bucket_length(first_turn), self.cfg.max_context)
         self.state = sampling.init_state(
-            self.model_config, len(prompts), sampling.bucket_length(first_turn)
+            self.model_config,
+            len(self._pad(prompts)),
+            max(slots, max(map(len, prompts))),
+            sharding=self.options.batch_sharding,
         )
-        self.extend(prompts, left=True)
+        self.extend(prompts)
 
-    def extend(self, rows: Sequence[list[int]], *, left: bool = False) -> None:
+    def extend(self, rows: Sequence[list[int]]) -> None:
         """Appends each row's tokens (an observation, a forced prefix; none for some rows)."""
-        tokens_BC, mask_BC = sampling.pad_chunk(rows, left=left, pad_id=self.pad_id)
-        self.state = sampling.grow(self.state, tokens_BC.shape[1])
-        self.state = sampling.append(self.params, self.model_config, self.state, tokens_BC, mask_BC)
+        tokens_BC, n_B = sampling.pad_chunk(self._pad(rows), pad_id=self.pad_id)
+        self.state = sampling.grow(self.state, n_B, limit=self.cfg.max_context)
+        self.state = sampling.append(
+            self.params, self.model_config, self.state, tokens_BC, n_B, self.options
+        )
 
-    def sample(self, key, live, stop_strings, max_new_tokens) -> list[sampling.TurnSample]:
-        """One turn for the live rows, each until a stop string, EOS or max_new_tokens."""
+    def sample(self, key, live, stop_strings, max_new_tokens, limit_B) -> list:
+        """One turn for the live rows, each until a stop string, EOS, max_new_tokens or its
+        own limit_B[b] (what is left of its context)."""
         if stop_strings not in self._stop_tables:
             self._stop_tables[stop_strings] = sampling.make_stop_table(self.tokenizer, stop_strings)
-        self.state = sampling.grow(self.state, max_new_tokens + 1)
+        live, limit_B = np.asarray(live, bool), np.minimum(limit_B, max_new_tokens)
+        pad = self._padded(len(live)) - len(live)
+        live, limit_B = np.pad(live, (0, pad)), np.pad(np.where(live, limit_B, 0), (0, pad))
+        if pad and key.ndim == 1:
+            key = jnp.concatenate([key, jnp.stack([key[0]] * pad)])
+        self.state = sampling.grow(self.state, limit_B, limit=self.cfg.max_context)
         self.state, samples = sampling.sample_turn(
             self.params,
             self.model_config,
@@ -169,6 +206,7 @@ class KVCachePolicy:
             self.tokenizer,
             max_new_tokens=max_new_tokens,
             active_B=live,
+            limit_B=limit_B,
             stop_strings=stop_strings,
             stop_table=self._stop_tables[stop_strings],
             eos_ids=self.eos_ids,
@@ -176,8 +214,16 @@ class KVCachePolicy:
             top_p=self.cfg.top_p,
             top_k=self.cfg.top_k,
             greedy=self.cfg.greedy,
+            options=self.options,
         )
-        return samples
+        return samples[: self.rows]
+
+
+def rollout_mesh(devices=None) -> Mesh:
+    """A one-axis mesh over this process's devices (``jax.local_devices()`` by default): the
+    rows of a rollout wave are split over it."""
+    devices = jax.local_devices() if devices is None else devices
+    return Mesh(np.asarray(devices), ("rows",))
 
 
 def rollout(
@@ -190,21 +236,47 @@ def rollout(
     key: jax.Array,
     cfg: RolloutConfig,
     example_ids: Sequence[int] | None = None,
+    wave_rows: int | None = None,
 ) -> tuple[list[Trajectory], Timing]:
     """Runs every example ``group_size`` times through the turn loop (see the module docstring).
 
-    Sample g of example i draws its tokens from the key fold_in(fold_in(key, example_ids[i]),
-    g), so a trajectory does not depend on which other rows share the batch: processes that
-    each roll out a share of the prompts sample what one process would. example_ids defaults
-    to 0 .. len(examples) - 1.
+    The rows go through the loop in waves of at most ``wave_rows`` rows (whole groups; default:
+    all rows in one wave), one after the other, so memory is bounded by the wave. Sample g of
+    example i draws its tokens from the key fold_in(fold_in(key, example_ids[i]), g), and a
+    row's cache holds only its own tokens, so a trajectory depends neither on which other rows
+    share its wave nor on the number of devices: processes that each roll out a share of the
+    prompts sample what one process would. example_ids defaults to 0 .. len(examples) - 1.
 
     Returns the trajectories in (example, sample) order and where the time went.
     """
-    rows = [ex for ex in examples for _ in range(group_size)]
-    N = len(rows)
     ids = range(len(examples)) if example_ids is None else example_ids
     if len(ids) != len(examples):
         raise ValueError(f"{len(ids)} example_ids for {len(examples)} examples")
+    wave_rows = wave_rows or len(examples) * group_size
+    if wave_rows % group_size:
+        raise ValueError(f"a wave of {wave_rows} rows is not whole groups of {group_size}")
+    per_wave = wave_rows // group_size
+    trajectories, timings = [], []
+    for i in range(0, len(examples), per_wave):
+        trajs, timing = _wave(
+            policy,
+            tokenizer,
+            retriever,
+            examples[i : i + per_wave],
+            ids[i : i + per_wave],
+            group_size=group_size,
+            key=key,
+            cfg=cfg,
+        )
+        trajectories += trajs
+        timings.append(timing)
+    return trajectories, Timing(*(sum(t) for t in zip(*timings, strict=True)))
+
+
+def _wave(policy, tokenizer, retriever, examples, ids, *, group_size, key, cfg):
+    """The turn loop over one wave of rows (rollout's docstring)."""
+    rows = [ex for ex in examples for _ in range(group_size)]
+    N = len(rows)
     row_keys = jax.vmap(lambda i, g: jax.random.fold_in(jax.random.fold_in(key, i), g))(
         np.repeat(np.asarray(ids, np.uint32), group_size),
         np.tile(np.arange(group_size, dtype=np.uint32), len(ids)),
@@ -240,6 +312,7 @@ def rollout(
             live,
             ("</answer>",) if prefix else ("</search>", "</answer>"),
             cfg.max_new_tokens,
+            cfg.max_context - length,
         )
         head = FORCED_ANSWER_PREFIX if prefix else ""
         for b in np.flatnonzero(live):  # hold each row to max_context real tokens
@@ -439,30 +512,39 @@ def evaluate(
     batch_size=64,
     key=None,
     progress=True,
+    mesh=None,
+    attention_bytes=0,
 ):
     """One trajectory per example (greedy unless cfg samples) -> (summary, trajectories).
 
-    Examples run in batches of ``batch_size``; the last batch is padded with repeats so that
-    every batch has the same shape (one compilation).
+    Examples run in waves of ``batch_size`` rows, split over ``mesh`` (see KVCachePolicy).
     """
     key = jax.random.key(0) if key is None else key
-    batch_size = min(batch_size, len(examples))
+    policy = KVCachePolicy(
+        params,
+        model_config,
+        tokenizer,
+        cfg,
+        mesh=mesh,
+        attention_bytes=attention_bytes,
+        batch_rows=batch_size,
+    )
     trajectories = []
     with tqdm(total=len(examples), desc="eval", disable=not progress, file=sys.stderr) as bar:
         for i in range(0, len(examples), batch_size):
             chunk = list(examples[i : i + batch_size])
-            chunk += [chunk[-1]] * (batch_size - len(chunk))
             trajs, _ = rollout(
-                KVCachePolicy(params, model_config, tokenizer, cfg),
+                policy,
                 tokenizer,
                 retriever,
                 chunk,
                 group_size=1,
-                key=jax.random.fold_in(key, i),
+                key=key,
                 cfg=cfg,
+                example_ids=range(i, i + len(chunk)),
             )
-            trajectories += trajs[: min(batch_size, len(examples) - i)]
-            bar.update(min(batch_size, len(examples) - i))
+            trajectories += trajs
+            bar.update(len(chunk))
     return summarize(trajectories), trajectories
 
 
@@ -510,7 +592,10 @@ class EvalConfig:
 def main(argv=None):
     cfg = cli.parse(EvalConfig, argv)
     print("tspo_jax evaluation\n" + cli.describe(cfg), file=sys.stderr)
-    model_config, params, tokenizer = load_policy(cfg.model, getattr(jnp, cfg.dtype))
+    mesh = rollout_mesh()  # the rows of each batch split over this host's devices
+    model_config, params, tokenizer = load_policy(
+        cfg.model, getattr(jnp, cfg.dtype), sharding=NamedSharding(mesh, P())
+    )
     retriever = retrieval.make_retriever(corpus=cfg.corpus or None, url=cfg.retriever_url or None)
     examples = data.load_examples(cfg.data)
     if cfg.limit:
@@ -524,6 +609,7 @@ def main(argv=None):
         cfg=cfg.rollout,
         batch_size=cfg.batch_size,
         key=jax.random.key(cfg.seed),
+        mesh=mesh,
     )
     if cfg.out:
         with open(cfg.out, "w") as f:

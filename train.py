@@ -29,10 +29,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 from tqdm import tqdm
 
 import rollout
-from tspo_jax import cli, data, hf_io, learner, retrieval, sampling, tspo
+from tspo_jax import cli, data, hf_io, learner, plan, qwen, retrieval, sampling, tspo
 from tspo_jax.cli import option
 
 RolloutConfig = rollout.RolloutConfig
@@ -75,9 +77,17 @@ class Config:
     # Numerics and devices.
     param_dtype: str = option("float32", "master weights", choices=("float32", "bfloat16"))
     compute_dtype: str = option("float32", "activations", choices=("float32", "bfloat16"))
-    logprob_chunk: int = option(128, "positions per chunk of the log-softmax over the vocabulary")
+    remat: str = option("full", "per-layer rematerialization", choices=tuple(qwen.REMAT_POLICIES))
+    attention_mb: int = option(512, "MiB bound on one block of attention scores per device")
+    logits_mb: int = option(256, "MiB bound on one chunk of log-softmax logits per device")
     mesh_data: int = option(-1, "data-parallel mesh axis (-1: devices / mesh_fsdp)")
     mesh_fsdp: int = option(1, "parameter-sharding (ZeRO-3) mesh axis")
+    mesh_dcn_data: int = option(0, "slices the data axis spans (0: one per TPU slice)")
+    compile_cache: str = option("auto", "JAX compilation cache ('auto': <out-dir>/jax_cache)")
+    rollout_batch: int = option(0, "rows per rollout wave per process (0: the plan's largest)")
+    device_memory_gb: float = option(0.0, "GiB per device where the backend does not say")
+    plan_only: bool = option(False, "print the memory plan from config.json and exit")
+    plan_devices: int = option(0, "plan for a slice of N devices instead of those present")
     distributed: bool = option(False, "multi-host: call jax.distributed.initialize() first")
     coordinator: str = option("", "host:port of process 0 ('': auto-detect, TPU / SLURM / MPI)")
     num_processes: int = option(0, "processes in all, with --coordinator")
@@ -121,6 +131,22 @@ class Config:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1")
         if self.lr <= 0 or self.grad_clip <= 0:
             raise ValueError("--lr and --grad-clip must be positive")
+        if self.param_dtype == "bfloat16":
+            raise ValueError(
+                "--param-dtype bfloat16 would keep AdamW's moments and apply its updates in "
+                "bfloat16, where a step of lr 1e-6 on a weight of about 0.02 rounds to nothing "
+                "and the policy stops learning; keep float32 master weights (the default) and "
+                "set --compute-dtype bfloat16 for bfloat16 matmuls"
+            )
+        if self.attention_mb < 1 or self.logits_mb < 1:
+            raise ValueError("--attention-mb and --logits-mb must be >= 1")
+        if self.rollout_batch < 0 or self.plan_devices < 0 or self.device_memory_gb < 0:
+            raise ValueError("--rollout-batch, --plan-devices and --device-memory-gb must be >= 0")
+        if self.rollout_batch % self.group_size:
+            raise ValueError(
+                f"--rollout-batch {self.rollout_batch} must be whole groups: a multiple of "
+                f"--group-size {self.group_size}"
+            )
 
     @property
     def alpha(self) -> float:
@@ -151,6 +177,8 @@ TOYWORLD_PRESET = dict(
 RESUMABLE = {"steps", "resume", "eval_every", "eval_size", "eval_batch", "checkpoint_every"}
 RESUMABLE |= {"keep_checkpoints", "export_every", "log_samples", "max_bad_steps", "plot"}
 RESUMABLE |= {"distributed", "coordinator", "num_processes", "process_id", "out_dir"}
+# Trajectories do not depend on the wave size, nor the run on where it caches compilations.
+RESUMABLE |= {"rollout_batch", "device_memory_gb", "plan_only", "plan_devices", "compile_cache"}
 
 
 def parse_config(argv=None) -> Config:
@@ -218,18 +246,23 @@ def process_mean(values: dict) -> dict:
     return {**values, **dict(zip(keys, np.mean(stacked, axis=0).tolist(), strict=True))}
 
 
-def sampling_params(params):
-    """The policy's weights for this process's rollouts, on its first local device.
-
-    Rollouts run per process (retrieval sits between turns); with one process the sharded
-    params are gathered onto one device, with several each process gathers a full copy.
-    """
-    device = jax.local_devices()[0]
-    if jax.process_count() == 1:
-        return jax.device_put(params, device)
-    from jax.experimental import multihost_utils
-
-    return jax.device_put(multihost_utils.process_allgather(params, tiled=True), device)
+def sampling_params(params, model_config, mesh):
+    """The policy's weights for this process's rollouts: cast to the compute dtype, one array
+    per layer (qwen.unstack_layers), and a whole copy on every device of ``mesh`` (this
+    process's devices, rollout.rollout_mesh). The copies are gathered device to device from
+    the sharded train state, across processes too; nothing passes through the host."""
+    cast = lambda p: jax.tree.map(
+        lambda x: x.astype(model_config.compute_dtype), qwen.unstack_layers(p)
+    )
+    train_mesh = jax.tree.leaves(params)[0].sharding.mesh
+    whole = jax.jit(cast, out_shardings=NamedSharding(train_mesh, P()))(params)
+    local = NamedSharding(mesh, P())
+    return jax.tree.map(
+        lambda x: jax.make_array_from_single_device_arrays(
+            x.shape, local, [shard.data for shard in x.addressable_shards]
+        ),
+        whole,
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -282,29 +315,65 @@ def restore_checkpoint(manager, state: learner.TrainState, cfg: Config):
 # Reporting
 
 
-def tree_bytes_per_device(tree) -> int:
-    """Bytes one device holds of a pytree of (sharded) arrays."""
-    total = 0
-    for x in jax.tree.leaves(tree):
-        shard = x.sharding.shard_shape(x.shape)
-        total += int(np.prod(shard)) * x.dtype.itemsize
-    return total
+def device_capacity(cfg: Config) -> int:
+    """Bytes per device: what the backend reports (memory_stats' bytes_limit), else
+    --device-memory-gb (0: unknown, e.g. on CPU). --plan-devices plans for other devices."""
+    if not cfg.plan_devices:
+        stats = jax.local_devices()[0].memory_stats() or {}
+        if stats.get("bytes_limit"):
+            return int(stats["bytes_limit"])
+    return int(cfg.device_memory_gb * plan.GiB)
 
 
-def memory_report(state, ref_params, update_compiled) -> str:
-    gib = lambda b: f"{b / 2**30:.3f} GiB"
-    lines = [
-        f"  params          {gib(tree_bytes_per_device(state.params))} per device",
-        f"  optimizer state {gib(tree_bytes_per_device(state.opt_state))} per device",
-    ]
-    if ref_params is not None:
-        lines.append(f"  reference model {gib(tree_bytes_per_device(ref_params))} per device")
-    analysis = update_compiled.memory_analysis() if update_compiled is not None else None
-    if analysis is not None:
-        lines.append(
-            f"  update temporaries (activations, gradients) {gib(analysis.temp_size_in_bytes)}"
+def memory_plan(cfg: Config) -> plan.Plan:
+    """The run's memory plan (tspo_jax/plan.py), from config.json and the options alone, for
+    the devices present or, with --plan-devices, for a slice of that many (as many processes
+    as --num-processes says, else one). Raises ValueError("plan: ...") when nothing fits."""
+    devices = cfg.plan_devices or jax.device_count()
+    processes = (cfg.num_processes or 1) if cfg.plan_devices else jax.process_count()
+    local = devices // processes
+    fsdp = cfg.mesh_fsdp
+    data = devices // fsdp if cfg.mesh_data == -1 else cfg.mesh_data
+    if data < 1 or data * fsdp != devices:
+        raise ValueError(
+            f"mesh {data} x {fsdp} (--mesh-data x --mesh-fsdp) does not fit the {devices} "
+            f"device(s): their product must be {devices}"
         )
-    return "\n".join(lines)
+    micro = cfg.micro_batch or cfg.mini_batch
+    if micro % devices:
+        raise ValueError(
+            f"--micro-batch {micro} prompts must divide evenly over the {devices} devices "
+            "of the mesh (--mesh-data x --mesh-fsdp)"
+        )
+    if cfg.rollout_batch % local:
+        raise ValueError(
+            f"--rollout-batch {cfg.rollout_batch} must divide evenly over the {local} devices "
+            "of each process"
+        )
+    model_config = hf_io.read_config(cfg.model)
+    model_config = dataclasses.replace(model_config, dtype=cfg.compute_dtype)
+    memory = plan.make_plan(
+        model_config,
+        data=data,
+        fsdp=fsdp,
+        local_devices=local,
+        processes=processes,
+        capacity=device_capacity(cfg),
+        prompts_per_step=cfg.prompts_per_step,
+        micro_batch=micro,
+        group_size=cfg.group_size,
+        rollout_batch=cfg.rollout_batch,
+        max_context=cfg.rollout.max_context,
+        max_obs_tokens=cfg.rollout.max_obs_tokens,
+        kl=cfg.kl_coef > 0,
+        remat=cfg.remat,
+        attention_bytes=cfg.attention_mb << 20,
+        logits_bytes=cfg.logits_mb << 20,
+    )
+    problem = plan.check(memory)
+    if problem:
+        raise ValueError(f"plan: {problem}")
+    return memory
 
 
 # ---------------------------------------------------------------------------------------------
@@ -340,7 +409,10 @@ class Run(NamedTuple):
     cfg: Config
     lead: bool  # process 0: writes logs, metrics and exports
     out: Path
-    mesh: jax.sharding.Mesh
+    mesh: jax.sharding.Mesh  # the update's (data, fsdp) mesh over all devices
+    rollout_mesh: jax.sharding.Mesh  # this process's devices, over which rollout rows split
+    memory: plan.Plan  # the memory plan: rollout_batch, and the numbers printed at start
+    options: qwen.ForwardOptions  # how the update's forward pass runs (remat, shardings, blocks)
     model_config: Any  # qwen.QwenConfig, compute dtype included
     tokenizer: Any
     retriever: Any
@@ -353,11 +425,24 @@ class Run(NamedTuple):
     manager: ocp.CheckpointManager
 
 
+def plan_line(memory: plan.Plan) -> str:
+    """The last line of --plan-only."""
+    cap = f"{memory.capacity / plan.GiB:.1f} GiB" if memory.capacity else "an unknown capacity"
+    return (
+        f"plan: fits, peak {memory.peak / plan.GiB:.1f} GiB of {cap} per device, rollout-batch "
+        f"{memory.rollout_batch}, micro-batch {memory.micro_batch}"
+    )
+
+
 def setup(cfg: Config) -> tuple[Run, learner.TrainState, int]:
-    """Mesh, model, reference, optimizer, checkpoint (resumed or new), data and retriever."""
+    """Memory plan (before any weights), mesh, model, reference, optimizer, checkpoint
+    (resumed or new), data and retriever."""
     lead = jax.process_index() == 0
     if not cfg.model:
         cfg = embedded_default(cfg)
+    memory = memory_plan(cfg)
+    if cfg.plan_only:
+        return None, memory, 0
     if not cfg.data:
         raise ValueError("--data is required with --model (training questions)")
     if not (cfg.corpus or cfg.retriever_url):
@@ -366,23 +451,18 @@ def setup(cfg: Config) -> tuple[Run, learner.TrainState, int]:
     if lead:
         out.mkdir(parents=True, exist_ok=True)
         print(f"tspo_jax train: {jax.device_count()} {jax.devices()[0].platform} device(s)")
-        print(cli.describe(cfg), flush=True)
+        print(cli.describe(cfg))
+        print(memory.report(), flush=True)
         (out / "config.json").write_text(json.dumps(cli.to_dict(cfg), indent=1) + "\n")
-
-    mesh = learner.make_mesh(cfg.mesh_data, cfg.mesh_fsdp)
-    micro = cfg.micro_batch or cfg.mini_batch
-    batch_devices = mesh.shape["data"] * mesh.shape["fsdp"]
-    if micro % batch_devices:
-        raise ValueError(
-            f"--micro-batch {micro} prompts must divide evenly over the {batch_devices} devices "
-            "of the mesh (--mesh-data x --mesh-fsdp)"
-        )
-    param_dtype = getattr(jnp, cfg.param_dtype)
-    model_config = hf_io.read_config(cfg.model, param_dtype)
+    mesh = learner.make_mesh(
+        cfg.mesh_data, cfg.mesh_fsdp, dcn_data=cfg.mesh_dcn_data or learner.slice_count()
+    )
+    model_config = hf_io.read_config(cfg.model)
     model_config = dataclasses.replace(model_config, dtype=cfg.compute_dtype)
     _, params = hf_io.load_hf(
-        cfg.model, param_dtype, sharding=learner.param_shardings(model_config, mesh)
+        cfg.model, jnp.float32, sharding=learner.param_shardings(model_config, mesh, stacked=False)
     )
+    params = learner.train_params(params, model_config, mesh)
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(cfg.model)
@@ -429,6 +509,14 @@ def setup(cfg: Config) -> tuple[Run, learner.TrainState, int]:
         lead=lead,
         out=out,
         mesh=mesh,
+        rollout_mesh=rollout.rollout_mesh(),
+        memory=memory,
+        options=learner.forward_options(
+            mesh,
+            remat=cfg.remat,
+            attention_bytes=cfg.attention_mb << 20,
+            logits_bytes=cfg.logits_mb << 20,
+        ),
         model_config=model_config,
         tokenizer=tokenizer,
         retriever=retriever,
@@ -443,6 +531,19 @@ def setup(cfg: Config) -> tuple[Run, learner.TrainState, int]:
     return run, state, start
 
 
+def rollout_policy(run: Run, params, *, batch_rows: int) -> rollout.KVCachePolicy:
+    """The sampler over this process's devices, with the policy's current weights."""
+    return rollout.KVCachePolicy(
+        sampling_params(params, run.model_config, run.rollout_mesh),
+        run.model_config,
+        run.tokenizer,
+        run.cfg.rollout,
+        mesh=run.rollout_mesh,
+        attention_bytes=run.cfg.attention_mb << 20,
+        batch_rows=batch_rows,
+    )
+
+
 def collect(run: Run, state: learner.TrainState, step: int):
     """Rollouts of this process's prompts, packed, with Eq. F and Eq. A per group.
 
@@ -450,12 +551,10 @@ def collect(run: Run, state: learner.TrainState, step: int):
     advantages need no communication.
     """
     cfg = run.cfg
-    policy = rollout.KVCachePolicy(
-        sampling_params(state.params), run.model_config, run.tokenizer, cfg.rollout
-    )
+    wave = run.memory.rollout_batch
     prompts, positions = step_prompts(run.train_set, step, cfg)
     trajs, timing = rollout.rollout(
-        policy,
+        rollout_policy(run, state.params, batch_rows=wave),
         run.tokenizer,
         run.retriever,
         prompts,
@@ -463,6 +562,7 @@ def collect(run: Run, state: learner.TrainState, step: int):
         key=jax.random.key(cfg.seed),
         cfg=cfg.rollout,
         example_ids=positions,
+        wave_rows=wave,
     )
     longest = max(len(rollout.sequence(t)[0]) for t in trajs)
     T = agreed_length(sampling.bucket_length(longest))
@@ -496,7 +596,7 @@ def learn(run: Run, state: learner.TrainState, batch: rollout.Batch, adv_BGK, co
     tokens, mask, loss_mask, adv = map(
         to_device, (batch.tokens_BGT, batch.mask_BGT, batch.loss_mask_BGT, adv_BGT)
     )
-    static = dict(config=run.model_config, chunk=cfg.logprob_chunk)
+    static = dict(config=run.model_config, options=run.options)
     old_logp = learner.batch_logprobs(state.params, tokens, mask, **static)
     ref_logp = None
     if run.ref_params is not None:
@@ -524,9 +624,15 @@ def learn(run: Run, state: learner.TrainState, batch: rollout.Batch, adv_BGK, co
                     settings=run.settings,
                     **static,
                 ).compile()
-                if run.lead and len(compiled) == 1:
-                    report = memory_report(state, run.ref_params, compiled[shape])
-                    print("memory per device:\n" + report, flush=True)
+                analysis = compiled[shape].memory_analysis()
+                if run.lead and len(compiled) == 1 and analysis is not None:
+                    print(
+                        "update temporaries per device: XLA "
+                        f"{analysis.temp_size_in_bytes / plan.GiB:.2f} GiB at {shape[2]} tokens, "
+                        f"planned {run.memory.update / plan.GiB:.2f} GiB at "
+                        f"{cfg.rollout.max_context}",
+                        flush=True,
+                    )
             state, m = compiled[shape](state, update_batch)
             metrics.append(m)
     return state, metrics
@@ -547,7 +653,17 @@ def main(argv=None) -> dict:
     cfg = parse_config(argv)
     if cfg.distributed:
         initialize_distributed(cfg)
+    if cfg.compile_cache != "off" and not cfg.plan_only:
+        cache = cfg.compile_cache
+        jax.config.update(
+            "jax_compilation_cache_dir",
+            f"{cfg.out_dir.rstrip('/')}/jax_cache" if cache == "auto" else cache,
+        )
     run, state, start = setup(cfg)
+    if cfg.plan_only:
+        print(state.report())
+        print(plan_line(state))
+        return {"plan": state}
     cfg = run.cfg
     history, compiled, bad_in_a_row = [], {}, 0
     metrics_file = open(run.out / "metrics.jsonl", "a") if run.lead else None
@@ -650,12 +766,12 @@ def final_report(history: list[dict], out: Path, seconds: float) -> str:
 
 def evaluate(run: Run, params) -> dict:
     """Greedy held-out evaluation through rollout.py, by process 0 ("eval_*" metrics)."""
-    params = sampling_params(params)  # a collective with several processes: all take part
+    policy = rollout_policy(run, params, batch_rows=run.cfg.eval_batch)  # all processes
     if not run.lead:
         return {}
     eval_cfg = dataclasses.replace(run.cfg.rollout, greedy=True)
     summary, _ = rollout.evaluate(
-        params,
+        policy.params,
         run.model_config,
         run.tokenizer,
         run.retriever,
@@ -663,12 +779,15 @@ def evaluate(run: Run, params) -> dict:
         cfg=eval_cfg,
         batch_size=run.cfg.eval_batch,
         progress=False,
+        mesh=run.rollout_mesh,
+        attention_bytes=run.cfg.attention_mb << 20,
     )
     return {f"eval_{k}": v for k, v in summary.items()}
 
 
 def export(run: Run, params, path: Path) -> None:
     """Hugging Face safetensors + config + tokenizer that transformers and vLLM load."""
+    params = qwen.unstack_layers(params)
     if jax.process_count() > 1:
         from jax.experimental import multihost_utils
 

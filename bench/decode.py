@@ -141,11 +141,11 @@ def main(args: Args) -> None:
     print(f"{args.config}: {n_params / 1e6:.1f}M parameters, float32, batch {B}, {P} + {N} tokens")
 
     prompt_BP = np.random.default_rng(args.seed).integers(0, config.vocab_size, (B, P))
-    mask_BP = np.ones((B, P), bool)
+    length_B = np.full((B,), P, np.int32)
 
     def ours():
         state = sampling.init_state(config, B, P + N)
-        state = sampling.append(params, config, state, prompt_BP, mask_BP)
+        state = sampling.append(params, config, state, prompt_BP, length_B)
         state.logits_BV.block_until_ready()
         t0 = time.perf_counter()
         state, gen = sampling.generate(

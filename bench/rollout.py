@@ -47,16 +47,17 @@ class ReprefillPolicy(rollout.KVCachePolicy):
     def start(self, prompts):
         self.context = [list(p) for p in prompts]
 
-    def extend(self, rows, *, left=False):
+    def extend(self, rows):
         for b, ids in enumerate(rows):
             self.context[b] += ids
 
-    def sample(self, key, live, stop_strings, max_new_tokens):
+    def sample(self, key, live, stop_strings, max_new_tokens, limit_B):
         longest = max(map(len, self.context))
-        slots = sampling.bucket_length(longest) + max_new_tokens + 2
+        slots = sampling.bucket_length(longest) + max_new_tokens
         self.state = sampling.init_state(self.model_config, len(self.context), slots)
-        super().extend(self.context, left=True)
-        samples = super().sample(key, live, stop_strings, max_new_tokens)
+        self.rows = len(self.context)
+        super().extend(self.context)
+        samples = super().sample(key, live, stop_strings, max_new_tokens, limit_B)
         for b, s in enumerate(samples):
             self.context[b] += s.tokens
         return samples

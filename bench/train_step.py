@@ -108,7 +108,8 @@ def run_jax(path, rows, length, steps):
 
     mesh = learner.make_mesh(-1, 1)
     config = hf_io.read_config(path, jnp.float32)
-    _, params = hf_io.load_hf(path, jnp.float32, sharding=learner.param_shardings(config, mesh))
+    _, params = hf_io.load_hf(path, jnp.float32)
+    params = learner.train_params(params, config, mesh)
     tokens, loss_mask, adv, old_logp = make_batch(rows, length, config.vocab_size)
     shape = lambda x: jnp.asarray(x).reshape(1, rows, 1, length)  # [M, B, G, T]
     batch = learner.UpdateBatch(
@@ -118,7 +119,12 @@ def run_jax(path, rows, length, steps):
     optimizer = optax.adamw(1e-6)
     state = learner.init_state(params, config, mesh, optimizer)
     settings = learner.LossSettings(clip_low=CLIP, clip_high=CLIP)
-    kw = dict(config=config, mesh=mesh, optimizer=optimizer, settings=settings, chunk=128)
+    # No remat and no attention blocks: the same computation as PyTorch's (which keeps
+    # every activation); log-prob chunks of 128 positions x rows, as before.
+    options = learner.forward_options(
+        mesh, remat="none", attention_bytes=0, logits_bytes=rows * 128 * config.vocab_size * 4
+    )
+    kw = dict(config=config, mesh=mesh, optimizer=optimizer, settings=settings, options=options)
     times = []
     for i in range(steps + 1):
         t0 = time.perf_counter()

@@ -49,7 +49,8 @@ def params():
 def test_sequence_logprobs_align_with_logits(params):
     batch = make_batch()
     tokens, mask = batch.tokens_MBGT[0], batch.mask_MBGT[0]
-    logp = learner.sequence_logprobs(params, CONFIG, tokens, mask, chunk=7)
+    options = qwen.ForwardOptions(logits_bytes=7 * 2 * CONFIG.vocab_size * 4)  # 7 positions
+    logp = learner.sequence_logprobs(params, CONFIG, tokens, mask, options=options)
     logits = qwen.logits(params, CONFIG, tokens.reshape(B * G, T), mask.reshape(B * G, T))
     full = jax.nn.log_softmax(logits, axis=-1).reshape(B, G, T, -1)
     # logp[t] scores token t from the logits at t - 1.
@@ -58,16 +59,22 @@ def test_sequence_logprobs_align_with_logits(params):
     assert (logp[:, :, 0] == 0).all() and (logp[~mask] == 0).all()
     # batch_logprobs is the same over micro-batches.
     both = learner.batch_logprobs(
-        params, batch.tokens_MBGT, batch.mask_MBGT, config=CONFIG, chunk=7
+        params, batch.tokens_MBGT, batch.mask_MBGT, config=CONFIG, options=options
     )
     np.testing.assert_allclose(both[0], logp, atol=1e-6)
 
 
-def _grads(params, mesh, micro):
-    sharded = jax.device_put(params, learner.param_shardings(CONFIG, mesh))
+def options(mesh, remat="full"):
+    """The update's options with every memory bound small enough to bite at these shapes:
+    remat, attention in blocks of queries, log-probs in chunks of rows x positions."""
+    return learner.forward_options(mesh, remat=remat, attention_bytes=2048, logits_bytes=8192)
+
+
+def _grads(params, mesh, micro, settings=SETTINGS):
+    sharded = learner.train_params(params, CONFIG, mesh)
     micro = jax.device_put(micro, learner.batch_sharding(mesh, 3))
     f = jax.jit(jax.value_and_grad(learner.loss_fn, has_aux=True), static_argnums=(1, 2, 3, 4))
-    (loss, metrics), grads = f(sharded, CONFIG, mesh, SETTINGS, 16, micro)
+    (loss, metrics), grads = f(sharded, CONFIG, mesh, settings, options(mesh), micro)
     return loss, metrics, grads, sharded
 
 
@@ -80,9 +87,10 @@ def test_loss_and_gradients_same_on_every_mesh_shape(params):
         loss, metrics, grads, sharded = _grads(params, mesh, micro)
         results[shape] = (loss, metrics, grads)
         if shape[1] > 1:  # ZeRO-3: every weight matrix is split over fsdp (on its D axis)
-            for x in jax.tree.leaves(sharded):
-                if x.ndim >= 2 and CONFIG.hidden_size in x.shape:
-                    assert "fsdp" in tuple(x.sharding.spec), x.sharding
+            for path, x in jax.tree_util.tree_leaves_with_path(sharded):
+                matrix = x.ndim >= 2 + ("layers" in jax.tree_util.keystr(path))  # [L, ...]
+                if matrix and CONFIG.hidden_size in x.shape:
+                    assert "fsdp" in tuple(x.sharding.spec), (path, x.sharding)
     loss1, metrics1, grads1 = results[(8, 1)]
     assert float(loss1) != 0 and float(optax.tree.norm(grads1)) > 0
     for shape, (loss, metrics, grads) in results.items():
@@ -95,31 +103,54 @@ def test_loss_and_gradients_same_on_every_mesh_shape(params):
             np.testing.assert_allclose(g, g1, rtol=1e-4, atol=1e-7, err_msg=str((shape, path)))
 
 
-def test_update_accumulates_micro_batches_exactly(params):
-    """M = 2 micro-batches of 8 prompts give the same update as M = 1 of 16 prompts."""
-    mesh = learner.make_mesh(-1, 1)
+@pytest.mark.parametrize(
+    "loss_agg", ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"]
+)
+def test_update_accumulates_micro_batches_exactly(params, loss_agg):
+    """The scanned accumulation of M = 2 micro-batches of 8 prompts, on a 2 x 4 mesh, equals
+    an unrolled Python loop over the micro-batches (each gradient weighted by its loss
+    denominator), and the update of M = 1 micro-batch of all 16 prompts."""
+    mesh = learner.make_mesh(2, 4)
+    settings = dataclasses.replace(SETTINGS, loss_agg=loss_agg, norm_length=T)
     sgd = optax.sgd(1.0)  # new params = params - gradient: the update shows the gradient
     batch = make_batch(2)
     whole = jax.tree.map(lambda x: x.reshape(1, M * B, *x.shape[2:]), batch)
     new = {}
     for name, b in (("micro", batch), ("whole", whole)):
-        state = learner.TrainState(
-            jax.tree.map(jnp.copy, params), sgd.init(params), jnp.zeros((), jnp.int32)
-        )
+        start = learner.train_params(params, CONFIG, mesh)
+        state = learner.TrainState(start, sgd.init(start), jnp.zeros((), jnp.int32))
+        b = jax.device_put(b, learner.batch_sharding(mesh, 4, micro=True))
         state, metrics = learner.update(
-            state, b, config=CONFIG, mesh=mesh, optimizer=sgd, settings=SETTINGS, chunk=16
-        )
+            state, b, config=CONFIG, mesh=mesh, optimizer=sgd, settings=settings,
+            options=options(mesh),
+        )  # fmt: skip
         new[name] = (state, metrics)
     (s1, m1), (s2, m2) = new["micro"], new["whole"]
+    # The reference: today's unrolled accumulation, written out.
+    grad_sum, den, loss_sum = None, 0.0, 0.0
+    stacked = qwen.stack_layers(params)
+    for m in range(M):
+        micro = jax.tree.map(lambda x, m=m: x[m], batch)
+        loss, metrics, grads, _ = _grads(params, mesh, micro, settings)
+        w = float(metrics["loss_denominator"])
+        scaled = jax.tree.map(lambda g, w=w: w * np.asarray(g, np.float64), grads)
+        grad_sum = scaled if grad_sum is None else jax.tree.map(np.add, grad_sum, scaled)
+        den, loss_sum = den + w, loss_sum + w * float(loss)
+    np.testing.assert_allclose(m1["loss"], loss_sum / den, rtol=1e-5)
     np.testing.assert_allclose(m1["loss"], m2["loss"], rtol=1e-5)
     np.testing.assert_allclose(m1["grad_norm"], m2["grad_norm"], rtol=1e-5)
     assert int(s1.step) == int(s2.step) == 1 and float(m1["skipped"]) == 0
-    for a, b in zip(jax.tree.leaves(s1.params), jax.tree.leaves(s2.params), strict=True):
+    for p0, g, a, b in zip(
+        jax.tree.leaves(stacked),
+        jax.tree.leaves(grad_sum),
+        jax.tree.leaves(s1.params),
+        jax.tree.leaves(s2.params),
+        strict=True,
+    ):
+        expected = np.asarray(p0) - g / den
+        np.testing.assert_allclose(a, expected, rtol=1e-5, atol=1e-6)
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
-    before = jax.tree.leaves(params)
-    assert all(
-        not np.allclose(a, p) for a, p in zip(jax.tree.leaves(s1.params), before, strict=True)
-    )
+        assert not np.allclose(a, p0)
 
 
 def test_non_finite_update_is_skipped(params):
@@ -128,16 +159,17 @@ def test_non_finite_update_is_skipped(params):
     batch = make_batch(3)
     batch = batch._replace(adv_MBGT=batch.adv_MBGT.at[0, 0, 0, 5].set(jnp.nan))
     batch = batch._replace(loss_mask_MBGT=batch.loss_mask_MBGT.at[0, 0, 0, 5].set(True))
-    state = learner.TrainState(
-        jax.tree.map(jnp.copy, params), opt.init(params), jnp.zeros((), jnp.int32)
-    )
+    start = learner.train_params(params, CONFIG, mesh)
+    state = learner.init_state(start, CONFIG, mesh, opt)
+    fresh = jax.tree.map(np.asarray, (start, opt.init(start)))
     state, metrics = learner.update(
-        state, batch, config=CONFIG, mesh=mesh, optimizer=opt, settings=SETTINGS, chunk=16
-    )
+        state, batch, config=CONFIG, mesh=mesh, optimizer=opt, settings=SETTINGS,
+        options=options(mesh),
+    )  # fmt: skip
     assert float(metrics["skipped"]) == 1 and int(state.step) == 0
-    for a, p in zip(jax.tree.leaves(state.params), jax.tree.leaves(params), strict=True):
+    for a, p in zip(jax.tree.leaves(state.params), jax.tree.leaves(fresh[0]), strict=True):
         np.testing.assert_array_equal(a, p)
-    fresh = jax.tree.leaves(opt.init(params))
+    fresh = jax.tree.leaves(fresh[1])
     for a, p in zip(jax.tree.leaves(state.opt_state), fresh, strict=True):
         np.testing.assert_array_equal(a, p)  # moments and Adam's step count untouched
 
@@ -147,5 +179,32 @@ def test_sharding_rules_leave_indivisible_dimensions_replicated():
     rules = dataclasses.replace(learner.ShardingRules(), kv_heads="fsdp")
     spec = rules.spec(jax.sharding.PartitionSpec("embed", "kv_heads", None), (32, 2, 8), mesh)
     assert tuple(spec) == ("fsdp", None, None)  # 2 KV heads do not split over 4 devices
-    with pytest.raises(ValueError, match="needs 12 devices"):
+    with pytest.raises(ValueError, match="their product must be 8"):
         learner.make_mesh(3, 4)
+
+
+@dataclasses.dataclass(frozen=True)
+class FakeDevice:
+    """Enough of a device for mesh_utils: two slices of 4 (a multi-slice TPU job)."""
+
+    id: int
+    slice_index: int
+    process_index: int = 0
+    platform: str = "cpu"
+    device_kind: str = "fake"
+
+
+def test_mesh_spans_slices_with_the_data_axis_only():
+    devices = [FakeDevice(i, i // 4) for i in (5, 1, 6, 2, 0, 4, 3, 7)]
+    grid = learner.device_grid(2, 4, dcn_data=2, devices=devices)
+    assert grid.shape == (2, 4)
+    # Each row of the data axis is one slice: fsdp's all-gathers never cross slices.
+    assert [{d.slice_index for d in row} for row in grid] == [{0}, {1}]
+    assert sorted(d.id for d in grid.ravel()) == list(range(8))
+    with pytest.raises(ValueError, match="the devices are in 2 slices"):
+        learner.device_grid(4, 2, dcn_data=4, devices=devices)
+    with pytest.raises(ValueError, match="must divide --mesh-data 1"):
+        learner.device_grid(1, 8, dcn_data=2, devices=devices)
+    # On the 8 local CPU devices of the tests: the topology order is a plain reshape.
+    mesh = learner.make_mesh(2, 4)
+    assert mesh.devices.shape == (2, 4) and mesh.axis_names == learner.BATCH_AXES

@@ -118,11 +118,22 @@ def test_hidden_states_lm_head_and_token_logprobs(tiny_checkpoints, name):
         for t in range(tokens.shape[1] - 1):
             if mask[b, t + 1]:
                 logp_ref[b, t] = log_softmax[b, t, tokens[b, t + 1]]
-    logp_fn = jax.jit(qwen.token_logprobs, static_argnums=1, static_argnames="chunk")
-    logp = np.asarray(logp_fn(params, config, tokens, mask, chunk=4))  # T = 11: padded chunks
-    np.testing.assert_allclose(logp, logp_ref, rtol=0, atol=2e-5)
-    # Its gradient (rematerialized chunks) equals the gradient of the plain computation,
-    # with a different weight on every position so each chunk's cotangent is tested.
+    V = config.vocab_size
+    logp_fn = jax.jit(qwen.token_logprobs, static_argnums=(1, 4))
+    # Chunks of 2 rows x 4 positions (T = 11: padded), then of 1 row x 1 position; queries in
+    # blocks of 1 under per-layer remat: the same numbers as the plain computation.
+    variants = [
+        qwen.ForwardOptions(logits_bytes=2 * 4 * V * 4),
+        qwen.ForwardOptions(logits_bytes=V * 4, remat="full", attention_bytes=1),
+    ]
+    assert qwen.logits_chunks(2, 11, V, variants[0].logits_bytes) == (1, 4)
+    assert qwen.logits_chunks(2, 11, V, variants[1].logits_bytes) == (2, 1)
+    for options in variants:
+        logp = np.asarray(logp_fn(params, config, tokens, mask, options))
+        np.testing.assert_allclose(logp, logp_ref, rtol=0, atol=2e-5)
+    # Its gradient (rematerialized chunks, layers and attention blocks) equals the gradient of
+    # the plain computation, with a different weight on every position so each chunk's
+    # cotangent is tested.
     weight = rng.normal(size=tokens.shape).astype(np.float32)
     next_tokens = np.concatenate([tokens[:, 1:], np.zeros((2, 1), np.int32)], axis=1)
     next_mask = np.concatenate([mask[:, 1:], np.zeros((2, 1), bool)], axis=1)
@@ -132,11 +143,15 @@ def test_hidden_states_lm_head_and_token_logprobs(tiny_checkpoints, name):
         picked = jnp.take_along_axis(logp_BTV, next_tokens[..., None], axis=-1)[..., 0]
         return jnp.sum(weight * jnp.where(next_mask, picked, 0.0))
 
-    chunked = lambda p: jnp.sum(weight * qwen.token_logprobs(p, config, tokens, mask, chunk=4))
-    g_plain, g_chunked = jax.grad(plain)(params), jax.grad(chunked)(params)
-    for a, b in zip(jax.tree.leaves(g_plain), jax.tree.leaves(g_chunked), strict=True):
-        a, b = np.asarray(a), np.asarray(b)
-        np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-4 * np.abs(a).max())
+    g_plain = jax.grad(plain)(params)
+    for options in variants:
+        chunked = lambda p, o=options: jnp.sum(
+            weight * qwen.token_logprobs(p, config, tokens, mask, o)
+        )
+        g_chunked = jax.grad(chunked)(params)
+        for a, b in zip(jax.tree.leaves(g_plain), jax.tree.leaves(g_chunked), strict=True):
+            a, b = np.asarray(a), np.asarray(b)
+            np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-4 * np.abs(a).max())
 
 
 # ---------------------------------------------------------------------------------------------

@@ -6,9 +6,11 @@ import json
 import jax
 import numpy as np
 import pytest
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 import rollout
-from tspo_jax import data, learner, retrieval, sampling, toyworld
+from tspo_jax import data, learner, qwen, retrieval, sampling, toyworld
 from tspo_jax.protocol import INVALID_ACTION_OBSERVATION
 
 CORPUS = [
@@ -56,14 +58,15 @@ class ScriptedPolicy:
         for b, ids in enumerate(rows):
             self.context[b] += ids
 
-    def sample(self, key, live, stop_strings, max_new_tokens):
+    def sample(self, key, live, stop_strings, max_new_tokens, limit_B):
         out = []
         for b in range(len(self.context)):
             if not live[b]:
                 out.append(sampling.TurnSample([], [], "", "inactive", None))
                 continue
             text, stop = self.script[b][self.turn]
-            ids = self.tokenizer.encode(text, add_special_tokens=False)[:max_new_tokens]
+            ids = self.tokenizer.encode(text, add_special_tokens=False)
+            ids = ids[: min(max_new_tokens, limit_B[b])]
             logps = [-0.01 * (b + 1) * (i + 1) for i in range(len(ids))]
             self.context[b] += ids
             out.append(sampling.TurnSample(ids, logps, self.tokenizer.decode(ids), stop, None))
@@ -204,11 +207,76 @@ def test_kv_cache_logprobs_equal_full_forward(small_world, small_policy):
     assert max(len(t.turns) for t in trajs) >= 2  # observations were appended mid-sequence
     batch = rollout.pack(trajs, 2)
     logp = learner.sequence_logprobs(
-        params, model_config, batch.tokens_BGT, batch.mask_BGT, chunk=64
+        params, model_config, batch.tokens_BGT, batch.mask_BGT, options=qwen.PLAIN
     )
     on = batch.loss_mask_BGT
     assert on.sum() > 50
     np.testing.assert_allclose(np.asarray(logp)[on], batch.logp_BGT[on], atol=2e-4, rtol=1e-4)
+
+
+def _kv_rollout(policy_parts, examples, cfg, *, devices, wave_rows=None, key=3):
+    model_config, params, tokenizer, retriever = policy_parts
+    mesh = rollout.rollout_mesh(jax.devices()[:devices])
+    replicated = jax.device_put(params, NamedSharding(mesh, P()))
+    policy = rollout.KVCachePolicy(
+        replicated, model_config, tokenizer, cfg, mesh=mesh, batch_rows=wave_rows or 1
+    )
+    trajs, _ = rollout.rollout(
+        policy,
+        tokenizer,
+        retriever,
+        examples,
+        group_size=4,
+        key=jax.random.key(key),
+        cfg=cfg,
+        wave_rows=wave_rows,
+    )
+    return trajs
+
+
+def _sampled(trajs):
+    """Every sampled token and its log-prob, trajectory by trajectory."""
+    tokens = [[tok for t in traj.turns for tok in t.tokens] for traj in trajs]
+    logps = [[lp for t in traj.turns for lp in t.logps] for traj in trajs]
+    return tokens, logps
+
+
+@pytest.fixture(scope="module")
+def policy_parts(small_world, small_policy):
+    model_config, params, tokenizer = rollout.load_policy(str(small_policy))
+    return model_config, params, tokenizer, retrieval.BM25Retriever(small_world.corpus)
+
+
+@pytest.mark.parametrize("greedy", [True, False])
+def test_rollouts_do_not_depend_on_devices_or_waves(small_world, policy_parts, greedy):
+    """The same prompts and keys give the same trajectories on 8 devices as on 1, and in
+    waves of one group (4 rows, padded to 8 over 8 devices) as in one wave of all 24 rows.
+
+    A row's cache holds only its own tokens, so nothing in its arithmetic depends on the
+    other rows; the 8-device run splits the rows 3 to a device. Sampled log-probs may differ
+    in the last bits (matmuls over a different number of rows); tokens must not."""
+    cfg = rollout.RolloutConfig(
+        max_turns=3, max_new_tokens=12, max_obs_tokens=80, greedy=greedy, max_context=400
+    )
+    examples = data.load_examples(small_world.train)[:6]
+    one = _kv_rollout(policy_parts, examples, cfg, devices=1)
+    eight = _kv_rollout(policy_parts, examples, cfg, devices=8)
+    waves = _kv_rollout(policy_parts, examples, cfg, devices=8, wave_rows=4)
+    tokens, logps = _sampled(one)
+    assert sum(map(len, tokens)) > 200 and max(len(t.turns) for t in one) >= 2
+    lengths = {len(rollout.sequence(t)[0]) for t in one}
+    assert len(lengths) > 1, lengths  # rows of different lengths share each wave
+    for other in (eight, waves):
+        other_tokens, other_logps = _sampled(other)
+        assert other_tokens == tokens
+        for a, b in zip(logps, other_logps, strict=True):
+            np.testing.assert_allclose(a, b, atol=1e-5)
+        assert [t.observation for traj in other for t in traj.turns] == [
+            t.observation for traj in one for t in traj.turns
+        ]
+        assert [(t.outcome, t.first_hit, t.finish) for t in other] == [
+            (t.outcome, t.first_hit, t.finish) for t in one
+        ]
 
 
 def test_evaluate_cli_writes_trajectories(small_world, small_policy, tmp_path, capsys):

@@ -40,13 +40,13 @@ def test_cache_matches_full_forward_through_appends_and_generation(model):
     rng = np.random.default_rng(0)
     rows = [rng.integers(0, config.vocab_size, n).tolist() for n in (9, 3, 14)]
     state = sp.init_state(config, B, S)
-    state = sp.append(params, config, state, *sp.pad_chunk(rows, buckets=(16,), left=True))
+    state = sp.append(params, config, state, *sp.pad_chunk(rows, buckets=(16,)))
     np.testing.assert_allclose(state.logits_BV, last_logits(params, config, rows), atol=2e-5)
     # One token at a time, row 1 sitting out the second step (keeps its logits).
     for step in range(3):
         tok = rng.integers(0, config.vocab_size, B)
         active = np.array([True, step != 1, True])
-        state = sp.append(params, config, state, tok[:, None], active[:, None])
+        state = sp.append(params, config, state, tok[:, None], active.astype(np.int32))
         rows = [[*r, int(t)] if a else r for r, t, a in zip(rows, tok, active, strict=True)]
         np.testing.assert_allclose(state.logits_BV, last_logits(params, config, rows), atol=2e-5)
     # An observation mid-sequence, right padded, with an empty row.
@@ -54,8 +54,7 @@ def test_cache_matches_full_forward_through_appends_and_generation(model):
     state = sp.append(params, config, state, *sp.pad_chunk(obs, buckets=(16,)))
     rows = [r + o for r, o in zip(rows, obs, strict=True)]
     np.testing.assert_allclose(state.logits_BV, last_logits(params, config, rows), atol=2e-5)
-    assert state.pos_B.tolist() == [len(r) for r in rows]
-    assert np.asarray(state.valid_BS).sum(1).tolist() == [len(r) for r in rows]
+    assert state.length_B.tolist() == [len(r) for r in rows]
     # Greedy generation: every step's token and log-prob against the full forward pass.
     state, gen = sp.generate(
         params, config, state, jax.random.key(0), max_new_tokens=N, eos_ids=(), greedy=True
@@ -98,7 +97,7 @@ def test_greedy_matches_transformers_generate(model):
 
     def ours(eos):
         state = sp.init_state(config, B, S)
-        state = sp.append(params, config, state, *sp.pad_chunk(prompts, buckets=(16,), left=True))
+        state = sp.append(params, config, state, *sp.pad_chunk(prompts, buckets=(16,)))
         _, gen = sp.generate(
             params, config, state, jax.random.key(0), max_new_tokens=N, eos_ids=eos, greedy=True
         )
@@ -130,7 +129,7 @@ def test_sampled_logprobs_are_log_softmax_of_the_full_forward(model):
     temperature, top_k = 0.7, 20
     for kwargs in (dict(top_k=top_k, top_p=0.9), dict(top_p=0.8), dict()):
         state = sp.init_state(config, B, S)
-        state = sp.append(params, config, state, *sp.pad_chunk(rows, buckets=(16,), left=True))
+        state = sp.append(params, config, state, *sp.pad_chunk(rows, buckets=(16,)))
         _, gen = sp.generate(
             params,
             config,
@@ -158,7 +157,7 @@ def test_rewind_cuts_rows_and_the_cache_continues(model):
     rng = np.random.default_rng(4)
     rows = [rng.integers(0, config.vocab_size, n).tolist() for n in (6, 10, 2)]
     state = sp.init_state(config, B, S)
-    state = sp.append(params, config, state, *sp.pad_chunk(rows, buckets=(16,), left=True))
+    state = sp.append(params, config, state, *sp.pad_chunk(rows, buckets=(16,)))
     state, gen = sp.generate(
         params, config, state, jax.random.key(5), max_new_tokens=N, eos_ids=(), temperature=1.0
     )
@@ -166,8 +165,7 @@ def test_rewind_cuts_rows_and_the_cache_continues(model):
     keep = np.array([3, N, 1])  # cut row 0 after 3 tokens, keep row 1, cut row 2 to 1 token
     state = sp.rewind(params, config, state, gen, keep)
     rows = [r + tokens[b, : keep[b]].tolist() for b, r in enumerate(rows)]
-    assert state.pos_B.tolist() == [len(r) for r in rows]
-    assert np.asarray(state.valid_BS).sum(1).tolist() == [len(r) for r in rows]
+    assert state.length_B.tolist() == [len(r) for r in rows]
     np.testing.assert_allclose(state.logits_BV, last_logits(params, config, rows), atol=2e-5)
     obs = [[3, 4], [5], [6, 7, 8]]
     state = sp.append(params, config, state, *sp.pad_chunk(obs, buckets=(16,)))
@@ -181,10 +179,11 @@ def test_the_cache_refuses_to_overflow(model):
     _, config, params = model
     state = sp.init_state(config, B, 16)
     state = sp.append(params, config, state, *sp.pad_chunk([[1, 2]] * B, buckets=(16,)))
-    with pytest.raises(ValueError, match="do not fit in the cache"):
-        sp.append(params, config, state, np.ones((B, 1), np.int32), np.ones((B, 1), bool))
+    state = sp.append(params, config, state, *sp.pad_chunk([[1] * 14, [], []], buckets=(16,)))
+    with pytest.raises(ValueError, match="a row of 17 tokens does not fit in the cache of 16"):
+        sp.append(params, config, state, np.ones((B, 1), np.int32), np.ones((B,), np.int32))
     state = sp.init_state(config, B, 16)
-    with pytest.raises(ValueError, match="do not fit in the cache"):
+    with pytest.raises(ValueError, match="does not fit in the cache"):
         sp.generate(params, config, state, jax.random.key(0), max_new_tokens=17, greedy=True)
 
 
@@ -344,7 +343,7 @@ def test_stop_strings_end_rows_independently(qwen_tok):
 
     def prefilled():  # the cache after the prompts; a fresh one per call (the state is donated)
         state = sp.init_state(config, 5, 64)
-        return sp.append(params, config, state, *sp.pad_chunk(prompts, buckets=(16,), left=True))
+        return sp.append(params, config, state, *sp.pad_chunk(prompts, buckets=(16,)))
 
     turn_args = dict(max_new_tokens=10, active_B=active, stop_table=table, greedy=True)
     # Inside the loop: row 0 stops on the split stop string, row 2's merged one is not seen.
@@ -365,8 +364,7 @@ def test_stop_strings_end_rows_independently(qwen_tok):
         assert len(t.logps) == len(t.tokens) and all(-1e-3 < lp <= 0 for lp in t.logps)
     # The cache holds exactly what was returned, and predicts what follows it.
     lengths = [len(p) + len(t.tokens) for p, t in zip(prompts, turn, strict=True)]
-    assert state.pos_B.tolist() == lengths
-    assert np.asarray(state.valid_BS).sum(1).tolist() == lengths
+    assert state.length_B.tolist() == lengths
     nxt = np.asarray(state.logits_BV).argmax(-1)
     assert nxt[0] == ids[" who"] and nxt[2] == ids[" extra"] and nxt[3] == ids[" la"]
     # Next turn: an observation for row 0 only; row 0 continues from it, the others stay put.
@@ -401,9 +399,8 @@ def test_find_stop_catches_a_stop_string_split_or_merged(qwen_tok):
 
 def test_pad_chunk_buckets():
     assert [sp.bucket_length(n) for n in (1, 16, 17, 4096, 4097)] == [16, 16, 32, 4096, 8192]
-    tokens, mask = sp.pad_chunk([[1, 2, 3], [], [4]], buckets=(2, 4))
+    tokens, n = sp.pad_chunk([[1, 2, 3], [], [4]], buckets=(2, 4))
     assert tokens.tolist() == [[1, 2, 3, 0], [0, 0, 0, 0], [4, 0, 0, 0]]
-    assert mask.tolist() == [[1, 1, 1, 0], [0, 0, 0, 0], [1, 0, 0, 0]]
-    tokens, mask = sp.pad_chunk([[1, 2, 3], [4]], buckets=(4,), left=True, pad_id=9)
-    assert tokens.tolist() == [[9, 1, 2, 3], [9, 9, 9, 4]]
-    assert mask.tolist() == [[0, 1, 1, 1], [0, 0, 0, 1]]
+    assert n.tolist() == [3, 0, 1]
+    tokens, n = sp.pad_chunk([[1, 2, 3], [4]], buckets=(4,), pad_id=9)
+    assert tokens.tolist() == [[1, 2, 3, 9], [4, 9, 9, 9]] and n.tolist() == [3, 1]

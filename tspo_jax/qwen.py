@@ -38,16 +38,71 @@ import dataclasses
 import functools
 import math
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
-from jax.sharding import PartitionSpec
+from jax.sharding import NamedSharding, PartitionSpec
 
 Params = dict[str, Any]
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+# Per-layer rematerialization (jax.checkpoint policies): what a layer keeps for its backward pass.
+REMAT_POLICIES = {
+    "none": None,  # no remat: every intermediate is kept (fastest, most memory)
+    "full": jax.checkpoint_policies.nothing_saveable,  # only the layer's input; recompute the rest
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,  # also weight matmul outputs
+}
+
+
+class ForwardOptions(NamedTuple):
+    """How the forward pass runs (memory and layout), never what it computes. Hashable, so
+    it is a static argument under jit. The defaults are the plain computation."""
+
+    remat: str = "none"  # per-layer rematerialization, a key of REMAT_POLICIES
+    batch_sharding: NamedSharding | None = None  # rows over a mesh: activations constrained to it
+    attention_bytes: int = 0  # bound on one block of float32 scores per device (0: no blocks)
+    logits_bytes: int = 256 << 20  # bound on one chunk of float32 logits per device (log-probs)
+
+    def local_rows(self, rows: int) -> int:
+        """Rows of a [rows, ...] batch that one device holds under ``batch_sharding``."""
+        if self.batch_sharding is None:
+            return rows
+        return self.batch_sharding.shard_shape((rows,))[0]
+
+    def constrain(self, x, axis: int = 0):
+        """x with its row axis (``axis``) split as ``batch_sharding`` says, every other axis
+        whole (no-op without a batch_sharding)."""
+        if self.batch_sharding is None:
+            return x
+        spec = self.batch_sharding.spec
+        rows = PartitionSpec(*(None,) * axis, spec[0] if spec else None)
+        return jax.lax.with_sharding_constraint(x, NamedSharding(self.batch_sharding.mesh, rows))
+
+    def replicate(self, x):
+        """x copied whole onto every device of the mesh (a weight gathered once)."""
+        if self.batch_sharding is None:
+            return x
+        return jax.lax.with_sharding_constraint(
+            x, NamedSharding(self.batch_sharding.mesh, PartitionSpec())
+        )
+
+
+PLAIN = ForwardOptions()  # the plain computation: no remat, no sharding constraints, no blocks
+
+
+def query_block(rows: int, heads: int, queries: int, keys: int, max_bytes: int) -> int:
+    """Queries per attention block so that one block's float32 scores [rows, heads, block, keys]
+    stay under max_bytes: ``queries`` when all fit (or max_bytes is 0), else the largest power
+    of two that divides ``queries`` and fits (at least 1)."""
+    if not max_bytes or rows * heads * queries * keys * 4 <= max_bytes:
+        return queries
+    block = 1
+    while queries % (2 * block) == 0 and rows * heads * 2 * block * keys * 4 <= max_bytes:
+        block *= 2
+    return block
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -249,7 +304,7 @@ def dense(x_MD: jax.Array, w_FD: jax.Array, preferred_element_type=None) -> jax.
     return y_MF.reshape(*lead, *out)
 
 
-def attend(q_BTNH, k_BKSH, v_BKSH, mask_BTS) -> jax.Array:
+def attend(q_BTNH, k_BKSH, v_BKSH, mask_BTS, *, q_block: int = 0, options=PLAIN) -> jax.Array:
     """Grouped-query softmax attention (no repeat of K/V); the softmax is in float32.
 
     Query head n uses key/value head n // G, as transformers' repeat_kv. The G query heads and
@@ -257,7 +312,26 @@ def attend(q_BTNH, k_BKSH, v_BKSH, mask_BTS) -> jax.Array:
     and value product is a single batched matmul over (B, K) (twice as fast on XLA:CPU as
     keeping G and T apart). A query with no attendable key (a left-padding token) gets a
     uniform average instead of NaN.
+
+    q_block (a divisor of T; 0: all at once): queries run in blocks of q_block under a
+    rematerialized loop, so neither the forward nor the backward pass holds more than one
+    block's [B, N, q_block, S] scores (long contexts in the update, long appends). ``options``
+    (ForwardOptions) keep the rows of the stacked blocks split as the rows of the batch.
     """
+    B, T, N, H = q_BTNH.shape
+    if not q_block or q_block >= T:
+        return _attend_block(q_BTNH, k_BKSH, v_BKSH, mask_BTS)
+    assert T % q_block == 0, (T, q_block)
+    J, S = T // q_block, k_BKSH.shape[2]
+    rows = options.constrain
+    q_JBtNH = rows(q_BTNH.reshape(B, J, q_block, N, H).swapaxes(0, 1), 1)
+    mask_JBtS = rows(mask_BTS.reshape(B, J, q_block, S).swapaxes(0, 1), 1)
+    block = jax.checkpoint(lambda q, m, k, v: _attend_block(q, k, v, m))
+    out_JBtNH = jax.lax.map(lambda qm: block(*qm, k_BKSH, v_BKSH), (q_JBtNH, mask_JBtS))
+    return rows(out_JBtNH, 1).swapaxes(0, 1).reshape(B, T, N, H)
+
+
+def _attend_block(q_BTNH, k_BKSH, v_BKSH, mask_BTS) -> jax.Array:
     B, T, N, H = q_BTNH.shape
     K, S = k_BKSH.shape[1], k_BKSH.shape[2]
     G = N // K
@@ -268,6 +342,16 @@ def attend(q_BTNH, k_BKSH, v_BKSH, mask_BTS) -> jax.Array:
     probs_BKQS = jax.nn.softmax(scores_BKGTS, axis=-1).reshape(B, K, G * T, S)
     out_BKQH = jnp.einsum("BKQS,BKSH->BKQH", probs_BKQS.astype(v_BKSH.dtype), v_BKSH)
     return out_BKQH.reshape(B, K, G, T, H).transpose(0, 3, 1, 2, 4).reshape(B, T, N, H)
+
+
+def write_cache(cache_BKSH, new_BKTH, slots_BT) -> jax.Array:
+    """cache[b, :, slots[b, t]] = new[b, :, t]; a slot >= S writes nothing (padding).
+
+    One scatter per row (vmapped, so the row axis stays a batch axis that a sharded cache
+    keeps split), in place when the cache is donated.
+    """
+    write = lambda c_KSH, n_KTH, s_T: c_KSH.at[:, s_T].set(n_KTH.astype(c_KSH.dtype), mode="drop")
+    return jax.vmap(write)(cache_BKSH, new_BKTH, slots_BT)
 
 
 class RMSNorm(nnx.Module):
@@ -290,8 +374,19 @@ class Attention(nnx.Module):
         self.v_bias_KH = _param(rngs, (K, H), ("kv_heads", "head_dim"), param_dtype, init="zeros")
         self.o_DNH = _param(rngs, (D, N, H), ("embed", "q_heads", "head_dim"), param_dtype)
 
-    def __call__(self, x_BTD, cos_BTH, sin_BTH, mask_BTS, k_BKSH=None, v_BKSH=None, cursor=None):
-        """Self-attention of the T new tokens; with a cache, they are first written at cursor.
+    def __call__(
+        self,
+        x_BTD,
+        cos_BTH,
+        sin_BTH,
+        mask_BTS,
+        k_BKSH=None,
+        v_BKSH=None,
+        slots_BT=None,
+        options=PLAIN,
+    ):
+        """Self-attention of the T new tokens; with a cache, they are first written at their
+        slots (``write_cache``). Queries run in blocks under options.attention_bytes.
 
         Without a cache the keys are the T tokens themselves (S = T). Returns the output and the
         keys/values attended over (the updated cache, or the tokens' own k/v).
@@ -307,11 +402,16 @@ class Attention(nnx.Module):
         if k_BKSH is None:
             k_BKSH, v_BKSH = k_BKTH, v_BKTH
         else:
-            start = (0, 0, cursor, 0)
-            k_BKSH = jax.lax.dynamic_update_slice(k_BKSH, k_BKTH.astype(k_BKSH.dtype), start)
-            v_BKSH = jax.lax.dynamic_update_slice(v_BKSH, v_BKTH.astype(v_BKSH.dtype), start)
-        out_BTNH = attend(q_BTNH, k_BKSH.astype(dt), v_BKSH.astype(dt), mask_BTS)
-        B, T, N, H = out_BTNH.shape
+            k_BKSH, v_BKSH = (
+                write_cache(k_BKSH, k_BKTH, slots_BT),
+                write_cache(v_BKSH, v_BKTH, slots_BT),
+            )
+        B, T, N, H = q_BTNH.shape
+        rows, S = options.local_rows(B), k_BKSH.shape[2]
+        q_block = query_block(rows, N, T, S, options.attention_bytes)
+        out_BTNH = attend(
+            q_BTNH, k_BKSH.astype(dt), v_BKSH.astype(dt), mask_BTS, q_block=q_block, options=options
+        )
         o_DNH = self.o_DNH[...].astype(dt)
         y_BTD = dense(out_BTNH.reshape(B, T, N * H), o_DNH.reshape(-1, N * H))  # "BTNH,DNH->BTD"
         return y_BTD, k_BKSH, v_BKSH
@@ -338,9 +438,19 @@ class DecoderLayer(nnx.Module):
         self.mlp_norm = RMSNorm(config, param_dtype=param_dtype)
         self.mlp = MLP(config, rngs=rngs, param_dtype=param_dtype)
 
-    def __call__(self, x_BTD, cos_BTH, sin_BTH, mask_BTS, k_BKSH=None, v_BKSH=None, cursor=None):
+    def __call__(
+        self,
+        x_BTD,
+        cos_BTH,
+        sin_BTH,
+        mask_BTS,
+        k_BKSH=None,
+        v_BKSH=None,
+        slots_BT=None,
+        options=PLAIN,
+    ):
         y_BTD, k_BKSH, v_BKSH = self.attn(
-            self.attn_norm(x_BTD), cos_BTH, sin_BTH, mask_BTS, k_BKSH, v_BKSH, cursor
+            self.attn_norm(x_BTD), cos_BTH, sin_BTH, mask_BTS, k_BKSH, v_BKSH, slots_BT, options
         )
         x_BTD = x_BTD + y_BTD
         x_BTD = x_BTD + self.mlp(self.mlp_norm(x_BTD))
@@ -348,7 +458,8 @@ class DecoderLayer(nnx.Module):
 
 
 class Qwen2(nnx.Module):
-    """Qwen2ForCausalLM. ``__call__`` returns the final-normed hidden states (and the cache)."""
+    """Qwen2ForCausalLM. ``__call__`` returns the final-normed hidden states (and the cache);
+    it runs the layers one by one (what decoding wants: see ``hidden_states`` for the scan)."""
 
     def __init__(self, config: QwenConfig, *, rngs: nnx.Rngs, param_dtype=jnp.float32):
         V, D = config.vocab_size, config.hidden_size
@@ -367,14 +478,26 @@ class Qwen2(nnx.Module):
     def head_VD(self) -> jax.Array:
         return self.embed_VD[...] if self.config.tie_word_embeddings else self.lm_head_VD[...]
 
-    def __call__(self, tokens_BT, pos_BT, mask_BTS, k_LBKSH=None, v_LBKSH=None, cursor=None):
+    def __call__(
+        self,
+        tokens_BT,
+        pos_BT,
+        mask_BTS,
+        k_LBKSH=None,
+        v_LBKSH=None,
+        slots_BT=None,
+        options: ForwardOptions = PLAIN,
+    ):
         cfg = self.config
-        x_BTD = self.embed_VD[...].astype(cfg.compute_dtype)[tokens_BT]
+        x_BTD = options.constrain(self.embed_VD[...].astype(cfg.compute_dtype)[tokens_BT])
         cos_BTH, sin_BTH = rope_tables(pos_BT, cfg.head_dim, cfg.rope_theta)
         new_k, new_v = [], []
         for i, layer in enumerate(self.layers):
             cache = (None, None) if k_LBKSH is None else (k_LBKSH[i], v_LBKSH[i])
-            x_BTD, k_BKSH, v_BKSH = layer(x_BTD, cos_BTH, sin_BTH, mask_BTS, *cache, cursor)
+            x_BTD, k_BKSH, v_BKSH = layer(
+                x_BTD, cos_BTH, sin_BTH, mask_BTS, *cache, slots_BT, options
+            )
+            x_BTD = options.constrain(x_BTD)
             new_k.append(k_BKSH)
             new_v.append(v_BKSH)
         return self.final_norm(x_BTD), tuple(new_k), tuple(new_v)
@@ -410,18 +533,43 @@ def init_params(config: QwenConfig, key: jax.Array, dtype=jnp.float32) -> Params
     return _from_nnx_state(nnx.to_pure_dict(nnx.state(model, nnx.Param)))
 
 
-def logical_axes(config: QwenConfig) -> Params:
+def logical_axes(config: QwenConfig, *, stacked: bool = False) -> Params:
     """Pytree like params whose leaves are PartitionSpecs of logical axis names.
 
-    Names: vocab, embed, q_heads, kv_heads, head_dim, mlp, and None (norm scales). The leaves
-    are PartitionSpecs rather than bare tuples so that jax.tree.map treats them as leaves; they
-    iterate like tuples: ``NamedSharding(mesh, P(*(rules[a] for a in axes)))``.
+    Names: vocab, embed, q_heads, kv_heads, head_dim, mlp, layers (the leading axis of
+    stacked layers), and None (norm scales). The leaves are PartitionSpecs rather than bare
+    tuples so that jax.tree.map treats them as leaves; they iterate like tuples:
+    ``NamedSharding(mesh, P(*(rules[a] for a in axes)))``.
     """
     state = nnx.state(_abstract_model(config), nnx.Param)
     axes = jax.tree.map(
         lambda v: v.get_metadata()["axes"], state, is_leaf=lambda v: isinstance(v, nnx.Variable)
     )
-    return _from_nnx_state(nnx.to_pure_dict(axes))
+    axes = _from_nnx_state(nnx.to_pure_dict(axes))
+    if not stacked:
+        return axes
+    return {
+        **axes,
+        "layers": jax.tree.map(lambda a: PartitionSpec("layers", *a), axes["layers"][0]),
+    }
+
+
+def stack_layers(params: Params) -> Params:
+    """params with ``layers`` as one dict of [L, ...] arrays instead of a list of L dicts: the
+    layout of the update, which runs the layers under lax.scan (``hidden_states``)."""
+    return {**params, "layers": jax.tree.map(lambda *xs: jnp.stack(xs), *params["layers"])}
+
+
+def unstack_layers(params: Params) -> Params:
+    """The inverse of stack_layers: one dict per layer (the layout of decoding and of files)."""
+    stacked = params["layers"]
+    L = jax.tree.leaves(stacked)[0].shape[0]
+    return {**params, "layers": [jax.tree.map(lambda x, i=i: x[i], stacked) for i in range(L)]}
+
+
+@functools.cache
+def _layer_graphdef(config: QwenConfig):
+    return nnx.graphdef(_abstract_model(config).layers[0])
 
 
 def positions(mask_BT: jax.Array) -> jax.Array:
@@ -429,14 +577,25 @@ def positions(mask_BT: jax.Array) -> jax.Array:
     return jnp.maximum(jnp.cumsum(mask_BT.astype(jnp.int32), axis=-1) - 1, 0)
 
 
-def forward(params, config, tokens_BT, pos_BT, mask_BTS, k_LBKSH=None, v_LBKSH=None, cursor=None):
+def forward(
+    params,
+    config,
+    tokens_BT,
+    pos_BT,
+    mask_BTS,
+    k_LBKSH=None,
+    v_LBKSH=None,
+    slots_BT=None,
+    options: ForwardOptions = PLAIN,
+):
     """Decoder stack -> (final-normed x_BTD, k_LBKSH, v_LBKSH).
 
     mask_BTS[b, t, s]: query t may attend key slot s. Without a cache S = T (the tokens
-    themselves); with one, the T new tokens' keys/values are written at slot ``cursor`` of each
-    per-layer [B, K, S, H] cache first, and the updated caches are returned.
+    themselves); with one, the T new tokens' keys/values are first written at slots_BT of each
+    per-layer [B, K, S, H] cache (``write_cache``), and the updated caches are returned.
+    ``options`` say how to run it (rematerialization, activation sharding, attention blocks).
     """
-    return module(params, config)(tokens_BT, pos_BT, mask_BTS, k_LBKSH, v_LBKSH, cursor)
+    return module(params, config)(tokens_BT, pos_BT, mask_BTS, k_LBKSH, v_LBKSH, slots_BT, options)
 
 
 def lm_head(params: Params, config: QwenConfig) -> jax.Array:
@@ -456,10 +615,35 @@ def causal_mask(mask_BT: jax.Array) -> jax.Array:
     return causal_TS[None] & mask_BT.astype(bool)[:, None, :]
 
 
-def hidden_states(params: Params, config: QwenConfig, tokens_BT, mask_BT) -> jax.Array:
-    """Final-normed hidden states x_BTD of a (left-padded) batch; positions from the mask."""
-    x_BTD, _, _ = forward(params, config, tokens_BT, positions(mask_BT), causal_mask(mask_BT))
-    return x_BTD
+def hidden_states(
+    params: Params, config: QwenConfig, tokens_BT, mask_BT, options=PLAIN
+) -> jax.Array:
+    """Final-normed hidden states x_BTD of a (left-padded) batch; positions from the mask.
+
+    The layers run under one lax.scan over stacked weights (``stack_layers``; a list of layers
+    is stacked here): the program holds one layer, so compile time does not grow with depth,
+    and with options.remat the backward pass keeps only each layer's input. (Measured on
+    XLA:CPU: per-layer jax.checkpoint in an unrolled loop saved no memory at all; under the
+    scan it keeps one layer's intermediates. Decoding keeps one weight array per layer and a
+    Python loop over them, which XLA:CPU runs about 1.6x faster.)
+    """
+    if isinstance(params["layers"], list | tuple):
+        params = stack_layers(params)
+    x_BTD = options.constrain(params["embed_VD"].astype(config.compute_dtype)[tokens_BT])
+    cos_BTH, sin_BTH = rope_tables(positions(mask_BT), config.head_dim, config.rope_theta)
+    mask_BTS = causal_mask(mask_BT)
+    graphdef = _layer_graphdef(config)
+
+    def layer(layer_params, x_BTD, cos_BTH, sin_BTH, mask_BTS):
+        module = nnx.merge(graphdef, layer_params)
+        return options.constrain(module(x_BTD, cos_BTH, sin_BTH, mask_BTS, options=options)[0])
+
+    if options.remat != "none":
+        layer = jax.checkpoint(layer, policy=REMAT_POLICIES[options.remat])
+    x_BTD, _ = jax.lax.scan(
+        lambda x, p: (layer(p, x, cos_BTH, sin_BTH, mask_BTS), None), x_BTD, params["layers"]
+    )
+    return rms_norm(x_BTD, params["final_norm"]["scale_D"], config.rms_norm_eps)
 
 
 def logits(params: Params, config: QwenConfig, tokens_BT, mask_BT) -> jax.Array:
@@ -467,29 +651,47 @@ def logits(params: Params, config: QwenConfig, tokens_BT, mask_BT) -> jax.Array:
     return head_logits(hidden_states(params, config, tokens_BT, mask_BT), lm_head(params, config))
 
 
-def token_logprobs(params: Params, config: QwenConfig, tokens_BT, mask_BT, *, chunk: int = 128):
+def logits_chunks(rows: int, length: int, vocab: int, max_bytes: int) -> tuple[int, int]:
+    """(row chunks, positions per chunk) for token_logprobs: each chunk's float32 logits, of
+    rows / row_chunks rows x positions x vocab, stay under max_bytes where they can. Rows are
+    split (row_chunks a divisor of rows) only when one position of every row is already over."""
+    tokens = max(1, max_bytes // (vocab * 4))  # tokens per chunk
+    row_chunks = next(j for j in range(1, rows + 1) if rows % j == 0 and rows // j <= tokens)
+    return row_chunks, max(1, min(length, tokens // (rows // row_chunks)))
+
+
+def token_logprobs(params: Params, config: QwenConfig, tokens_BT, mask_BT, options=PLAIN):
     """logp_BT[b, t] = log p(tokens[b, t+1] | tokens[b, :t+1]), 0 where mask[b, t+1] = 0 and at
-    t = T-1. The log-softmax runs over chunks of ``chunk`` positions under a rematerialized scan,
-    so neither the forward nor the backward pass holds [B, T, V] float32 logits.
+    t = T-1.
+
+    The head is cast and gathered once; the log-softmax then runs over chunks of rows x
+    positions (``logits_chunks``: under options.logits_bytes per device) in a rematerialized
+    loop, so neither the forward nor the backward pass holds the [B, T, V] float32 logits.
     """
     tokens_BT = jnp.asarray(tokens_BT, jnp.int32)
     B, T = tokens_BT.shape
-    x_BTD = hidden_states(params, config, tokens_BT, mask_BT)
-    head_VD = lm_head(params, config)
+    x_BTD = hidden_states(params, config, tokens_BT, mask_BT, options)
+    D = x_BTD.shape[-1]
+    head_VD = options.replicate(lm_head(params, config).astype(x_BTD.dtype))
     next_BT = jnp.concatenate([tokens_BT[:, 1:], jnp.zeros((B, 1), tokens_BT.dtype)], axis=1)
     next_mask_BT = jnp.concatenate([mask_BT[:, 1:], jnp.zeros((B, 1), mask_BT.dtype)], axis=1)
-    n_chunks = -(-T // chunk)
-    pad = n_chunks * chunk - T
-    x_JBcD = jnp.pad(x_BTD, ((0, 0), (0, pad), (0, 0))).reshape(B, n_chunks, chunk, -1)
-    x_JBcD = x_JBcD.swapaxes(0, 1)
-    next_JBc = jnp.pad(next_BT, ((0, 0), (0, pad))).reshape(B, n_chunks, chunk).swapaxes(0, 1)
+    rows = options.local_rows(B)
+    R, c = logits_chunks(rows, T, config.vocab_size, options.logits_bytes)
+    J = -(-T // c)
+    # Row b = r * R + i goes to row chunk i, so every chunk keeps rows on every device.
+    x_RJbcD = jnp.pad(x_BTD, ((0, 0), (0, J * c - T), (0, 0))).reshape(B // R, R, J, c, D)
+    x_NbcD = options.constrain(x_RJbcD.transpose(1, 2, 0, 3, 4).reshape(R * J, B // R, c, D), 1)
+    next_RJbc = jnp.pad(next_BT, ((0, 0), (0, J * c - T))).reshape(B // R, R, J, c)
+    next_Nbc = options.constrain(next_RJbc.transpose(1, 2, 0, 3).reshape(R * J, B // R, c), 1)
 
     @jax.checkpoint
-    def chunk_logp(x_BcD, next_Bc):
-        logits_BcV = head_logits(x_BcD, head_VD)
-        picked_Bc = jnp.take_along_axis(logits_BcV, next_Bc[..., None], axis=-1)[..., 0]
-        return picked_Bc - jax.nn.logsumexp(logits_BcV, axis=-1)
+    def chunk_logp(x_bcD, next_bc):
+        logits_bcV = head_logits(x_bcD, head_VD)
+        picked_bc = jnp.take_along_axis(logits_bcV, next_bc[..., None], axis=-1)[..., 0]
+        return picked_bc - jax.nn.logsumexp(logits_bcV, axis=-1)
 
-    logp_JBc = jax.lax.map(lambda xs: chunk_logp(*xs), (x_JBcD, next_JBc))
-    logp_BT = logp_JBc.swapaxes(0, 1).reshape(B, n_chunks * chunk)[:, :T]
+    logp_Nbc = jax.lax.map(lambda xs: chunk_logp(*xs), (x_NbcD, next_Nbc))
+    logp_Nbc = options.constrain(logp_Nbc, 1)
+    logp_bRJc = logp_Nbc.reshape(R, J, B // R, c).transpose(2, 0, 1, 3)
+    logp_BT = logp_bRJc.reshape(B, J * c)[:, :T]
     return jnp.where(next_mask_BT.astype(bool), logp_BT, 0.0)

@@ -2,26 +2,30 @@
 continuation of the same cache across turns (a rollout appends each observation and goes on).
 
 A rollout:
-    state = init_state(config, batch, max_len)
+    state = init_state(config, batch, slots)
     state = append(params, config, state, *pad_chunk(prompts))       # prefill
     state, turn = sample_turn(params, config, state, key, tokenizer, max_new_tokens=500, ...)
     state = append(params, config, state, *pad_chunk(observations))  # no re-prefill
     state, turn = sample_turn(...)                                   # ... and so on
 
-The cache: one static-size [B, K, S, H] key and value array per layer, shared by the batch with a
-single write cursor. Every call writes its C new tokens (or N generated ones) at slots
-cursor .. cursor + C - 1 of every row; a row with nothing to add writes invalid slots
-(``valid_BS`` False), which no query attends to. So an append is one dynamic_update_slice, and
-attention is causal in slot order and restricted to valid slots. (B, K) lead the cache layout
-because they are the batch axes of the attention matmuls: any other order makes XLA transpose
-the whole cache at every step. RoPE positions are per row
-(``pos_B`` counts the row's valid tokens), so rows of different lengths, padding on either side,
-and invalidated slots all keep transformers' positions.
+The cache: one [B, K, S, H] key and value array per layer. Row b's tokens fill slots
+0 .. length_B[b] - 1 in order, with no holes, so a token's slot is also its RoPE position and
+the keys a query may attend are exactly the slots before it. Every call writes each row's new
+tokens at that row's own end (a scatter: padding and rows with nothing to add write nowhere),
+so a row's cache, and hence its tokens, do not depend on which other rows share the batch or
+how long they are; the cache needs only as many slots as its longest row. A rewind moves a
+row's end back. (B, K) lead the layout because they are the batch axes of the attention
+matmuls: any other order makes XLA transpose the whole cache at every step.
+
+Sharding: ``options.batch_sharding`` (qwen.ForwardOptions) splits the rows over the devices of
+a mesh; the cache is created split (``init_state``) and every call keeps it so, with the
+weights replicated. Rows never interact, so no device waits for another's rows.
 
 Compiled shapes (each distinct value compiles once; keep them to a few): batch B and cache slots
-S (``init_state``), chunk length C (``append``; pad with ``pad_chunk`` to length buckets),
-``max_new_tokens`` N, the stop table [M, J] and the number of EOS ids E (``generate``), and the
-flags greedy, top_k and (top_p < 1). Temperature and the top_p value are traced, not static.
+S (``init_state``, ``grow``), chunk length C (``append``; pad with ``pad_chunk`` to length
+buckets), ``max_new_tokens`` N, the stop table [M, J] and the number of EOS ids E
+(``generate``), and the flags greedy, top_k and (top_p < 1). Temperature, the top_p value and
+the per-row limits are traced, not static.
 
 Shape letters: B rows, S cache slots, C appended tokens, N new tokens, V vocabulary, L layers,
 K key/value heads, H head dim, D model dim, M stop sequences, J tokens per stop sequence
@@ -39,7 +43,7 @@ import numpy as np
 from tspo_jax import qwen
 
 # Why a row of generate() stopped (Generation.stop_B).
-LENGTH = 0  # reached max_new_tokens
+LENGTH = 0  # reached max_new_tokens, or its own limit
 EOS = 1  # sampled an EOS id
 STOP_STRING = 2  # its last tokens matched a row of the stop table (or, on the host, the text)
 INACTIVE = 3  # not active in this call (generated nothing)
@@ -54,10 +58,8 @@ class DecodeState(NamedTuple):
 
     k_LBKSH: tuple[jax.Array, ...]  # per layer [B, K, S, H] keys (RoPE applied)
     v_LBKSH: tuple[jax.Array, ...]  # per layer [B, K, S, H] values
-    valid_BS: jax.Array  # bool: slot s of row b holds a real token
-    pos_B: jax.Array  # int32: RoPE position of row b's next token (its valid-token count)
-    cursor: jax.Array  # int32 scalar: next free slot, the same for all rows
-    logits_BV: jax.Array  # float32: next-token logits of each row (after its last valid token)
+    length_B: jax.Array  # int32: row b's tokens are in slots 0 .. length - 1 (its next position)
+    logits_BV: jax.Array  # float32: next-token logits of each row (after its last token)
 
 
 class Generation(NamedTuple):
@@ -67,7 +69,7 @@ class Generation(NamedTuple):
     logp_BN: jax.Array  # float32 log-probs of tokens_BN (see sample_logits), 0 after length
     length_B: jax.Array  # int32 tokens generated per row, the EOS / stop token included
     stop_B: jax.Array  # int32 LENGTH, EOS, STOP_STRING or INACTIVE
-    start: jax.Array  # int32 scalar: the j-th generated token of every row is in slot start + j
+    start_B: jax.Array  # int32: row b's j-th generated token is in slot start_B[b] + j
 
 
 class TurnSample(NamedTuple):
@@ -80,99 +82,119 @@ class TurnSample(NamedTuple):
     stop_string: str | None  # which stop string ended the turn, if one did
 
 
-def init_state(config: qwen.QwenConfig, batch: int, max_len: int, dtype=None) -> DecodeState:
-    """An empty cache of ``max_len`` slots (prompt + every turn and observation must fit)."""
-    dtype = config.compute_dtype if dtype is None else dtype
-    shape = (batch, config.num_kv_heads, max_len, config.head_dim)
+def init_state(config: qwen.QwenConfig, batch: int, slots: int, *, sharding=None) -> DecodeState:
+    """An empty cache of ``slots`` slots per row, in the compute dtype. ``sharding``: a
+    NamedSharding that splits the leading (row) axis, e.g. ForwardOptions.batch_sharding;
+    the cache is then created split, never whole on one device."""
+    dtype = config.compute_dtype
+    shape = (batch, config.num_kv_heads, slots, config.head_dim)
+    zeros = lambda shape, dtype: jnp.zeros(shape, dtype, device=sharding)
     return DecodeState(
-        k_LBKSH=tuple(jnp.zeros(shape, dtype) for _ in range(config.num_layers)),
-        v_LBKSH=tuple(jnp.zeros(shape, dtype) for _ in range(config.num_layers)),
-        valid_BS=jnp.zeros((batch, max_len), bool),
-        pos_B=jnp.zeros((batch,), jnp.int32),
-        cursor=jnp.zeros((), jnp.int32),
-        logits_BV=jnp.zeros((batch, config.vocab_size), jnp.float32),
+        k_LBKSH=tuple(zeros(shape, dtype) for _ in range(config.num_layers)),
+        v_LBKSH=tuple(zeros(shape, dtype) for _ in range(config.num_layers)),
+        length_B=zeros((batch,), jnp.int32),
+        logits_BV=zeros((batch, config.vocab_size), jnp.float32),
     )
+
+
+def slots(state: DecodeState) -> int:
+    """S, the cache's slots per row."""
+    return state.k_LBKSH[0].shape[2]
 
 
 @functools.partial(jax.jit, static_argnums=1)
 def _grow(state: DecodeState, slots: int) -> DecodeState:
-    pad = slots - state.valid_BS.shape[1]
+    pad = slots - state.k_LBKSH[0].shape[2]
     kv = lambda x_BKSH: jnp.pad(x_BKSH, ((0, 0), (0, 0), (0, pad), (0, 0)))
     return state._replace(
-        k_LBKSH=tuple(map(kv, state.k_LBKSH)),
-        v_LBKSH=tuple(map(kv, state.v_LBKSH)),
-        valid_BS=jnp.pad(state.valid_BS, ((0, 0), (0, pad))),
+        k_LBKSH=tuple(map(kv, state.k_LBKSH)), v_LBKSH=tuple(map(kv, state.v_LBKSH))
     )
 
 
-def grow(state: DecodeState, needed: int) -> DecodeState:
-    """The state with room for ``needed`` more slots after the cursor: unchanged when it has
-    them, else copied into a cache of bucket_length(cursor + needed) slots.
+def grow(state: DecodeState, needed_B, *, limit: int | None = None) -> DecodeState:
+    """The state with room for needed_B[b] more tokens in each row b (an int: in every row):
+    unchanged when it has it, else copied into a cache of bucket_length(longest) slots, at
+    most ``limit`` (the longest row any caller allows, e.g. max_context).
 
     Every decode step attends over all S slots of the cache, used or not, so a cache that
     starts small and grows by buckets decodes faster than one sized for the worst case.
     """
-    total = int(state.cursor) + needed
-    if total <= state.valid_BS.shape[1]:
+    longest = int(np.max(np.asarray(state.length_B) + np.asarray(needed_B)))
+    if longest <= slots(state):
         return state
-    return _grow(state, bucket_length(total))
+    size = bucket_length(longest)
+    if limit is not None and longest <= limit:
+        size = min(size, limit)
+    return _grow(state, size)
 
 
-def _append(params, config: qwen.QwenConfig, state: DecodeState, tokens_BC, mask_BC):
-    """Writes C tokens per row at the cursor and updates each row's next-token logits."""
-    C = tokens_BC.shape[1]
-    S = state.valid_BS.shape[1]
-    mask_BC = mask_BC.astype(bool)
-    pos_BC = state.pos_B[:, None] + jnp.cumsum(mask_BC, axis=1, dtype=jnp.int32) - 1
-    valid_BS = jax.lax.dynamic_update_slice(state.valid_BS, mask_BC, (0, state.cursor))
-    slot_C = state.cursor + jnp.arange(C)
-    mask_BCS = valid_BS[:, None, :] & (jnp.arange(S)[None, None, :] <= slot_C[None, :, None])
+def _append(params, config, state: DecodeState, tokens_BC, n_B, options: qwen.ForwardOptions):
+    """Writes tokens_BC[b, :n_B[b]] at the end of each row b and updates its next-token logits.
+
+    Every row runs all C positions (one batched forward); the padding positions write nowhere
+    (scatter index S, dropped) and their outputs are ignored.
+    """
+    C, S = tokens_BC.shape[1], slots(state)
+    n_B = n_B.astype(jnp.int32)
+    slot_BC = state.length_B[:, None] + jnp.arange(C, dtype=jnp.int32)
+    write_BC = jnp.where(jnp.arange(C) < n_B[:, None], slot_BC, S)
+    mask_BCS = jnp.arange(S)[None, None, :] <= slot_BC[:, :, None]  # causal, no holes
     x_BCD, k_LBKSH, v_LBKSH = qwen.forward(
         params,
         config,
         tokens_BC.astype(jnp.int32),
-        jnp.maximum(pos_BC, 0),
+        slot_BC,
         mask_BCS,
         state.k_LBKSH,
         state.v_LBKSH,
-        state.cursor,
+        write_BC,
+        options,
     )
-    last_B = C - 1 - jnp.argmax(mask_BC[:, ::-1], axis=1)
+    last_B = jnp.maximum(n_B - 1, 0)
     x_BD = jnp.take_along_axis(x_BCD, last_B[:, None, None], axis=1)[:, 0]
     logits_BV = qwen.head_logits(x_BD, qwen.lm_head(params, config))
-    any_B = mask_BC.any(axis=1)
     return DecodeState(
         k_LBKSH=k_LBKSH,
         v_LBKSH=v_LBKSH,
-        valid_BS=valid_BS,
-        pos_B=state.pos_B + mask_BC.sum(axis=1, dtype=jnp.int32),
-        cursor=state.cursor + C,
-        logits_BV=jnp.where(any_B[:, None], logits_BV, state.logits_BV),
+        length_B=state.length_B + n_B,
+        logits_BV=options.constrain(jnp.where((n_B > 0)[:, None], logits_BV, state.logits_BV)),
     )
 
 
-_append_jit = jax.jit(_append, static_argnums=1, donate_argnums=2)
+_append_jit = jax.jit(_append, static_argnums=(1, 5), donate_argnums=2)
 
 
-def _check_room(state: DecodeState, needed: int, what: str) -> None:
-    if isinstance(state.cursor, jax.core.Tracer):
-        return
-    cursor, S = int(state.cursor), state.valid_BS.shape[1]
-    if cursor + needed > S:
+def _check_room(state: DecodeState, needed_B, what: str) -> None:
+    """needed_B[b] more tokens must fit in row b (host check; reads length_B)."""
+    longest = int(np.max(np.asarray(state.length_B) + np.asarray(needed_B)))
+    if longest > slots(state):
         raise ValueError(
-            f"{what}: {needed} more slots do not fit in the cache ({cursor} of {S} used); "
-            "make init_state's max_len larger"
+            f"{what}: a row of {longest} tokens does not fit in the cache of {slots(state)} "
+            "slots; make init_state's slots larger (or grow the state first)"
         )
 
 
-def append(params, config: qwen.QwenConfig, state: DecodeState, tokens_BC, mask_BC) -> DecodeState:
-    """Appends a chunk (the prompt, or an observation) to every row; ``state`` is donated.
+def _rows(x, options: qwen.ForwardOptions):
+    """A host array with a leading row axis, placed on the devices as options say."""
+    if options.batch_sharding is None:
+        return jnp.asarray(x)
+    return jax.device_put(x if isinstance(x, jax.Array) else np.asarray(x), options.batch_sharding)
 
-    mask_BC marks each row's real tokens (left, right or no padding). A row whose mask is all
-    zero adds nothing and keeps its logits. Compiles once per (B, S, C).
+
+def append(
+    params,
+    config: qwen.QwenConfig,
+    state: DecodeState,
+    tokens_BC,
+    n_B,
+    options: qwen.ForwardOptions = qwen.PLAIN,
+) -> DecodeState:
+    """Appends tokens_BC[b, :n_B[b]] to each row b (the prompt, or an observation; n_B[b] = 0
+    adds nothing and keeps the row's logits); ``state`` is donated. Compiles once per (B, S, C).
     """
-    _check_room(state, tokens_BC.shape[1], "append")
-    return _append_jit(params, config, state, jnp.asarray(tokens_BC), jnp.asarray(mask_BC))
+    _check_room(state, n_B, "append")
+    tokens_BC, n_B = _rows(tokens_BC, options), _rows(n_B, options)
+    return _append_jit(params, config, state, tokens_BC, n_B, options)
 
 
 def first_index_of_max(x_BV, max_B1):
@@ -275,7 +297,7 @@ def sample_logits(logits_BV, key, temperature, top_p, *, top_k: int, use_top_p: 
 
 @functools.partial(
     jax.jit,
-    static_argnames=("config", "max_new_tokens", "top_k", "use_top_p", "greedy"),
+    static_argnames=("config", "max_new_tokens", "top_k", "use_top_p", "greedy", "options"),
     donate_argnames="state",
 )
 def _generate(
@@ -283,7 +305,7 @@ def _generate(
     config,
     state: DecodeState,
     key,
-    active_B,
+    limit_B,
     stop_table_MJ,
     eos_E,
     temperature,
@@ -293,8 +315,9 @@ def _generate(
     top_k: int,
     use_top_p: bool,
     greedy: bool,
+    options: qwen.ForwardOptions,
 ):
-    B = state.pos_B.shape[0]
+    B = state.length_B.shape[0]
     N = max_new_tokens
     J = stop_table_MJ.shape[1]
 
@@ -323,26 +346,26 @@ def _generate(
         match_BMJ = (stop_table_MJ[None] == -1) | (stop_table_MJ[None] == window_BJ[:, None, :])
         hit_B = jnp.any(jnp.all(match_BMJ, axis=-1), axis=-1)
         eos_B = jnp.any(tok_B[:, None] == eos_E[None, :], axis=-1)
-        state = _append(params, config, state, tok_B[:, None], alive_B[:, None])
+        state = _append(params, config, state, tok_B[:, None], alive_B.astype(jnp.int32), options)
         stop_B = jnp.where(alive_B & eos_B, EOS, jnp.where(alive_B & hit_B, STOP_STRING, stop_B))
         length_B = length_B + alive_B
-        alive_B = alive_B & ~eos_B & ~hit_B
+        alive_B = alive_B & ~eos_B & ~hit_B & (length_B < limit_B)
         return step + 1, state, tokens_BN, logp_BN, window_BJ, alive_B, length_B, stop_B
 
-    active_B = active_B.astype(bool)
+    active_B = limit_B > 0
     carry = (
         jnp.zeros((), jnp.int32),
         state,
-        jnp.zeros((B, N), jnp.int32),
-        jnp.zeros((B, N), jnp.float32),
-        jnp.full((B, J), -2, jnp.int32),
+        options.constrain(jnp.zeros((B, N), jnp.int32)),
+        options.constrain(jnp.zeros((B, N), jnp.float32)),
+        options.constrain(jnp.full((B, J), -2, jnp.int32)),
         active_B,
-        jnp.zeros((B,), jnp.int32),
+        jnp.zeros_like(state.length_B),
         jnp.where(active_B, LENGTH, INACTIVE).astype(jnp.int32),
     )
-    start = state.cursor
+    start_B = state.length_B
     _, state, tokens_BN, logp_BN, _, _, length_B, stop_B = jax.lax.while_loop(cond, body, carry)
-    return state, Generation(tokens_BN, logp_BN, length_B, stop_B, start)
+    return state, Generation(tokens_BN, logp_BN, length_B, stop_B, start_B)
 
 
 def generate(
@@ -353,27 +376,32 @@ def generate(
     *,
     max_new_tokens: int,
     active_B=None,
+    limit_B=None,
     stop_table=None,
     eos_ids: Sequence[int] | None = None,
     temperature: float = 1.0,
     top_p: float = 1.0,
     top_k: int = 0,
     greedy: bool = False,
+    options: qwen.ForwardOptions = qwen.PLAIN,
 ) -> tuple[DecodeState, Generation]:
     """Samples up to max_new_tokens per row in one lax.while_loop; ``state`` is donated.
 
-    Each step samples from every live row's logits, writes the tokens at the cursor (finished
-    and inactive rows write invalid slots) and runs the model on them. A row stops on an EOS id
-    or when its last tokens equal a row of ``stop_table`` (``make_stop_table``); its stopping
-    token is kept, both in the output and in the cache, and the state's logits then predict
-    the token after it, so the cache can continue. The loop ends when no row is live.
+    Each step samples from every live row's logits, writes the tokens at the rows' ends and
+    runs the model on them. A row stops on an EOS id, when its last tokens equal a row of
+    ``stop_table`` (``make_stop_table``), or after limit_B[b] tokens (default max_new_tokens);
+    its stopping token is kept, both in the output and in the cache, and the state's logits
+    then predict the token after it, so the cache can continue. The loop ends when no row is
+    live. Rows with active_B False (or limit 0) generate nothing.
     key: one key, or a [B] array of per-row keys so that each row's tokens depend only on its
     own key and context, not on the rest of the batch (what multi-process rollouts need).
     eos_ids: default config.eos_token_ids; () disables EOS.
     """
-    B = state.pos_B.shape[0]
-    _check_room(state, max_new_tokens, "generate")
+    B = state.length_B.shape[0]
     active_B = np.ones((B,), bool) if active_B is None else np.asarray(active_B, bool)
+    limit_B = np.full((B,), max_new_tokens) if limit_B is None else np.asarray(limit_B)
+    limit_B = np.where(active_B, np.clip(limit_B, 0, max_new_tokens), 0).astype(np.int32)
+    _check_room(state, limit_B, "generate")
     table_MJ = np.full((0, 1), -1, np.int32) if stop_table is None else np.asarray(stop_table)
     eos_E = np.asarray(config.eos_token_ids if eos_ids is None else eos_ids, np.int32).reshape(-1)
     if not greedy and not temperature > 0:
@@ -384,8 +412,8 @@ def generate(
         params,
         config,
         state,
-        key,
-        active_B,
+        key if key.ndim == 0 else _rows(key, options),
+        _rows(limit_B, options),
         table_MJ.astype(np.int32),
         eos_E,
         jnp.float32(temperature),
@@ -394,35 +422,32 @@ def generate(
         top_k=0 if greedy else int(top_k),
         use_top_p=bool(not greedy and top_p < 1.0),
         greedy=bool(greedy),
+        options=options,
     )
 
 
-@functools.partial(jax.jit, static_argnums=1, donate_argnums=2)
-def _rewind(params, config, state: DecodeState, start, keep_B, length_B, last_B):
-    S = state.valid_BS.shape[1]
+@functools.partial(jax.jit, static_argnums=(1, 7), donate_argnums=2)
+def _rewind(params, config, state: DecodeState, start_B, keep_B, length_B, last_B, options):
     cut_B = keep_B < length_B
-    slot_S = jnp.arange(S)
-    # Drop the cut tokens and the last kept one, which is then appended again (at the cursor,
-    # with its original position) so that logits_BV predicts the token after it.
-    drop_BS = (
-        cut_B[:, None]
-        & (slot_S[None] >= start + keep_B[:, None] - 1)
-        & (slot_S[None] < start + length_B[:, None])
-    )
-    state = state._replace(
-        valid_BS=state.valid_BS & ~drop_BS,
-        pos_B=jnp.where(cut_B, state.pos_B - (length_B - keep_B) - 1, state.pos_B),
-    )
-    return _append(params, config, state, last_B[:, None], cut_B[:, None])
+    # The row ends before its last kept token, which is then written again (same slot, same
+    # context, so the same keys and values) so that logits_BV predicts the token after it.
+    state = state._replace(length_B=jnp.where(cut_B, start_B + keep_B - 1, state.length_B))
+    return _append(params, config, state, last_B[:, None], cut_B.astype(jnp.int32), options)
 
 
-def rewind(params, config, state: DecodeState, generation: Generation, keep_B) -> DecodeState:
+def rewind(
+    params,
+    config,
+    state: DecodeState,
+    generation: Generation,
+    keep_B,
+    options: qwen.ForwardOptions = qwen.PLAIN,
+) -> DecodeState:
     """Cuts each row's generated tokens back to its first keep_B[b] (>= 1 where cut).
 
-    The cut tokens' slots become invalid and pos_B moves back. To recompute the next-token
-    logits, the last kept token's slot is invalidated too and the token is appended again at
-    the cursor (same position, same context, so the same keys and values): one more slot and
-    one one-token step for the batch. Rows with keep_B == length_B are untouched.
+    The row's end moves back (the cut tokens' slots are free again), and its last kept token
+    is written again to recompute the next-token logits: one one-token step for the batch.
+    Rows with keep_B == length_B are untouched.
     """
     keep_B = np.asarray(keep_B, np.int32)
     length_B = np.asarray(generation.length_B)
@@ -430,8 +455,8 @@ def rewind(params, config, state: DecodeState, generation: Generation, keep_B) -
         raise ValueError("rewind: need 1 <= keep_B <= length_B on rows that are cut")
     tokens_BN = np.asarray(generation.tokens_BN)
     last_B = tokens_BN[np.arange(len(keep_B)), np.maximum(keep_B - 1, 0)]
-    _check_room(state, 1, "rewind")
-    return _rewind(params, config, state, generation.start, keep_B, length_B, last_B)
+    args = (generation.start_B, *(_rows(x, options) for x in (keep_B, length_B, last_B)))
+    return _rewind(params, config, state, *args, options)
 
 
 def make_stop_table(tokenizer, stop_strings: Sequence[str] = DEFAULT_STOP_STRINGS) -> np.ndarray:
@@ -484,6 +509,7 @@ def sample_turn(
     *,
     max_new_tokens: int,
     active_B=None,
+    limit_B=None,
     stop_strings: Sequence[str] = DEFAULT_STOP_STRINGS,
     stop_table=None,
     eos_ids: Sequence[int] | None = None,
@@ -491,13 +517,13 @@ def sample_turn(
     top_p: float = 1.0,
     top_k: int = 0,
     greedy: bool = False,
+    options: qwen.ForwardOptions = qwen.PLAIN,
 ) -> tuple[DecodeState, list[TurnSample]]:
     """One turn for every active row: generate, then cut each row after the token that
     completes its first stop string in the decoded text (a stop string merged into a larger
     token, which the in-loop table cannot see), and rewind the cache to match.
     ``stop_table`` defaults to make_stop_table(tokenizer, stop_strings); pass it to reuse one.
     """
-    _check_room(state, max_new_tokens + 1, "sample_turn")
     if stop_table is None:
         stop_table = make_stop_table(tokenizer, stop_strings)
     state, gen = generate(
@@ -507,12 +533,14 @@ def sample_turn(
         key,
         max_new_tokens=max_new_tokens,
         active_B=active_B,
+        limit_B=limit_B,
         stop_table=stop_table,
         eos_ids=eos_ids,
         temperature=temperature,
         top_p=top_p,
         top_k=top_k,
         greedy=greedy,
+        options=options,
     )
     tokens_BN, logp_BN, length_B, stop_B = jax.device_get(
         (gen.tokens_BN, gen.logp_BN, gen.length_B, gen.stop_B)
@@ -534,7 +562,7 @@ def sample_turn(
             )
         )
     if np.any(keep_B < length_B):
-        state = rewind(params, config, state, gen, keep_B)
+        state = rewind(params, config, state, gen, keep_B, options)
     return state, samples
 
 
@@ -547,21 +575,12 @@ def bucket_length(n: int, buckets: Sequence[int] = BUCKETS) -> int:
 
 
 def pad_chunk(
-    rows: Sequence[Sequence[int]],
-    *,
-    buckets: Sequence[int] = BUCKETS,
-    left: bool = False,
-    pad_id: int = 0,
+    rows: Sequence[Sequence[int]], *, buckets: Sequence[int] = BUCKETS, pad_id: int = 0
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Token lists (possibly empty) -> (tokens_BC int32, mask_BC bool), C = bucket_length of the
-    longest, right-padded (left=True: left-padded). Bucketing keeps the compiled shapes few.
-    """
+    """Token lists (possibly empty) -> (tokens_BC int32 right-padded, n_B int32 lengths),
+    C = bucket_length of the longest. Bucketing keeps the compiled shapes few."""
     C = bucket_length(max((len(r) for r in rows), default=1), buckets)
     tokens_BC = np.full((len(rows), C), pad_id, np.int32)
-    mask_BC = np.zeros((len(rows), C), bool)
     for b, r in enumerate(rows):
-        if len(r):
-            sl = slice(C - len(r), C) if left else slice(0, len(r))
-            tokens_BC[b, sl] = r
-            mask_BC[b, sl] = True
-    return tokens_BC, mask_BC
+        tokens_BC[b, : len(r)] = r
+    return tokens_BC, np.array([len(r) for r in rows], np.int32)

@@ -1,0 +1,296 @@
+"""The memory plan of a train.py run: bytes per device, from config.json and the options alone.
+
+train.py computes it before any weights are loaded, picks the largest rollout wave that fits,
+checks the micro-batch, and stops with one line naming the part that does not fit. Each part
+is arithmetic on shapes (no compilation, so a 7B plan takes milliseconds); tests check the two
+estimated parts, the update's and the decoder's temporaries, against XLA's memory_analysis of
+the compiled programs on small shapes.
+
+Per device, with P parameters (P_shard of them on the device under fsdp), c bytes per compute
+element, r rows of a micro-batch and w rows of a rollout wave on the device, T = max_context:
+    params            4 P_shard              float32 master weights
+    optimizer state   8 P_shard              AdamW's two float32 moments
+    reference         c P_shard              when kl_coef > 0
+    update temps      grads, layer weights, saved activations, one layer's backward
+                      (attention in blocks of attention_bytes), log-prob chunks (logits_bytes)
+    sampling weights  c P                    every device holds the whole policy
+    KV cache          1.5 w T L 2 K H c      the cache grows by copying (old and new live)
+    decode temps      one observation's append and the next-token logits of the wave
+The update and the rollout never run at the same time: peak = fixed + max(update, rollout).
+
+Shape letters as in qwen.py: L layers, D model dim, F MLP dim, N query / K key-value heads,
+H head dim, V vocabulary.
+"""
+
+import math
+from typing import NamedTuple
+
+import jax
+import numpy as np
+from jax.sharding import AbstractMesh
+
+from tspo_jax import learner, qwen, sampling
+
+GiB = 2**30
+# The default rollout wave fills at most this share of a device, leaving room for what the
+# formulas do not count (fragmentation, XLA's own buffers, the host's transfers).
+WAVE_MARGIN = 0.9
+
+
+class Plan(NamedTuple):
+    """Bytes per device of each part, and the settings they were computed for."""
+
+    params: int
+    optimizer: int
+    reference: int
+    update: int  # update temporaries at the micro-batch
+    sampling_weights: int
+    kv_cache: int  # one wave's cache at max_context
+    decode: int  # one wave's decode / append temporaries
+    capacity: int  # bytes per device (0: unknown)
+    rollout_batch: int  # rows per wave on this process
+    micro_batch: int  # prompts per forward / backward pass
+    largest_micro_batch: int  # the largest micro-batch whose update fits (0: none, or unknown)
+
+    @property
+    def fixed(self) -> int:
+        return self.params + self.optimizer + self.reference
+
+    @property
+    def rollout_peak(self) -> int:
+        return self.fixed + self.sampling_weights + self.kv_cache + self.decode
+
+    @property
+    def update_peak(self) -> int:
+        return self.fixed + self.update
+
+    @property
+    def peak(self) -> int:
+        return max(self.rollout_peak, self.update_peak)
+
+    def report(self) -> str:
+        gib = lambda b: f"{b / GiB:8.2f} GiB"
+        cap = gib(self.capacity) if self.capacity else "     unknown"
+        rows = [
+            ("params (float32)", self.params),
+            ("optimizer state", self.optimizer),
+            ("reference model", self.reference),
+            (f"update temporaries, micro-batch {self.micro_batch}", self.update),
+            ("sampling weights", self.sampling_weights),
+            (f"KV cache, wave of {self.rollout_batch} rows", self.kv_cache),
+            ("decode temporaries", self.decode),
+        ]
+        lines = [f"  {name:<44}{gib(b)}" for name, b in rows]
+        lines += [
+            f"  {'peak, update':<44}{gib(self.update_peak)}",
+            f"  {'peak, rollout':<44}{gib(self.rollout_peak)}",
+            f"  {'device capacity':<44}{cap}",
+        ]
+        return "memory plan, per device:\n" + "\n".join(lines)
+
+
+def param_shard_size(config: qwen.QwenConfig, data: int, fsdp: int) -> int:
+    """Parameters of one device's shard, as learner.param_shardings splits them on a data x
+    fsdp mesh (an abstract mesh: no devices needed)."""
+    mesh = AbstractMesh((data, fsdp), learner.BATCH_AXES)
+    shapes = jax.eval_shape(lambda: qwen.stack_layers(qwen.init_params(config, jax.random.key(0))))
+    shardings = learner.param_shardings(config, mesh)
+    sizes = jax.tree.map(lambda x, s: math.prod(s.shard_shape(x.shape)), shapes, shardings)
+    return sum(jax.tree.leaves(sizes))
+
+
+def layer_params(config: qwen.QwenConfig) -> int:
+    """Parameters of one decoder layer."""
+    D, F = config.hidden_size, config.intermediate_size
+    N, K, H = config.num_heads, config.num_kv_heads, config.head_dim
+    return 2 * D + 2 * N * H * D + N * H + 2 * (K * H * D + K * H) + 3 * F * D
+
+
+def param_count(config: qwen.QwenConfig) -> int:
+    """Parameters of the whole model (3.09B for Qwen2.5-3B, 7.62B for 7B)."""
+    heads = 1 if config.tie_word_embeddings else 2
+    D = config.hidden_size
+    return heads * config.vocab_size * D + config.num_layers * layer_params(config) + D
+
+
+def update_temporaries(
+    config: qwen.QwenConfig,
+    *,
+    rows: int,
+    length: int,
+    param_shard: int,
+    remat: str,
+    attention_bytes: int,
+    logits_bytes: int,
+) -> int:
+    """Update temporaries per device: ``rows`` rows of ``length`` tokens on the device in one
+    micro-batch, ``param_shard`` parameters on the device.
+
+    The terms are what the update holds at its peak; their weights were fitted to XLA's
+    memory_analysis of the compiled update (8 CPU devices, float32, remat full, 11 shapes:
+    within 25% of all but one, tests/test_plan.py checks two):
+      gradient sums (float32, sharded like the params)          4 P_shard
+      the head, gathered once, and one layer's gathered weights  c V D + 2 c P_layer
+      saved layer inputs (remat full; "none" keeps every layer's activations)
+                                                                 1.25 (L + 1) r T D c
+      one layer's activations (recomputed, with the backward)    r T c (2 D + 3 F + 10 (N + 2K) H)
+      attention scores, one block of queries (float32)           3 x 4 r N q_block T
+      the [T, T] mask (bool) and half a chunk of float32 logits  r T T + 2 r_chunk T_chunk V
+    """
+    c = np.dtype(config.compute_dtype).itemsize
+    V, D, F, L = config.vocab_size, config.hidden_size, config.intermediate_size, config.num_layers
+    N, K, H = config.num_heads, config.num_kv_heads, config.head_dim
+    tokens = rows * length
+    weights = 4 * param_shard + c * V * D + 2 * c * layer_params(config)
+    layer = tokens * c * (2 * D + 3 * F + 10 * (N + 2 * K) * H)
+    block = qwen.query_block(rows, N, length, length, attention_bytes)
+    scores = 3 * 4 * rows * N * block * length
+    if remat == "full":
+        saved = 1.25 * (L + 1) * tokens * D * c
+    elif remat == "dots":  # the weight matmuls' outputs of every layer
+        saved = L * tokens * c * (2 * D + 2 * F + (N + 2 * K) * H)
+    else:
+        saved = (L - 1) * layer
+    R, chunk = qwen.logits_chunks(rows, length, V, logits_bytes)
+    logits = 2 * (rows // R) * chunk * V
+    return int(weights + saved + layer + scores + tokens * length + logits)
+
+
+def decode_temporaries(
+    config: qwen.QwenConfig, *, rows: int, slots: int, chunk: int, attention_bytes: int
+) -> int:
+    """Temporaries per device of one wave (``rows`` rows on the device, ``slots`` cache slots):
+    the larger of an append of ``chunk`` tokens (an observation) and one decoding step. Fitted
+    to XLA's memory_analysis of the compiled append and generate (8 CPU devices, 4 shapes,
+    within 10%):
+      append: r C c (2 D + 2 F + (N + 2K) H) + 1.3 x one block of float32 scores + 3.5 r C S
+      decode step: 4 x 4 r V (logits, their scaled and filtered copies, float32)
+    """
+    c = np.dtype(config.compute_dtype).itemsize
+    V, D, F = config.vocab_size, config.hidden_size, config.intermediate_size
+    N, K, H = config.num_heads, config.num_kv_heads, config.head_dim
+    block = qwen.query_block(rows, N, chunk, slots, attention_bytes)
+    append = rows * chunk * c * (2 * D + 2 * F + (N + 2 * K) * H)
+    append += 1.3 * 4 * rows * N * block * slots + 3.5 * rows * chunk * slots
+    return int(max(append, 4 * 4 * rows * V))
+
+
+def kv_cache_bytes(config: qwen.QwenConfig, *, rows: int, slots: int) -> int:
+    """The cache of ``rows`` rows, ``slots`` slots each, while it grows: the last copy holds
+    the old cache (half the slots) and the new one at once."""
+    c = np.dtype(config.compute_dtype).itemsize
+    per_slot = config.num_layers * 2 * config.num_kv_heads * config.head_dim * c
+    return rows * per_slot * slots * 3 // 2
+
+
+def make_plan(
+    config: qwen.QwenConfig,
+    *,
+    data: int,
+    fsdp: int,
+    local_devices: int,
+    processes: int,
+    capacity: int,
+    prompts_per_step: int,
+    micro_batch: int,
+    group_size: int,
+    rollout_batch: int,
+    max_context: int,
+    max_obs_tokens: int,
+    kl: bool,
+    remat: str,
+    attention_bytes: int,
+    logits_bytes: int,
+) -> Plan:
+    """The plan of one run. rollout_batch 0: the largest wave (whole groups, a multiple of the
+    process's devices) whose peak stays under WAVE_MARGIN of the capacity (all of the
+    process's rows when the capacity is unknown); otherwise that wave, as given."""
+    c = np.dtype(config.compute_dtype).itemsize
+    shard = param_shard_size(config, data, fsdp)
+
+    def temporaries(micro: int) -> int:
+        return update_temporaries(
+            config,
+            rows=micro * group_size // (data * fsdp),
+            length=max_context,
+            param_shard=shard,
+            remat=remat,
+            attention_bytes=attention_bytes,
+            logits_bytes=logits_bytes,
+        )
+
+    fixed = (4 + 8 + (c if kl else 0)) * shard
+    devices = data * fsdp
+    micros = range(devices, prompts_per_step + 1, devices)
+    fitting = [m for m in micros if capacity and fixed + temporaries(m) <= capacity]
+    slots = min(sampling.bucket_length(max_context), max_context)
+    chunk = sampling.bucket_length(max_obs_tokens)
+
+    def plan(wave: int) -> Plan:
+        per_device = wave // local_devices
+        return Plan(
+            params=4 * shard,
+            optimizer=8 * shard,
+            reference=c * shard if kl else 0,
+            update=temporaries(micro_batch),
+            sampling_weights=c * param_count(config),
+            kv_cache=kv_cache_bytes(config, rows=per_device, slots=slots),
+            decode=decode_temporaries(
+                config, rows=per_device, slots=slots, chunk=chunk, attention_bytes=attention_bytes
+            ),
+            capacity=capacity,
+            rollout_batch=wave,
+            micro_batch=micro_batch,
+            largest_micro_batch=fitting[-1] if fitting else 0,
+        )
+
+    if rollout_batch:
+        return plan(rollout_batch)
+    step_rows = prompts_per_step // processes * group_size
+    unit = math.lcm(group_size, local_devices)
+    waves = list(range(unit, step_rows + 1, unit)) or [unit]
+    if not capacity:
+        return plan(waves[-1])
+    fitting_waves = [w for w in waves if plan(w).rollout_peak <= WAVE_MARGIN * capacity]
+    return plan(fitting_waves[-1] if fitting_waves else waves[0])
+
+
+def check(plan: Plan) -> str | None:
+    """None when the plan fits its capacity (or the capacity is unknown), else what does not
+    fit and by how much, in one sentence."""
+    if not plan.capacity:
+        return None
+    gib = lambda b: f"{b / GiB:.1f} GiB"
+    over = lambda need: (
+        f"{gib(need)} per device, {gib(need - plan.capacity)} over the {gib(plan.capacity)} "
+        "of one device"
+    )
+    if plan.fixed > plan.capacity:
+        return (
+            f"params, optimizer state and reference model need {over(plan.fixed)}; shard them "
+            "over more devices (--mesh-fsdp, or a larger slice)"
+        )
+    weights = plan.fixed + plan.sampling_weights
+    if weights > plan.capacity:
+        return (
+            f"the train state and the sampling weights (a whole {gib(plan.sampling_weights)} "
+            f"copy of the policy on every device) need {over(weights)}; use a larger slice "
+            "(more --mesh-fsdp devices for the train state), or --kl-coef 0 (no reference)"
+        )
+    if plan.rollout_peak > plan.capacity:
+        return (
+            f"a rollout wave of {plan.rollout_batch} rows per process (--rollout-batch) needs "
+            f"{over(plan.rollout_peak)} (KV cache {gib(plan.kv_cache)}); lower --rollout-batch "
+            "or --max-context"
+        )
+    if plan.update_peak > plan.capacity:
+        largest = (
+            f"the largest that fits is {plan.largest_micro_batch}"
+            if plan.largest_micro_batch
+            else "none fits; lower --max-context or use more devices"
+        )
+        return (
+            f"the update at --micro-batch {plan.micro_batch} needs {over(plan.update_peak)} "
+            f"(temporaries {gib(plan.update)}); {largest}"
+        )
+    return None
