@@ -412,21 +412,21 @@ def export_step(run, step: int, state, record: dict, due: bool | None = None) ->
 
 
 @contextlib.contextmanager
-def saved_on_failure(run, step: int, state, record):
-    """An error in the block saves the state after ``step`` before it ends the run."""
+def saved_on_failure(run, step: int, state, record, *, agreed: bool = False):
+    """An error in the block saves the state after ``step`` before it ends the run. With
+    several processes a save is collective: only a RetrievalError raised on all of them
+    (``agreed``: the block is ``collect``, see raise_if_any_failed) saves."""
     try:
         yield
     except Exception as e:
-        save_before_failing(run, step, state, record, e)
+        if jax.process_count() == 1 or (agreed and isinstance(e, retrieval.RetrievalError)):
+            save_before_failing(run, step, state, record, e)
         raise
 
 
 def save_before_failing(run, step: int, state, record, error: Exception) -> None:
     """Saves the state after ``step`` (its last completed step) unless it is saved already, and
-    notes on ``error`` how to go on. With several processes only an error that all of them
-    raise (a retrieval failure, agreed on in ``collect``) can save: a save is collective."""
-    if jax.process_count() > 1 and not isinstance(error, retrieval.RetrievalError):
-        return
+    notes on ``error`` how to go on."""
     if step == 0:
         error.add_note("no step was completed, so there is nothing to resume")
         return
@@ -513,12 +513,12 @@ def resume_logs(run, state, step: int) -> list[dict]:
     the checkpoint if a kill lost it, and its evaluation and export done now if a preemption or
     a failure skipped them. Returns the row of ``step`` when this updated it, else []."""
     due = np.array([eval_due(run, step), export_due(run.cfg, step)])
+    meta = run.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
     row = {}
     if run.lead:
         rows = trim_logs(run, step)
         row = next((r for r in rows if r["step"] == step), None)
         if row is None:
-            meta = run.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
             row = meta["meta"].get("record") or {"step": step}
             rows.append(row)
         done = np.array(["eval_em" in row, (export_dir(run, step) / "config.json").exists()])
@@ -831,7 +831,7 @@ def main(argv=None) -> dict:
             write_jsonl(metrics, history[-1:], append=True)
     for step in range(start, cfg.steps):
         t0 = time.perf_counter()
-        with saved_on_failure(run, step, state, history[-1] if history else None):
+        with saved_on_failure(run, step, state, history[-1] if history else None, agreed=True):
             trajs, timing, batch, adv_BGK = collect(run, state, step)  # e.g. retrieval down
         t1 = time.perf_counter()
         state, update_metrics = learn(run, state, batch, adv_BGK, compiled)

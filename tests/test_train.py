@@ -355,6 +355,8 @@ def test_a_gs_out_dir_stays_a_url(small_world, small_policy, questions, tmp_path
     with epath_testing.mock_epath(**dict.fromkeys([*backend.split(), "walk"], redirect)):
         run = ("--steps", "1", "--log-samples", "1", "--plot", "true")
         train.main(args(small_world, small_policy, questions, "gs://bucket/run", *run))
+        config, params = hf_io.load_hf(str(bucket / "run" / "hf" / "step_1"))
+        hf_io.save_hf("gs://bucket/copy", config, params)  # save_hf itself takes a URL too
     assert [(type(d), os.fspath(d)) for d in given] == [
         (type(epath.Path("gs://b")), "gs://bucket/run/checkpoints")
     ]
@@ -366,6 +368,8 @@ def test_a_gs_out_dir_stays_a_url(small_world, small_policy, questions, tmp_path
     assert (out / "checkpoints" / "1").is_dir()
     export = sorted(p.name for p in (out / "hf" / "step_1").iterdir())
     assert {"config.json", "model.safetensors", "tokenizer_config.json"} <= set(export)
+    copy = (bucket / "copy" / "model.safetensors").read_bytes()
+    assert copy == (out / "hf" / "step_1" / "model.safetensors").read_bytes()
     assert list((tmp_path / "cwd").iterdir()) == []
 
 
