@@ -571,6 +571,13 @@ class EvalConfig:
     retriever_url: str = option(
         "", "Search-R1 retrieval server, e.g. http://127.0.0.1:8000/retrieve"
     )
+    retriever_timeout: float = option(retrieval.DEFAULT_TIMEOUT, "seconds per retrieval request")
+    retriever_retries: int = option(
+        retrieval.DEFAULT_RETRIES, "retries of a failed retrieval request (down, timeout, 5xx)"
+    )
+    retriever_max_wait: float = option(
+        retrieval.DEFAULT_MAX_WAIT, "seconds a retrieval request may fail before giving up"
+    )
     out: str = option("", "write trajectories here as JSONL (default: next to nothing)")
     limit: int = option(0, "evaluate the first N questions only (0: all)")
     batch_size: int = option(64, "questions per rollout batch")
@@ -592,11 +599,20 @@ class EvalConfig:
 def main(argv=None):
     cfg = cli.parse(EvalConfig, argv)
     print("tspo_jax evaluation\n" + cli.describe(cfg), file=sys.stderr)
+    server = None
+    if cfg.retriever_url:  # checked before the model loads: down, a wrong path, ...
+        server = retrieval.HttpRetriever(
+            cfg.retriever_url,
+            timeout=cfg.retriever_timeout,
+            retries=cfg.retriever_retries,
+            max_wait=cfg.retriever_max_wait,
+        )
+        server.check()
     mesh = rollout_mesh()  # the rows of each batch split over this host's devices
     model_config, params, tokenizer = load_policy(
         cfg.model, getattr(jnp, cfg.dtype), sharding=NamedSharding(mesh, P())
     )
-    retriever = retrieval.make_retriever(corpus=cfg.corpus or None, url=cfg.retriever_url or None)
+    retriever = server or retrieval.make_retriever(corpus=cfg.corpus)
     examples = data.load_examples(cfg.data)
     if cfg.limit:
         examples = examples[: cfg.limit]

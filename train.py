@@ -17,10 +17,13 @@ warm-started tiny policy (once, cached) and applies TOYWORLD_PRESET to every opt
 on the command line.
 """
 
+import contextlib
 import dataclasses
 import json
 import os
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -29,6 +32,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
+from etils import epath
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 from tqdm import tqdm
@@ -38,6 +42,7 @@ from tspo_jax import cli, data, hf_io, learner, plan, qwen, retrieval, sampling,
 from tspo_jax.cli import option
 
 RolloutConfig = rollout.RolloutConfig
+AUTO_ON_OFF = ("auto", "on", "off")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -50,7 +55,16 @@ class Config:
     eval_data: str = option("", "held-out questions for periodic evaluation ('': none)")
     corpus: str = option("", "Search-R1 JSONL corpus for the embedded BM25 retriever")
     retriever_url: str = option("", "Search-R1 retrieval server URL, instead of --corpus")
-    out_dir: str = option("runs/tspo", "run folder: config, metrics, checkpoints, exports")
+    retriever_timeout: float = option(retrieval.DEFAULT_TIMEOUT, "seconds per retrieval request")
+    retriever_retries: int = option(
+        retrieval.DEFAULT_RETRIES, "retries of a failed retrieval request (down, timeout, 5xx)"
+    )
+    retriever_max_wait: float = option(
+        retrieval.DEFAULT_MAX_WAIT, "seconds a retrieval request may fail before the run stops"
+    )
+    out_dir: str = option(
+        "runs/tspo", "run folder, or a gs:// URL: config, metrics, checkpoints, exports"
+    )
     # The algorithm (TSPO.md).
     algo: str = option("tspo", "tspo, or grpo (latent_reward 0)", choices=("tspo", "grpo"))
     latent_reward: float = option(0.5, "alpha of Eq. F, in [0, 1)")
@@ -99,6 +113,9 @@ class Config:
     eval_size: int = option(500, "held-out questions per evaluation (0: all)")
     eval_batch: int = option(64, "questions per evaluation rollout batch")
     checkpoint_every: int = option(50, "save a checkpoint every N steps (0: only at the end)")
+    async_checkpoint: str = option(
+        "auto", "write checkpoints in the background (auto: on GPU / TPU)", choices=AUTO_ON_OFF
+    )
     keep_checkpoints: int = option(3, "checkpoints kept")
     resume: bool = option(False, "continue from the latest checkpoint in out_dir")
     export_every: int = option(0, "also export HF safetensors every N steps (0: at the end only)")
@@ -177,6 +194,8 @@ TOYWORLD_PRESET = dict(
 RESUMABLE = {"steps", "resume", "eval_every", "eval_size", "eval_batch", "checkpoint_every"}
 RESUMABLE |= {"keep_checkpoints", "export_every", "log_samples", "max_bad_steps", "plot"}
 RESUMABLE |= {"distributed", "coordinator", "num_processes", "process_id", "out_dir"}
+RESUMABLE |= {"retriever_url", "retriever_timeout", "retriever_retries", "retriever_max_wait"}
+RESUMABLE |= {"async_checkpoint"}
 # Trajectories do not depend on the wave size, nor the run on where it caches compilations.
 RESUMABLE |= {"rollout_batch", "device_memory_gb", "plan_only", "plan_devices", "compile_cache"}
 
@@ -266,34 +285,74 @@ def sampling_params(params, model_config, mesh):
 
 
 # ---------------------------------------------------------------------------------------------
-# Checkpoints
+# Checkpoints, preemption and retrieval outages
+#
+# The run folder may be a URL (gs://bucket/run: multi-host runs need storage that every host
+# reaches); every file in it is written through etils' epath, as orbax writes its own. The
+# checkpoint of a step is written right after the step's update, before its evaluation and
+# export, and a failure after the update (an evaluation, an export, the retrieval server of the
+# next rollout) saves the last completed step before it ends the run. A preemption notice
+# (SIGTERM) lets the step in progress finish, saves it, and exits 0; the evaluation and export of
+# that step are left to --resume. With --distributed, JAX's coordination service catches SIGTERM
+# and picks one step that all processes save (multihost_utils.reached_preemption_sync_point,
+# which orbax's CheckpointManager.should_save consults); in a single process a Python handler
+# sets a flag instead.
+
+
+def checkpoint_dir(out_dir: str) -> epath.Path:
+    """The run's orbax folder: absolute when local (orbax needs that), a URL kept as a URL."""
+    path = epath.Path(out_dir) / "checkpoints"
+    return path if hf_io.is_url(path) else epath.Path(os.path.abspath(path))
+
+
+def async_checkpoints(cfg: Config) -> bool:
+    """Background writes free the chips while a large state goes to storage. On CPU the devices'
+    memory is the host's: a background copy would double the state in RAM for no idle chip."""
+    if cfg.async_checkpoint == "auto":
+        return jax.default_backend() != "cpu"
+    return cfg.async_checkpoint == "on"
 
 
 def checkpoint_manager(cfg: Config) -> ocp.CheckpointManager:
+    """Saves every --checkpoint-every steps, at the last step, and at a preemption sync point."""
+    policies = ocp.checkpoint_managers
+    due = [policies.SpecificStepsPolicy((cfg.steps,)), policies.PreemptionCheckpointingPolicy()]
+    if cfg.checkpoint_every:
+        due.append(policies.FixedIntervalPolicy(cfg.checkpoint_every))
     options = ocp.CheckpointManagerOptions(
-        max_to_keep=cfg.keep_checkpoints, enable_async_checkpointing=False, create=True
+        max_to_keep=cfg.keep_checkpoints,
+        enable_async_checkpointing=async_checkpoints(cfg),
+        save_decision_policy=policies.AnySavePolicy(due),
+        cleanup_tmp_directories=True,  # saves that a kill left uncommitted
+        create=True,
     )
-    return ocp.CheckpointManager(Path(cfg.out_dir, "checkpoints").absolute(), options=options)
+    return ocp.CheckpointManager(checkpoint_dir(cfg.out_dir), options=options)
 
 
-def save_checkpoint(manager, step: int, state: learner.TrainState, cfg: Config) -> None:
-    """params, optimizer state and step; JSON metadata with the config and data position.
+def save_checkpoint(manager, step: int, state: learner.TrainState, cfg: Config, record=None):
+    """params, optimizer state and step; JSON metadata with the config, the data position and
+    the step's training metrics (``record``, restored to metrics.jsonl if a kill lost its row).
     Orbax writes into a temporary folder and renames it when complete, so a kill mid-save
-    leaves the previous checkpoint as the latest."""
-    meta = {"step": step, "data_position": step * cfg.prompts_per_step, "config": cli.to_dict(cfg)}
+    leaves the previous checkpoint as the latest. An async manager returns once the state is
+    copied off the devices; its next save, or wait_until_finished, waits for the write."""
+    meta = {
+        "step": step,
+        "data_position": step * cfg.prompts_per_step,
+        "config": cli.to_dict(cfg),
+        "record": record,
+    }
     manager.save(
         step,
         args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
         force=True,
     )
-    manager.wait_until_finished()
 
 
 def restore_checkpoint(manager, state: learner.TrainState, cfg: Config):
     """(state, step) of the latest checkpoint, checked against the current config."""
     step = manager.latest_step()
     if step is None:
-        raise FileNotFoundError(f"--resume: no checkpoint in {Path(cfg.out_dir, 'checkpoints')}")
+        raise FileNotFoundError(f"--resume: no checkpoint in {checkpoint_dir(cfg.out_dir)}")
     meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
     saved = cli.flatten(meta["config"])
     now = cli.flatten(json.loads(json.dumps(cli.to_dict(cfg))))
@@ -309,6 +368,209 @@ def restore_checkpoint(manager, state: learner.TrainState, cfg: Config):
         step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract))
     )["state"]
     return learner.TrainState(*restored), step
+
+
+def connect_retriever(cfg: Config) -> retrieval.HttpRetriever | None:
+    """The Search-R1 server of --retriever-url, checked with one small query before the model
+    loads (a server that is down, a wrong path, an answer of another shape); None without."""
+    if not cfg.retriever_url:
+        return None
+    server = retrieval.HttpRetriever(
+        cfg.retriever_url,
+        timeout=cfg.retriever_timeout,
+        retries=cfg.retriever_retries,
+        max_wait=cfg.retriever_max_wait,
+        log=lambda message: tqdm.write(message, file=sys.stderr),  # above the progress bar
+    )
+    server.check()
+    return server
+
+
+def watch_sigterm(cfg: Config):
+    """(notice, previous handler). In a single process the first SIGTERM sets ``notice`` and the
+    run stops after the step in progress (during set-up: after the first step); later ones are
+    ignored, so that the save they would interrupt completes. ``main`` puts the previous handler
+    back when it returns. With --distributed, JAX's coordination service owns SIGTERM (its
+    preemption notifier) and ``notice`` stays clear, as it does when main runs in another thread
+    than Python's main thread (which alone may set signal handlers)."""
+    notice = threading.Event()
+    if cfg.distributed or threading.current_thread() is not threading.main_thread():
+        return notice, None
+
+    def on_sigterm(signum, frame):
+        again = notice.is_set()
+        notice.set()
+        message = "still stopping" if again else "finishing the step in progress, then saving it"
+        os.write(2, f"\nSIGTERM: {message}\n".encode())  # no buffered print in a handler
+
+    return notice, signal.signal(signal.SIGTERM, on_sigterm)
+
+
+def checkpoint_step(run, step: int, state, record: dict, notice: threading.Event) -> bool:
+    """Saves ``step`` when due (--checkpoint-every, the last step, a preemption); returns
+    whether the run was preempted and stops now (every process agrees)."""
+    preempted = notice.is_set() or run.manager.reached_preemption(step)
+    if preempted or run.manager.should_save(step):
+        save_checkpoint(run.manager, step, state, run.cfg, record)
+    return preempted
+
+
+def eval_due(run, step: int) -> bool:
+    cfg = run.cfg
+    return bool(run.eval_set and cfg.eval_every) and (
+        step % cfg.eval_every == 0 or step == cfg.steps
+    )
+
+
+def export_due(cfg: Config, step: int) -> bool:
+    return bool(cfg.export_every and step % cfg.export_every == 0) or step == cfg.steps
+
+
+def export_dir(run, step: int) -> epath.Path:
+    return run.out / "hf" / f"step_{step}"
+
+
+def evaluate_step(run, step: int, state, record: dict, due: bool | None = None) -> None:
+    """Adds the evaluation of ``step`` to ``record`` when it is due (or ``due``)."""
+    with saved_on_failure(run, step, state, record):
+        if eval_due(run, step) if due is None else due:
+            record.update(evaluate(run, state.params))
+
+
+def export_step(run, step: int, state, record: dict, due: bool | None = None) -> None:
+    """The HF export of ``step`` when it is due (or ``due``)."""
+    with saved_on_failure(run, step, state, record):
+        if export_due(run.cfg, step) if due is None else due:
+            export(run, state.params, export_dir(run, step))
+
+
+@contextlib.contextmanager
+def saved_on_failure(run, step: int, state, record, *, agreed: bool = False):
+    """An error in the block saves the state after ``step`` before it ends the run. With
+    several processes a save is collective: only a RetrievalError raised on all of them
+    (``agreed``: the block is ``collect``, see raise_if_any_failed) saves."""
+    try:
+        yield
+    except Exception as e:
+        if jax.process_count() == 1 or (agreed and isinstance(e, retrieval.RetrievalError)):
+            save_before_failing(run, step, state, record, e)
+        raise
+
+
+def save_before_failing(run, step: int, state, record, error: Exception) -> None:
+    """Saves the state after ``step`` (its last completed step) unless it is saved already, and
+    notes on ``error`` how to go on."""
+    if step == 0:
+        error.add_note("no step was completed, so there is nothing to resume")
+        return
+    where = checkpoint_dir(run.cfg.out_dir)
+    try:
+        run.manager.wait_until_finished()
+        if run.manager.latest_step() != step:
+            save_checkpoint(run.manager, step, state, run.cfg, record)
+            run.manager.wait_until_finished()
+    except Exception as save_error:
+        error.add_note(f"saving the state after step {step} in {where} failed too: {save_error}")
+        return
+    error.add_note(f"the state after step {step} is saved in {where}; resume with --resume")
+
+
+def raise_if_any_failed(error: Exception | None) -> None:
+    """Raises when the rollout of any process failed: its own error, or a RetrievalError naming
+    the failing process on the others, so that all processes save and stop together."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        failed = multihost_utils.process_allgather(np.int32(error is not None))
+        if error is None and failed.any():
+            process = int(np.argmax(failed))
+            error = retrieval.RetrievalError(f"retrieval failed on process {process}")
+    if error is not None:
+        raise error
+
+
+def write_jsonl(path: epath.Path, rows: list[dict], *, append: bool = False) -> None:
+    """Writes (or appends) JSONL rows. A local file is replaced atomically (a temporary file
+    renamed over it) or appended to; a remote object, which cannot be appended to, is rewritten
+    whole (an object write is atomic)."""
+    text = "".join(json.dumps(row) + "\n" for row in rows)
+    if hf_io.is_url(path):
+        if append and path.exists():
+            text = path.read_text() + text
+        path.write_text(text)
+    elif append:
+        with open(path, "a") as f:
+            f.write(text)
+    else:
+        tmp = f"{path}.tmp"
+        with open(tmp, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+
+
+def read_jsonl(path: epath.Path) -> list[dict]:
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def trim_jsonl(path: epath.Path, step: int) -> None:
+    """Drops the rows of steps after ``step`` (and a line torn by a kill), atomically."""
+    if not path.exists():
+        return
+    if hf_io.is_url(path):
+        write_jsonl(path, [r for r in read_jsonl(path) if r["step"] <= step])
+        return
+    tmp = f"{path}.tmp"
+    with open(path) as src, open(tmp, "w") as dst:
+        for line in src:
+            try:
+                if json.loads(line)["step"] <= step:
+                    dst.write(line)
+            except json.JSONDecodeError:
+                continue
+    os.replace(tmp, path)
+
+
+def trim_logs(run, step: int) -> list[dict]:
+    """metrics.jsonl and samples.jsonl without the rows of steps after ``step``: rows that a
+    killed run wrote after its last checkpoint, whose steps run again (all rows when ``step`` is
+    -1: a fresh run). Returns the metrics rows kept."""
+    for name in ("metrics.jsonl", "samples.jsonl"):
+        trim_jsonl(run.out / name, step)
+    return read_jsonl(run.out / "metrics.jsonl")
+
+
+def resume_logs(run, state, step: int) -> list[dict]:
+    """At --resume from ``step``: the logs trimmed to ``step``, its metrics row restored from
+    the checkpoint if a kill lost it, and its evaluation and export done now if a preemption or
+    a failure skipped them. Returns the row of ``step`` when this updated it, else []."""
+    due = np.array([eval_due(run, step), export_due(run.cfg, step)])
+    meta = run.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
+    row = {}
+    if run.lead:
+        rows = trim_logs(run, step)
+        row = next((r for r in rows if r["step"] == step), None)
+        if row is None:
+            row = meta["meta"].get("record") or {"step": step}
+            rows.append(row)
+        done = np.array(["eval_em" in row, (export_dir(run, step) / "config.json").exists()])
+        due &= ~done
+        write_jsonl(run.out / "metrics.jsonl", rows)
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        due = np.asarray(multihost_utils.broadcast_one_to_all(due))
+    if not due.any():
+        return []
+    if run.lead:
+        print(f"step {step}: " + " and ".join(np.array(["evaluation", "export"])[due]) + " now")
+    evaluate_step(run, step, state, row, due=bool(due[0]))
+    if run.lead and due[0]:
+        rows = [row if r["step"] == step else r for r in read_jsonl(run.out / "metrics.jsonl")]
+        write_jsonl(run.out / "metrics.jsonl", rows)
+    export_step(run, step, state, row, due=bool(due[1]))
+    return [row] if due[0] else []
 
 
 # ---------------------------------------------------------------------------------------------
@@ -408,7 +670,7 @@ class Run(NamedTuple):
 
     cfg: Config
     lead: bool  # process 0: writes logs, metrics and exports
-    out: Path
+    out: epath.Path  # the run folder, local or a URL (gs://...)
     mesh: jax.sharding.Mesh  # the update's (data, fsdp) mesh over all devices
     rollout_mesh: jax.sharding.Mesh  # this process's devices, over which rollout rows split
     memory: plan.Plan  # the memory plan: rollout_batch, and the numbers printed at start
@@ -438,16 +700,17 @@ def setup(cfg: Config) -> tuple[Run, learner.TrainState, int]:
     """Memory plan (before any weights), mesh, model, reference, optimizer, checkpoint
     (resumed or new), data and retriever."""
     lead = jax.process_index() == 0
+    if cfg.plan_only:
+        return None, memory_plan(cfg if cfg.model else embedded_default(cfg)), 0
+    server = connect_retriever(cfg)  # before anything slow
     if not cfg.model:
         cfg = embedded_default(cfg)
     memory = memory_plan(cfg)
-    if cfg.plan_only:
-        return None, memory, 0
     if not cfg.data:
         raise ValueError("--data is required with --model (training questions)")
     if not (cfg.corpus or cfg.retriever_url):
         raise ValueError("give --corpus (embedded BM25) or --retriever-url (Search-R1 server)")
-    out = Path(cfg.out_dir)
+    out = epath.Path(cfg.out_dir)
     if lead:
         out.mkdir(parents=True, exist_ok=True)
         print(f"tspo_jax train: {jax.device_count()} {jax.devices()[0].platform} device(s)")
@@ -500,7 +763,7 @@ def setup(cfg: Config) -> tuple[Run, learner.TrainState, int]:
         loss_agg=cfg.loss_agg,
         norm_length=cfg.rollout.max_context,
     )
-    retriever = retrieval.make_retriever(corpus=cfg.corpus or None, url=cfg.retriever_url or None)
+    retriever = server or retrieval.make_retriever(corpus=cfg.corpus)
     train_set = data.load_examples(cfg.data)
     eval_set = data.load_examples(cfg.eval_data) if cfg.eval_data else []
     eval_set = eval_set[: cfg.eval_size or None]
@@ -553,17 +816,22 @@ def collect(run: Run, state: learner.TrainState, step: int):
     cfg = run.cfg
     wave = run.memory.rollout_batch
     prompts, positions = step_prompts(run.train_set, step, cfg)
-    trajs, timing = rollout.rollout(
-        rollout_policy(run, state.params, batch_rows=wave),
-        run.tokenizer,
-        run.retriever,
-        prompts,
-        group_size=cfg.group_size,
-        key=jax.random.key(cfg.seed),
-        cfg=cfg.rollout,
-        example_ids=positions,
-        wave_rows=wave,
-    )
+    error = None
+    try:
+        trajs, timing = rollout.rollout(
+            rollout_policy(run, state.params, batch_rows=wave),
+            run.tokenizer,
+            run.retriever,
+            prompts,
+            group_size=cfg.group_size,
+            key=jax.random.key(cfg.seed),
+            cfg=cfg.rollout,
+            example_ids=positions,
+            wave_rows=wave,
+        )
+    except retrieval.RetrievalError as e:
+        error = e
+    raise_if_any_failed(error)
     longest = max(len(rollout.sequence(t)[0]) for t in trajs)
     T = agreed_length(sampling.bucket_length(longest))
     batch = rollout.pack(trajs, cfg.group_size, length=T, pad_id=run.tokenizer.pad_token_id or 0)
@@ -651,6 +919,7 @@ def initialize_distributed(cfg: Config) -> None:
 def main(argv=None) -> dict:
     t_start = time.perf_counter()
     cfg = parse_config(argv)
+    notice, previous_handler = watch_sigterm(cfg)
     if cfg.distributed:
         initialize_distributed(cfg)
     if cfg.compile_cache != "off" and not cfg.plan_only:
@@ -665,17 +934,21 @@ def main(argv=None) -> dict:
         print(plan_line(state))
         return {"plan": state}
     cfg = run.cfg
-    history, compiled, bad_in_a_row = [], {}, 0
-    metrics_file = open(run.out / "metrics.jsonl", "a") if run.lead else None
-    samples_file = open(run.out / "samples.jsonl", "a") if run.lead and cfg.log_samples else None
+    history, compiled, bad_in_a_row, preempted = [], {}, 0, False
+    if cfg.resume:
+        history += resume_logs(run, state, start)
+    elif run.lead:
+        trim_logs(run, -1)  # rows of an earlier run here that left no checkpoint
+    metrics = run.out / "metrics.jsonl"
     bar = tqdm(total=cfg.steps, initial=start, desc="train", disable=not run.lead, file=sys.stderr)
     if start == 0 and run.eval_set and cfg.eval_every:
         history.append({"step": 0, **evaluate(run, state.params)})
-        if metrics_file:
-            metrics_file.write(json.dumps(history[-1]) + "\n")
+        if run.lead:
+            write_jsonl(metrics, history[-1:], append=True)
     for step in range(start, cfg.steps):
         t0 = time.perf_counter()
-        trajs, timing, batch, adv_BGK = collect(run, state, step)
+        with saved_on_failure(run, step, state, history[-1] if history else None, agreed=True):
+            trajs, timing, batch, adv_BGK = collect(run, state, step)  # e.g. retrieval down
         t1 = time.perf_counter()
         state, update_metrics = learn(run, state, batch, adv_BGK, compiled)
         update_metrics = jax.device_get(update_metrics)
@@ -701,23 +974,25 @@ def main(argv=None) -> dict:
         )
         skipped = sum(m["skipped"] for m in update_metrics)
         bad_in_a_row = bad_in_a_row + 1 if skipped else 0
-        if samples_file and (step + 1) % cfg.log_samples == 0:
+        if run.lead and cfg.log_samples and (step + 1) % cfg.log_samples == 0:
             adv_rows = np.asarray(adv_BGK).reshape(len(trajs), -1)
-            for t, a in zip(trajs, adv_rows, strict=True):
-                row = {
+            rows = [
+                {
                     "step": step + 1,
                     "outcome": t.outcome,
                     "advantages": a[: len(t.turns)].tolist(),
+                    **rollout.to_json(t),
                 }
-                samples_file.write(json.dumps({**row, **rollout.to_json(t)}) + "\n")
-            samples_file.flush()
-        last = step + 1 == cfg.steps
-        if run.eval_set and cfg.eval_every and ((step + 1) % cfg.eval_every == 0 or last):
-            record.update(evaluate(run, state.params))
+                for t, a in zip(trajs, adv_rows, strict=True)
+            ]
+            write_jsonl(run.out / "samples.jsonl", rows, append=True)
+        # The checkpoint first: neither the evaluation nor the export can lose the step.
+        preempted = checkpoint_step(run, step + 1, state, record, notice)
+        if not preempted:  # else left to --resume, as the export
+            evaluate_step(run, step + 1, state, record)
         history.append(record)
-        if metrics_file:
-            metrics_file.write(json.dumps(record) + "\n")
-            metrics_file.flush()
+        if run.lead:
+            write_jsonl(metrics, [record], append=True)
         bar.set_postfix(reward=f"{record['reward']:.3f}", refresh=False)
         bar.update(1)
         if bad_in_a_row >= cfg.max_bad_steps:
@@ -725,14 +1000,21 @@ def main(argv=None) -> dict:
                 f"step {step + 1}: {bad_in_a_row} updates in a row had a non-finite loss or "
                 "gradient and were skipped; lower --lr or check the data (see metrics.jsonl)"
             )
-        if (cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0) or last:
-            save_checkpoint(run.manager, step + 1, state, cfg)
-        if (cfg.export_every and (step + 1) % cfg.export_every == 0) or last:
-            export(run, state.params, run.out / "hf" / f"step_{step + 1}")
+        if preempted:
+            break
+        export_step(run, step + 1, state, record)
     bar.close()
-    for f in (metrics_file, samples_file):
-        if f:
-            f.close()
+    run.manager.wait_until_finished()
+    if previous_handler is not None:
+        signal.signal(signal.SIGTERM, previous_handler)
+    if preempted:
+        if run.lead:
+            print(
+                f"preempted at step {step + 1} of {cfg.steps}: its checkpoint is saved in "
+                f"{checkpoint_dir(cfg.out_dir)}; continue with --resume",
+                flush=True,
+            )
+        return {"history": history, "state": state, "config": cfg, "preempted": True}
     if run.lead and cfg.plot and history:
         from tspo_jax import plots
 
@@ -742,7 +1024,7 @@ def main(argv=None) -> dict:
     return {"history": history, "state": state, "config": cfg}
 
 
-def final_report(history: list[dict], out: Path, seconds: float) -> str:
+def final_report(history: list[dict], out: epath.Path, seconds: float) -> str:
     """What a run ends by printing: held-out metrics at the first and last evaluation, the last
     step's training metrics, and where the outputs are."""
     lines = [f"done: {history[-1]['step']} steps in {seconds:.0f} s; outputs in {out}/"]
@@ -785,16 +1067,18 @@ def evaluate(run: Run, params) -> dict:
     return {f"eval_{k}": v for k, v in summary.items()}
 
 
-def export(run: Run, params, path: Path) -> None:
-    """Hugging Face safetensors + config + tokenizer that transformers and vLLM load."""
+def export(run: Run, params, path: epath.Path) -> None:
+    """Hugging Face safetensors + config + tokenizer that transformers and vLLM load; config.json
+    comes last, so that it marks a complete export (a URL: written locally, then copied)."""
     params = qwen.unstack_layers(params)
     if jax.process_count() > 1:
         from jax.experimental import multihost_utils
 
         params = multihost_utils.process_allgather(params, tiled=True)
     if run.lead:
-        hf_io.save_hf(str(path), run.model_config, jax.device_get(params))
-        run.tokenizer.save_pretrained(str(path))
+        with hf_io.staged(path) as local:
+            run.tokenizer.save_pretrained(local)
+            hf_io.save_hf(local, run.model_config, jax.device_get(params))
 
 
 if __name__ == "__main__":

@@ -6,13 +6,12 @@ import os
 import random
 import re
 import socket
-import threading
 import time
 from collections import Counter
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import bm25s
 import pytest
+from retrieval_testing import StandInServer
 
 from tspo_jax.retrieval import (
     BM25Retriever,
@@ -196,61 +195,11 @@ def test_bm25_indexes_10k_passages_quickly(tmp_path):
 # --- HTTP -------------------------------------------------------------------------------------
 
 
-def contents_for(query, j):
-    return f'"{query} {j}"\ntext {j} for {query}'
-
-
-class Handler(BaseHTTPRequestHandler):
-    """Search-R1's /retrieve; `server.mode` picks a behaviour, `server.requests` records bodies."""
-
-    def log_message(self, *args):
-        pass
-
-    def reply(self, code, body):
-        data = body if isinstance(body, bytes) else json.dumps(body).encode()
-        try:
-            self.send_response(code)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            self.wfile.write(data)
-        except (BrokenPipeError, ConnectionResetError):
-            pass  # the client timed out and hung up, as test_http_timeout intends
-
-    def do_POST(self):
-        request = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-        self.server.requests.append(request)
-        mode, queries, k = self.server.mode, request["queries"], request["topk"]
-        if self.path != "/retrieve":
-            return self.reply(404, {"detail": "Not Found"})
-        if mode == "flaky" and len(self.server.requests) <= 2:
-            return self.reply(500, {"detail": "overloaded"})
-        if mode == "slow":
-            time.sleep(1.0)
-        if mode == "malformed":
-            return self.reply(200, b'{"result": [[{"document": ')
-        if mode == "wrong_count":
-            queries = queries[:-1]
-        docs = [
-            [{"id": f"{q}-{j}", "contents": contents_for(q, j)} for j in range(k)] for q in queries
-        ]
-        if mode == "bare":
-            return self.reply(200, {"result": docs})
-        scored = [[{"document": d, "score": 10.0 - j} for j, d in enumerate(ds)] for ds in docs]
-        return self.reply(200, {"result": scored})
-
-
 @pytest.fixture
 def server():
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    httpd.daemon_threads = True
-    httpd.mode, httpd.requests = "ok", []
-    thread = threading.Thread(target=httpd.serve_forever, args=(0.05,), daemon=True)
-    thread.start()
-    httpd.url = f"http://127.0.0.1:{httpd.server_address[1]}/retrieve"
-    yield httpd
-    httpd.shutdown()
-    httpd.server_close()
+    stand_in = StandInServer()
+    yield stand_in
+    stand_in.close()
 
 
 def test_http_ok(server):
@@ -292,61 +241,124 @@ def test_http_retries_on_5xx_then_succeeds(server):
     assert time.perf_counter() - start >= 0.05 + 0.1  # backoff 0.05, then 0.1
 
 
+def unreachable(url, attempts, last):
+    """The message of a spent retry budget, for pytest.raises(match=...)."""
+    plural = "s" if attempts > 1 else ""
+    return (
+        re.escape(f"{url} unreachable for ")
+        + rf"\d+ s \({attempts} attempt{plural}; last: {last}\)"
+    )
+
+
 def test_http_5xx_gives_up_after_retries(server):
     server.mode = "flaky"
-    with pytest.raises(
-        RetrievalError, match=re.escape(f"{server.url} failed after 2 attempts: HTTP 500")
-    ):
-        HttpRetriever(server.url, retries=1, backoff=0.01).search(["q"], k=1)
+    with pytest.raises(RetrievalError, match=unreachable(server.url, 2, "HTTP 500")):
+        HttpRetriever(server.url, retries=1, backoff=0.01, log=print).search(["q"], k=1)
     assert len(server.requests) == 2
 
 
 def test_http_4xx_is_not_retried(server):
     url = server.url.replace("/retrieve", "/nope")
-    with pytest.raises(RetrievalError, match=re.escape(f"{url} answered HTTP 404")):
+    root = server.url.removesuffix("/retrieve")
+    message = (
+        f'{url} answered HTTP 404 b\'{{"detail": "Not Found"}}\': wrong path? Search-R1\'s '
+        f"server answers POST requests at /retrieve ({root}/retrieve)"
+    )
+    with pytest.raises(RetrievalError, match=re.escape(message)):
         HttpRetriever(url, retries=3, backoff=0.01).search(["q"], k=1)
     assert len(server.requests) == 1
 
 
-def test_http_server_down():
+def closed_port_url():
     with socket.socket() as s:  # a free port that nobody listens on once closed
         s.bind(("127.0.0.1", 0))
-        url = f"http://127.0.0.1:{s.getsockname()[1]}/retrieve"
-    start = time.perf_counter()
-    with pytest.raises(RetrievalError, match=re.escape(f"{url} failed after 3 attempts")):
+        return f"http://127.0.0.1:{s.getsockname()[1]}/retrieve"
+
+
+def test_http_server_down():
+    url = closed_port_url()
+    with pytest.raises(RetrievalError, match=unreachable(url, 3, ".*Connection refused")):
         HttpRetriever(url, timeout=1.0, retries=2, backoff=0.01).search(["q"], k=3)
-    assert time.perf_counter() - start < 2.0
 
 
 def test_http_timeout(server):
     server.mode = "slow"
-    start = time.perf_counter()
-    with pytest.raises(RetrievalError, match=re.escape(f"{server.url} failed after 2 attempts")):
+    with pytest.raises(RetrievalError, match=unreachable(server.url, 2, "timed out")):
         HttpRetriever(server.url, timeout=0.2, retries=1, backoff=0.01).search(["q"], k=1)
-    assert time.perf_counter() - start < 0.9  # two 0.2 s timeouts, not the 1 s answer
     assert len(server.requests) == 2
+
+
+def logged_waits(logs):
+    return [float(re.search(r"in ([\d.]+) s", line).group(1)) for line in logs]
+
+
+def test_http_rides_out_a_restart(server):
+    """The server hangs up on the first request and refuses connections for 1 s, then answers:
+    the client retries (backoff 0.1, 0.2, 0.4, ... s), logs each retry once with its cause, and
+    gets the answer."""
+    server.outages = {1: 1.0}
+    logs = []
+    retriever = HttpRetriever(server.url, retries=20, max_wait=30, backoff=0.1, log=logs.append)
+    assert retriever.search(["q"], k=1) == [[Passage("q-0", "q 0", "text 0 for q", 10.0)]]
+    assert len(server.requests) == 2  # the one it hung up on, then the answered retry
+    assert len(logs) >= 3  # retries at 0.1, 0.3 and 0.7 s were all refused
+    assert "Remote end closed connection" in logs[0]
+    assert all("Connection refused" in line for line in logs[1:])
+    assert [f"retry {i + 1} of 20" in line for i, line in enumerate(logs)] == [True] * len(logs)
+    assert logged_waits(logs) == pytest.approx([0.1 * 2**i for i in range(len(logs))])
+
+
+def test_http_max_wait_bounds_the_retries():
+    """A server that stays down: retries end once max_wait seconds are spent (the last wait cut
+    to fit), long before the retry count runs out."""
+    url, logs = closed_port_url(), []
+    retriever = HttpRetriever(url, retries=100, max_wait=1.0, backoff=0.2, log=logs.append)
+    with pytest.raises(RetrievalError) as error:
+        retriever.search(["q"], k=1)
+    assert re.search(unreachable(url, len(logs) + 1, ".*refused"), str(error.value))
+    waits = logged_waits(logs)
+    assert waits[:2] == pytest.approx([0.2, 0.4]) and 1 <= len(waits) - 2 <= 2
+    assert sum(waits) <= 1.0 + 0.05  # the waits fit the budget (the log rounds to 0.1 s)
 
 
 @pytest.mark.parametrize(
     "mode, message",
     [
-        ("malformed", "malformed answer (Expecting value"),
-        ("wrong_count", "malformed answer ('result' is not a list of 2 per-query lists)"),
+        ("malformed", "an answer not in Search-R1's shape (Expecting value"),
+        ("wrong_count", "an answer not in Search-R1's shape ('result' is not a list of 2 "),
     ],
 )
 def test_http_malformed_answer(server, mode, message):
     server.mode = mode
-    with pytest.raises(RetrievalError, match=re.escape(f"{server.url} gave a {message}")):
+    with pytest.raises(RetrievalError, match=re.escape(f"{server.url} gave {message}")):
         HttpRetriever(server.url, retries=3, backoff=0.01).search(["a", "b"], k=1)
     assert len(server.requests) == 1  # an answer that parses badly is not retried
+
+
+def test_http_check_says_what_is_wrong(server):
+    """One small query says in one line what is wrong with a --retriever-url."""
+    HttpRetriever(server.url).check()
+    assert server.requests == [{"queries": ["retrieval check"], "topk": 1, "return_scores": True}]
+    for url in ("127.0.0.1:8000/retrieve", "ftp://127.0.0.1/retrieve", "http:///retrieve"):
+        with pytest.raises(ValueError, match=re.escape(f"{url!r} is not an http:// or https://")):
+            HttpRetriever(url)
+    with pytest.raises(RetrievalError, match="wrong path"):
+        HttpRetriever(server.url.removesuffix("/retrieve")).check()
+    server.mode = "html"
+    with pytest.raises(RetrievalError, match=r"not in Search-R1's shape.*It works"):
+        HttpRetriever(server.url).check()
+    url = closed_port_url()
+    with pytest.raises(RetrievalError, match=unreachable(url, 1, ".*refused")):
+        HttpRetriever(url, max_wait=0).check()
 
 
 def test_make_retriever(tmp_path, server):
     path = write_corpus(tmp_path / "c.jsonl", TINY)
     assert isinstance(make_retriever(corpus=path), BM25Retriever)
-    http = make_retriever(url=server.url, timeout=5.0, retries=1, backoff=0.5)
+    http = make_retriever(url=server.url, timeout=5.0, retries=1, max_wait=9.0, backoff=0.5)
     assert isinstance(http, HttpRetriever)
-    assert (http.url, http.timeout, http.retries, http.backoff) == (server.url, 5.0, 1, 0.5)
+    got = (http.url, http.timeout, http.retries, http.max_wait, http.backoff)
+    assert got == (server.url, 5.0, 1, 9.0, 0.5)
     for kwargs in ({}, {"corpus": path, "url": server.url}):
         with pytest.raises(ValueError, match="exactly one of corpus"):
             make_retriever(**kwargs)

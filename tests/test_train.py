@@ -1,19 +1,28 @@
-"""train.py end to end: mesh shapes, GRPO advantages, resume after SIGKILL, two processes."""
+"""train.py end to end: mesh shapes, GRPO advantages, exact resumes after kills, preemption and
+retrieval outages, failures that lose no step, a gs:// run folder, two processes."""
 
 import json
 import os
+import random
+import re
 import signal
+import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
+from etils import epath
+from etils.epath import testing as epath_testing
+from retrieval_testing import StandInServer
 from safetensors.numpy import load_file
 
+import rollout
 import train
-from tspo_jax import cli, data
+from tspo_jax import cli, data, hf_io
 
 ROOT = Path(__file__).resolve().parents[1]
 # Gold answers that the briefly warm-started test policy often writes and retrieves (relation
@@ -31,14 +40,20 @@ def questions(small_world, tmp_path_factory):
     return path
 
 
-def args(small_world, small_policy, questions, out, *extra):
+def args(small_world, small_policy, questions, out, *extra, url=None):
+    """The small config; retrieval by BM25 over the small world's corpus, or from the server
+    at ``url``."""
+    retriever = ("--retriever-url", url) if url else ("--corpus", str(small_world.corpus))
     return [
         *("--model", str(small_policy), "--data", str(questions)),
-        *("--corpus", str(small_world.corpus), "--out-dir", str(out)),
+        *retriever,
+        *("--out-dir", str(out)),
         *("--prompts-per-step", "8", "--mini-batch", "8", "--group-size", "4"),
         *("--max-turns", "2", "--max-new-tokens", "12", "--max-obs-tokens", "80"),
         *("--max-context", "384", "--outcome", "f1", "--kl-coef", "0.01"),
         *("--eval-every", "0", "--plot", "false", "--seed", "3"),
+        # In-process runs leave JAX's global cache setting alone (subprocesses share one).
+        *("--compile-cache", "off"),
         *extra,
     ]
 
@@ -105,46 +120,300 @@ def _weights(folder):
     return load_file(str(Path(folder) / "model.safetensors"))
 
 
-def test_resume_after_sigkill_is_exact(small_world, small_policy, questions, tmp_path):
-    """4 steps straight == 2 steps, SIGKILL during the third, --resume for the last 2."""
-    common = ("--steps", "4", "--checkpoint-every", "2", "--lr", "1e-3")
-    straight = _run(args(small_world, small_policy, questions, tmp_path / "a", *common))
-    assert straight.wait(timeout=600) == 0, straight.stdout.read()
+# Run under a `python -c`: train.py with orbax's commit of the checkpoint of step 2 (the rename of
+# its temporary folder) made to hang, as a slow or stuck write to storage would; argv[1] is a file
+# it creates when the hang begins.
+HANG_AT_SAVE_2 = """
+import asyncio, pathlib, sys
+from orbax.checkpoint._src.path import atomicity
 
-    killed = _run(args(small_world, small_policy, questions, tmp_path / "b", *common))
-    ckpt = tmp_path / "b" / "checkpoints" / "2"
-    deadline = time.time() + 600
-    while not ckpt.is_dir() and killed.poll() is None and time.time() < deadline:
-        time.sleep(0.2)
-    assert ckpt.is_dir(), killed.stdout.read() if killed.poll() is not None else "timeout"
-    killed.send_signal(signal.SIGKILL)
-    killed.wait()
-    assert not (tmp_path / "b" / "hf" / "step_4").exists()  # it did not finish
-    # A checkpoint of a different config is refused with a clear message.
-    bad = _run(
-        args(
-            small_world,
-            small_policy,
-            questions,
-            tmp_path / "b",
-            *common,
-            "--resume",
-            "--clip-high",
-            "0.3",
+commit, marker = atomicity.AtomicRenameTemporaryPath.finalize, pathlib.Path(sys.argv[1])
+
+async def hang_at_step_2(self, *args, **kwargs):
+    if self.get_final().name == "2":
+        marker.touch()
+        await asyncio.sleep(3600)
+    return await commit(self, *args, **kwargs)
+
+atomicity.AtomicRenameTemporaryPath.finalize = hang_at_step_2
+sys.argv = ["train.py", *sys.argv[2:]]
+import train
+from tspo_jax import cli
+cli.run(train.main)
+"""
+
+
+def _start(argv, log, cache, code=None):
+    """train.py (or ``python -c code``) in a subprocess, its output in the file ``log``; runs
+    share the persistent compilation cache ``cache`` (the same programs: only faster)."""
+    env = {**os.environ, "XLA_FLAGS": "", "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
+    command = ["-c", code] if code else [str(ROOT / "train.py")]
+    with open(log, "w") as f:
+        return subprocess.Popen(
+            [sys.executable, *command, *argv, "--compile-cache", str(cache)],
+            cwd=ROOT,
+            env=env,
+            stdout=f,
+            stderr=subprocess.STDOUT,
         )
-    )
-    assert bad.wait(timeout=300) != 0
-    assert "made with another config" in bad.stdout.read()
 
-    resumed = _run(args(small_world, small_policy, questions, tmp_path / "b", *common, "--resume"))
-    assert resumed.wait(timeout=600) == 0, resumed.stdout.read()
-    a, b = _weights(tmp_path / "a" / "hf" / "step_4"), _weights(tmp_path / "b" / "hf" / "step_4")
+
+def _wait_for(condition, process, what):
+    deadline = time.time() + 600
+    while not condition() and process.poll() is None and time.time() < deadline:
+        time.sleep(0.1)
+    assert condition(), f"no {what}: rc {process.poll()}"
+
+
+def _rows(out):
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_resume_is_exact_after_kills_preemption_and_outages(
+    small_world, small_policy, questions, tmp_path, capsys
+):
+    """4 steps straight (run a) == the same 4 steps through what a long run meets (run b):
+
+    b1  the retrieval server hangs up on step 1's search and refuses connections for 1.5 s: the
+        run rides it out; then SIGKILL while the asynchronous save of step 2 has not committed:
+        the checkpoint of step 1 stays the latest;
+    b2  --resume; the server goes down for good in step 3's rollout: the run saves the state of
+        the step it completed, and ends with one line saying how to resume;
+    b3  --resume, the server back; SIGTERM (twice) at a random moment: the step in progress
+        finishes, is saved, and the run exits 0 with one line;
+    b4  --resume: the rest.
+    Parameters equal bit for bit; metrics.jsonl has each step once, with a's values.
+    """
+    server = StandInServer()
+    cache = tmp_path / "jax-cache"
+    common = ("--steps", "4", "--lr", "1e-3", "--retriever-max-wait", "4")
+    run_a = args(small_world, small_policy, questions, tmp_path / "a", *common, url=server.url)
+    run_b = lambda *extra: args(
+        small_world, small_policy, questions, tmp_path / "b", *common, *extra, url=server.url
+    )
+    out, log = tmp_path / "b", lambda name: tmp_path / f"{name}.log"
+    try:
+        straight = _start(run_a, log("a"), cache)
+        assert straight.wait(timeout=600) == 0, log("a").read_text()
+        assert len(server.requests) == 5  # the start-up check, then a search in every step
+
+        # b1: an outage it rides out, then SIGKILL with the save of step 2 in flight.
+        server.requests, server.outages = [], {2: 1.5}
+        hang = tmp_path / "save-2-hangs"
+        b1 = run_b("--checkpoint-every", "1", "--async-checkpoint", "on")
+        killed = _start([str(hang), *b1], log("b1"), cache, code=HANG_AT_SAVE_2)
+        rows_ahead = lambda: hang.exists() and len(_rows(out)) >= 2  # row 2 is written
+        _wait_for(rows_ahead, killed, "save of step 2")
+        killed.send_signal(signal.SIGKILL)
+        killed.wait()
+        text = log("b1").read_text()
+        assert "Remote end closed connection" in text and "Connection refused" in text, text
+        assert (out / "checkpoints" / "1").is_dir() and not (out / "checkpoints" / "2").exists()
+        assert list((out / "checkpoints").glob("2.orbax-checkpoint-tmp*"))  # never committed
+        assert [r["step"] for r in _rows(out)] == [1, 2]  # 2: ahead of its checkpoint
+
+        # A checkpoint of another config is refused with a clear message.
+        with pytest.raises(SystemExit) as exit_info:
+            cli.run(train.main, run_b("--resume", "--clip-high", "0.3"))
+        assert exit_info.value.code == 2 and "made with another config" in capsys.readouterr().err
+
+        # b2: the server goes down for good at the second search after the start-up check.
+        server.requests, server.outages = [], {3: None}
+        outage = _start(run_b("--resume"), log("b2"), cache)
+        assert outage.wait(timeout=600) == 2, log("b2").read_text()
+        text = log("b2").read_text()
+        assert "resumed from the checkpoint of step 1" in text and "Traceback" not in text
+        (error,) = [line for line in text.splitlines() if "error:" in line]
+        saved = int(re.search(r"the state after step (\d+) is saved", error).group(1))
+        assert re.fullmatch(
+            re.escape(f"train.py: error: retrieval server {server.url} unreachable for ")
+            + r"\d+ s \(\d attempts; last: .*Connection refused\); "
+            + re.escape(f"the state after step {saved} is saved in {out / 'checkpoints'}; ")
+            + "resume with --resume",
+            error,
+        ), error
+        assert saved >= 2 and (out / "checkpoints" / str(saved)).is_dir()
+        assert [r["step"] for r in _rows(out)] == list(range(1, saved + 1))
+
+        # b3: SIGTERM, then another, at a random moment of the first step after the resume.
+        server.outages = {}
+        server.up()
+        preempted = _start(run_b("--resume"), log("b3"), cache)
+        _wait_for(lambda: "resumed from" in log("b3").read_text(), preempted, "resume")
+        delay = random.uniform(0, 3)
+        time.sleep(delay)
+        preempted.send_signal(signal.SIGTERM)
+        time.sleep(0.5)
+        preempted.send_signal(signal.SIGTERM)
+        assert preempted.wait(timeout=600) == 0, log("b3").read_text()
+        text = log("b3").read_text()
+        assert "SIGTERM: still stopping" in text and "Traceback" not in text, (delay, text)
+        last = text.strip().splitlines()[-1]
+        step = int(re.fullmatch(r"preempted at step (\d+) of 4: .*", last).group(1))
+        assert last == (
+            f"preempted at step {step} of 4: its checkpoint is saved in {out / 'checkpoints'}; "
+            "continue with --resume"
+        )
+        assert step == saved + 1 and (out / "checkpoints" / str(step)).is_dir()
+
+        # b4: the rest, to the export of step 4.
+        resumed = _start(run_b("--resume"), log("b4"), cache)
+        assert resumed.wait(timeout=600) == 0, log("b4").read_text()
+        assert f"resumed from the checkpoint of step {step}" in log("b4").read_text()
+    finally:
+        server.close()
+    a, b = _weights(tmp_path / "a" / "hf" / "step_4"), _weights(out / "hf" / "step_4")
     assert a.keys() == b.keys()
     for name in a:
         np.testing.assert_array_equal(a[name], b[name], err_msg=name)
     # The run did learn something: the weights moved from the warm start.
     start = _weights(small_policy)
     assert any(not np.array_equal(a[n], start[n]) for n in start)
+    # Each step's metrics once, as in the straight run (times aside).
+    rows_a, rows_b = _rows(tmp_path / "a"), _rows(out)
+    assert [r["step"] for r in rows_b] == [r["step"] for r in rows_a] == [1, 2, 3, 4]
+    for ra, rb in zip(rows_a, rows_b, strict=True):
+        same = lambda r: {k: v for k, v in r.items() if not k.startswith(("time_", "tokens_"))}
+        assert same(ra) == same(rb)
+
+
+def fake_evaluate(em):
+    """A stand-in for train.evaluate: the eval_* metrics with every value ``em``."""
+    keys = ("em", "f1", "turns", "searches", "answer_rate", "folr_hit_rate")
+    return lambda run, params: {f"eval_{k}": em for k in keys}
+
+
+def test_a_failed_evaluation_or_export_loses_no_step(
+    small_world, small_policy, questions, tmp_path, monkeypatch
+):
+    """The held-out file vanishes during the evaluation of step 1 (no checkpoint is due): step 1
+    is saved before the error ends the run. --resume evaluates step 1, runs step 2, whose
+    checkpoint is written before its export; the export fails (disk full). --resume again
+    exports step 2. metrics.jsonl ends with both steps, each evaluated once."""
+    out = tmp_path / "run"
+    argv = args(small_world, small_policy, questions, out, "--steps", "2", "--eval-every", "1")
+    argv += ["--eval-data", str(small_world.heldout), "--checkpoint-every", "0"]
+
+    calls = []
+
+    def vanished(run, params):  # after the evaluation of step 0
+        calls.append(run)
+        if len(calls) > 1:
+            raise FileNotFoundError("heldout.jsonl: no such file")
+        return fake_evaluate(0.5)(run, params)
+
+    monkeypatch.setattr(train, "evaluate", vanished)
+    with pytest.raises(FileNotFoundError) as error:
+        train.main(argv)
+    resume = f"the state after step 1 is saved in {out / 'checkpoints'}; resume with --resume"
+    assert error.value.__notes__ == [resume]
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["1"]
+
+    def disk_full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(train, "evaluate", fake_evaluate(0.5))
+    monkeypatch.setattr(hf_io, "save_hf", disk_full)
+    with pytest.raises(OSError, match="No space left") as error:
+        train.main([*argv, "--resume"])
+    assert error.value.__notes__ == [resume.replace("step 1", "step 2")]
+    assert (out / "checkpoints" / "2").is_dir()
+    assert not (out / "hf" / "step_2" / "config.json").exists()  # an incomplete export
+
+    monkeypatch.undo()
+    monkeypatch.setattr(train, "evaluate", fake_evaluate(0.75))  # must not be called
+    train.main([*argv, "--resume"])
+    assert (out / "hf" / "step_2" / "config.json").exists()
+    rows = _rows(out)
+    evaluated = [(r["step"], r["eval_em"], "reward" in r) for r in rows]
+    assert evaluated == [(0, 0.5, False), (1, 0.5, True), (2, 0.5, True)]
+
+
+def test_a_gs_out_dir_stays_a_url(small_world, small_policy, questions, tmp_path, monkeypatch):
+    """--out-dir gs://bucket/run: config, metrics, samples, plot, checkpoints and the HF export
+    all go to the URL through etils' epath (here redirected to a local folder, so that no
+    network is needed); nothing lands in a local "gs:" folder."""
+    bucket = tmp_path / "bucket"
+
+    def local(path):
+        text = os.fspath(path)
+        return text.replace("gs://bucket", str(bucket), 1) if text.startswith("gs://") else path
+
+    def redirect(original, path, *args, **kwargs):
+        return original(local(path), *map(local, args), **kwargs)
+
+    given = []
+    manager_init = ocp.CheckpointManager.__init__
+
+    def recording_init(self, directory, *args, **kwargs):
+        given.append(directory)
+        manager_init(self, epath.Path(local(directory)), *args, **kwargs)
+
+    monkeypatch.setattr(ocp.CheckpointManager, "__init__", recording_init)
+    (tmp_path / "cwd").mkdir()
+    monkeypatch.chdir(tmp_path / "cwd")
+    backend = "copy exists glob isdir listdir makedirs mkdir open remove rename replace rmtree stat"
+    with epath_testing.mock_epath(**dict.fromkeys([*backend.split(), "walk"], redirect)):
+        run = ("--steps", "1", "--log-samples", "1", "--plot", "true")
+        train.main(args(small_world, small_policy, questions, "gs://bucket/run", *run))
+        config, params = hf_io.load_hf(str(bucket / "run" / "hf" / "step_1"))
+        hf_io.save_hf("gs://bucket/copy", config, params)  # save_hf itself takes a URL too
+    assert [(type(d), os.fspath(d)) for d in given] == [
+        (type(epath.Path("gs://b")), "gs://bucket/run/checkpoints")
+    ]
+    out = bucket / "run"
+    assert json.loads((out / "config.json").read_text())["out_dir"] == "gs://bucket/run"
+    assert [r["step"] for r in _rows(out)] == [1]
+    assert len((out / "samples.jsonl").read_text().splitlines()) == 8 * 4
+    assert (out / "metrics.png").read_bytes().startswith(b"\x89PNG")
+    assert (out / "checkpoints" / "1").is_dir()
+    export = sorted(p.name for p in (out / "hf" / "step_1").iterdir())
+    assert {"config.json", "model.safetensors", "tokenizer_config.json"} <= set(export)
+    copy = (bucket / "copy" / "model.safetensors").read_bytes()
+    assert copy == (out / "hf" / "step_1" / "model.safetensors").read_bytes()
+    assert list((tmp_path / "cwd").iterdir()) == []
+
+
+def test_retriever_checked_before_the_model_loads(small_world, questions, tmp_path, capsys):
+    """A bad --retriever-url stops train.py and rollout.py with one line before the model loads
+    (the --model folder does not exist: its error would come first otherwise)."""
+    server = StandInServer()
+    with socket.socket() as s:  # a port that nobody listens on once closed
+        s.bind(("127.0.0.1", 0))
+        closed = f"http://127.0.0.1:{s.getsockname()[1]}/retrieve"
+    no_model = tmp_path / "no_model"
+    cases = [
+        (server.url.removesuffix("/retrieve"), "ok", "wrong path? Search-R1's server answers"),
+        ("127.0.0.1:8000/retrieve", "ok", "is not an http:// or https:// URL"),
+        (server.url, "html", "gave an answer not in Search-R1's shape"),
+        (closed, "ok", f"retrieval server {closed} unreachable for 0 s (1 attempt; last: "),
+    ]
+    try:
+        for url, mode, needle in cases:
+            server.mode = mode
+            budget = ("--retriever-max-wait", "0")
+            train_argv = args(small_world, no_model, questions, tmp_path / "o", *budget, url=url)
+            eval_argv = ["--model", str(no_model), "--data", str(questions), *budget]
+            for main, argv in ((train.main, train_argv), (rollout.main, eval_argv)):
+                if main is rollout.main:
+                    argv += ["--retriever-url", url]
+                with pytest.raises(SystemExit) as exit_info:
+                    cli.run(main, argv)
+                err = capsys.readouterr().err
+                (line,) = [line for line in err.splitlines() if "error:" in line]
+                assert exit_info.value.code == 2 and needle in line, err  # not the model's
+                assert "Traceback" not in err
+        assert len(server.requests) == 2 * 2  # wrong path and html: one check each, per script
+    finally:
+        server.close()
+
+
+@pytest.fixture(autouse=True)
+def _keep_sigterm_handler():
+    """train.main installs a SIGTERM handler; one that ends in an error leaves it in place."""
+    handler = signal.getsignal(signal.SIGTERM)
+    yield
+    signal.signal(signal.SIGTERM, handler)
 
 
 def _free_port():

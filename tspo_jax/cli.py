@@ -16,6 +16,10 @@ import types
 import typing
 from pathlib import Path
 
+from tqdm import tqdm
+
+from tspo_jax.retrieval import RetrievalError
+
 
 def option(default, help, *, choices=None):
     """A config field with its default, its one-line help and, optionally, its allowed values."""
@@ -127,16 +131,21 @@ INPUT_ERRORS = (
     NotADirectoryError,
     ConnectionError,
     FloatingPointError,
+    RetrievalError,
 )
 
 
 def run(main, argv=None):
-    """Runs a command's ``main``: an input error prints ``<prog>: error: <message>`` and exits
-    with status 2 (set TSPO_JAX_TRACEBACK=1 to see the traceback)."""
+    """Runs a command's ``main``: an input error prints ``<prog>: error: <message>`` (and its
+    notes, e.g. how to resume, after "; ") and exits with status 2 (set TSPO_JAX_TRACEBACK=1 to
+    see the traceback)."""
     try:
         return main(argv)
     except INPUT_ERRORS as e:
         if os.environ.get("TSPO_JAX_TRACEBACK"):
             raise
-        print(f"{Path(sys.argv[0]).name}: error: {e}", file=sys.stderr)
+        for bar in list(tqdm._instances):  # a progress bar left open: the error's line is its own
+            bar.close()
+        message = "; ".join([str(e), *getattr(e, "__notes__", ())])
+        print(f"{Path(sys.argv[0]).name}: error: {message}", file=sys.stderr)
         raise SystemExit(2) from None

@@ -7,7 +7,9 @@ it to the params layout and dtype on the host, and places it directly on its tar
 with ``jax.make_array_from_callback``: each device receives only its own slice, and the host
 never holds more than one tensor. ``save_hf`` writes what transformers and vLLM load:
 config.json plus model.safetensors, or several shards and the index when the weights exceed
-``max_shard_bytes``. Nothing else (tokenizer, generation config) is written or copied.
+``max_shard_bytes``. Nothing else (tokenizer, generation config) is written or copied. A folder
+given as a URL (gs://bucket/run/hf/step_100) is written locally first, then copied through
+etils' epath (``staged``).
 
 Layouts: params keep transformers' [out, in] Linear layout, with the head axes split out, so
 every conversion is a reshape: q_proj [N*H, D] -> q_NHD; k/v_proj [K*H, D] -> k_KHD / v_KHD;
@@ -20,12 +22,15 @@ import dataclasses
 import json
 import os
 import re
+import shutil
+import tempfile
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
+from etils import epath
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
@@ -221,8 +226,17 @@ def save_hf(path: str, config: qwen.QwenConfig, params, *, max_shard_bytes: int 
     time (a shard's worth at most is held), so params may be sharded over this process's
     devices; with several processes, call it on one process with fully addressable params.
     Earlier weight files of ours in ``path`` (model*.safetensors, the index) are removed first
-    so that no stale shard remains.
+    so that no stale shard remains. config.json is written last. ``path`` may be a URL.
     """
+    if is_url(path):
+        remote = epath.Path(path)
+        if remote.exists():
+            for old in remote.iterdir():
+                if _OWN_FILES.fullmatch(old.name):
+                    old.unlink()
+        with staged(path) as local:
+            save_hf(local, config, params, max_shard_bytes=max_shard_bytes)
+        return
     specs = tensor_specs(config)
     sizes = []
     for spec in specs:
@@ -267,3 +281,31 @@ def save_hf(path: str, config: qwen.QwenConfig, params, *, max_shard_bytes: int 
     file_dtype = jnp.dtype(_get(params, ("embed_VD",)).dtype).name
     with open(os.path.join(path, "config.json"), "w") as f:
         json.dump(config.to_hf_dict(torch_dtype=file_dtype), f, indent=2)
+
+
+def is_url(path) -> bool:
+    """Whether ``path`` names remote storage (gs://bucket/..., s3://...), reached through epath."""
+    return "://" in os.fspath(path)
+
+
+@contextlib.contextmanager
+def staged(path):
+    """A local folder to write the files of the folder ``path`` into: ``path`` itself when it
+    is local; for a URL, a temporary folder whose files are copied to ``path`` through epath
+    when the block ends without an error, config.json last (it marks a complete export)."""
+    if not is_url(path):
+        os.makedirs(path, exist_ok=True)
+        yield os.fspath(path)
+        return
+    with tempfile.TemporaryDirectory(prefix="tspo_jax-staged-") as local:
+        yield local
+        files = [
+            os.path.relpath(os.path.join(folder, name), local)
+            for folder, _, names in os.walk(local)
+            for name in names
+        ]
+        for name in sorted(files, key=lambda name: name == "config.json"):
+            target = epath.Path(path) / name
+            target.parent.mkdir(parents=True, exist_ok=True)
+            with open(os.path.join(local, name), "rb") as src, target.open("wb") as dst:
+                shutil.copyfileobj(src, dst, 64 << 20)

@@ -3,9 +3,11 @@
 python -m tspo_jax.plots runs/toyworld/metrics.jsonl [out.png]
 """
 
+import io
 import json
 import sys
-from pathlib import Path
+
+from etils import epath
 
 PANELS = (
     ("reward", "training reward (outcome)"),
@@ -20,9 +22,10 @@ PANELS = (
 
 
 def read_metrics(path) -> list[dict]:
-    """The JSONL records of a run, one per step (a resumed run's repeats: the latest wins)."""
+    """The JSONL records of a run, one per step (a resumed run's repeats: the latest wins).
+    ``path`` may be a URL (gs://...), as may ``out_png`` below."""
     by_step = {}
-    for n, line in enumerate(Path(path).read_text().splitlines(), start=1):
+    for n, line in enumerate(epath.Path(path).read_text().splitlines(), start=1):
         if line.strip():
             try:
                 record = json.loads(line)
@@ -32,7 +35,7 @@ def read_metrics(path) -> list[dict]:
     return [by_step[s] for s in sorted(by_step)]
 
 
-def plot_metrics(path, out_png) -> Path:
+def plot_metrics(path, out_png) -> epath.Path:
     """Draws PANELS against the step; returns the PNG's path."""
     import matplotlib
 
@@ -49,13 +52,15 @@ def plot_metrics(path, out_png) -> Path:
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(out_png, dpi=80)
+    png = io.BytesIO()
+    fig.savefig(png, format="png", dpi=80)
     plt.close(fig)
-    return Path(out_png)
+    epath.Path(out_png).write_bytes(png.getvalue())
+    return epath.Path(out_png)
 
 
 if __name__ == "__main__":
     if len(sys.argv) not in (2, 3):
         sys.exit("usage: python -m tspo_jax.plots METRICS.jsonl [OUT.png]")
-    src = Path(sys.argv[1])
+    src = epath.Path(sys.argv[1])
     print(plot_metrics(src, sys.argv[2] if len(sys.argv) == 3 else src.with_suffix(".png")))

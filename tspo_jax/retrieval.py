@@ -17,9 +17,11 @@ import logging
 import os
 import re
 import shutil
+import sys
 import tempfile
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 import warnings
 from pathlib import Path
@@ -149,41 +151,96 @@ class BM25Retriever:
         return results
 
 
+# The HTTP client's retry schedule: waits of backoff, 2 backoff, 4 backoff, ... capped at
+# MAX_BACKOFF seconds, until the retries or the seconds of max_wait are spent. The defaults ride
+# out a restart of Search-R1's server (it loads a 21M-passage FAISS index for minutes).
+DEFAULT_TIMEOUT, DEFAULT_RETRIES, DEFAULT_MAX_WAIT, MAX_BACKOFF = 60.0, 30, 600.0, 30.0
+
+
+def _stderr(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
 class HttpRetriever:
     """Client for Search-R1's retrieval server: one batched POST per call, a timeout per
-    attempt, and up to `retries` retries with exponential backoff (backoff, 2 * backoff, ...)
-    on connection errors, timeouts and 5xx answers."""
+    attempt, and retries on connection errors, timeouts and 5xx answers (each logged once with
+    its cause) with exponential backoff, until `retries` retries or `max_wait` seconds since the
+    first failed attempt are spent; then a RetrievalError says for how long the server was
+    unreachable. A 4xx answer or a malformed one is not retried."""
 
-    def __init__(self, url: str, *, timeout: float = 60.0, retries: int = 3, backoff: float = 1.0):
-        if retries < 0 or timeout <= 0 or backoff < 0:
+    def __init__(
+        self,
+        url: str,
+        *,
+        timeout: float = DEFAULT_TIMEOUT,
+        retries: int = DEFAULT_RETRIES,
+        max_wait: float = DEFAULT_MAX_WAIT,
+        backoff: float = 1.0,
+        log=_stderr,
+    ):
+        if retries < 0 or timeout <= 0 or max_wait < 0 or backoff < 0:
             raise ValueError(
-                f"need timeout > 0, retries >= 0, backoff >= 0; got {timeout=}, "
-                f"{retries=}, {backoff=}"
+                f"need timeout > 0, retries >= 0, max_wait >= 0, backoff >= 0; got {timeout=}, "
+                f"{retries=}, {max_wait=}, {backoff=}"
             )
-        self.url, self.timeout, self.retries, self.backoff = url, timeout, retries, backoff
+        parts = urllib.parse.urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.netloc:
+            raise ValueError(
+                f"retriever URL {url!r} is not an http:// or https:// URL (Search-R1's server "
+                "listens at http://HOST:PORT/retrieve, e.g. http://127.0.0.1:8000/retrieve)"
+            )
+        self.url, self.timeout, self.retries = url, timeout, retries
+        self.max_wait, self.backoff, self.log = max_wait, backoff, log
 
     def _post(self, payload: dict) -> bytes:
         data = json.dumps(payload).encode()
         request = urllib.request.Request(
             self.url, data=data, headers={"Content-Type": "application/json"}, method="POST"
         )
+        start = time.monotonic()
         for attempt in range(self.retries + 1):
             try:
                 with urllib.request.urlopen(request, timeout=self.timeout) as response:
                     return response.read()
             except urllib.error.HTTPError as e:
                 if e.code < 500:
-                    raise RetrievalError(
-                        f"retrieval server {self.url} answered HTTP {e.code}"
-                    ) from None
-                error = f"HTTP {e.code}"
+                    raise RetrievalError(self._refused(e)) from None
+                cause = f"HTTP {e.code}"
             except (urllib.error.URLError, http.client.HTTPException, OSError) as e:
-                error = str(getattr(e, "reason", e))
-            if attempt < self.retries:
-                time.sleep(self.backoff * 2**attempt)
+                cause = str(getattr(e, "reason", e)) or type(e).__name__
+            spent = time.monotonic() - start
+            wait = min(self.backoff * 2**attempt, MAX_BACKOFF, self.max_wait - spent)
+            if attempt == self.retries or wait <= 0:
+                break
+            self.log(
+                f"retrieval server {self.url}: {cause}; retry {attempt + 1} of {self.retries} in "
+                f"{wait:.1f} s ({spent:.0f} of {self.max_wait:.0f} s spent)"
+            )
+            time.sleep(wait)
         raise RetrievalError(
-            f"retrieval server {self.url} failed after {self.retries + 1} attempts: {error}"
+            f"retrieval server {self.url} unreachable for {time.monotonic() - start:.0f} s "
+            f"({attempt + 1} attempt{'s' if attempt else ''}; last: {cause})"
         )
+
+    def _refused(self, error: urllib.error.HTTPError) -> str:
+        """The message for a 4xx answer, with a hint when the path looks wrong."""
+        try:
+            body = error.read()[:200]
+        except OSError:
+            body = b""
+        message = f"retrieval server {self.url} answered HTTP {error.code} {body!r}"
+        if error.code in (404, 405):
+            root = urllib.parse.urlunsplit(urllib.parse.urlsplit(self.url)._replace(path=""))
+            message += (
+                f": wrong path? Search-R1's server answers POST requests at /retrieve "
+                f"({root}/retrieve)"
+            )
+        return message
+
+    def check(self) -> None:
+        """One small query, so that a server that is down, a wrong path or an answer not in
+        Search-R1's shape are reported before a run loads its model (RetrievalError)."""
+        self.search(["retrieval check"], 1)
 
     def search(self, queries: list[str], k: int) -> list[list[Passage]]:
         if not queries:
@@ -210,8 +267,8 @@ class HttpRetriever:
         except (ValueError, KeyError, TypeError) as e:
             detail = e if not isinstance(e, KeyError) else f"missing key {e}"
             raise RetrievalError(
-                f"retrieval server {self.url} gave a malformed answer ({detail}); it starts "
-                f"{body[:200]!r}"
+                f"retrieval server {self.url} gave an answer not in Search-R1's shape ({detail}); "
+                f"it starts {body[:200]!r}"
             ) from None
 
 
@@ -219,11 +276,13 @@ def make_retriever(
     corpus: str | os.PathLike | None = None,
     url: str | None = None,
     *,
-    timeout: float = 60.0,
-    retries: int = 3,
+    timeout: float = DEFAULT_TIMEOUT,
+    retries: int = DEFAULT_RETRIES,
+    max_wait: float = DEFAULT_MAX_WAIT,
     backoff: float = 1.0,
 ) -> Retriever:
-    """BM25 over `corpus` or the server at `url`: exactly one of the two."""
+    """BM25 over `corpus` or the server at `url`: exactly one of the two (the server's retry
+    budget as HttpRetriever's)."""
     if (corpus is None) == (url is None):
         raise ValueError(
             "give exactly one of corpus (a JSONL file, for BM25) and url (a "
@@ -231,4 +290,4 @@ def make_retriever(
         )
     if corpus is not None:
         return BM25Retriever(corpus)
-    return HttpRetriever(url, timeout=timeout, retries=retries, backoff=backoff)
+    return HttpRetriever(url, timeout=timeout, retries=retries, max_wait=max_wait, backoff=backoff)
