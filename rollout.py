@@ -546,10 +546,12 @@ def load_settings(model_dir: str) -> dict:
             settings = json.load(f)
     except json.JSONDecodeError as e:
         raise ValueError(f"{path}: not valid JSON ({e.msg})") from None
+    if not isinstance(settings, dict):
+        raise ValueError(f"{path}: expected an object of rollout settings")
     known = {f.name for f in dataclasses.fields(RolloutConfig)} | {"batch_size", "dtype"}
-    unknown = sorted(set(settings) - known) if isinstance(settings, dict) else None
-    if unknown is None or unknown:
-        raise ValueError(f"{path}: expected an object of rollout settings; unknown: {unknown}")
+    unknown = sorted(set(settings) - known)
+    if unknown:
+        raise ValueError(f"{path}: unknown rollout settings {unknown}")
     return settings
 
 

@@ -329,5 +329,5 @@ def test_evaluation_defaults_greedy_and_takes_an_exports_settings(tmp_path, caps
     )
     assert (cfg.rollout.max_turns, cfg.rollout.chat, cfg.batch_size) == (3, False, 7)
     (tmp_path / rollout.SETTINGS_FILE).write_text('{"max_turns": 2, "beam": 4}')
-    with pytest.raises(ValueError, match="unknown: \\['beam'\\]"):
+    with pytest.raises(ValueError, match="unknown rollout settings \\['beam'\\]"):
         rollout.load_settings(str(tmp_path))

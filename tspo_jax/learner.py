@@ -188,8 +188,8 @@ def loss_fn(params, config, mesh: Mesh, settings: LossSettings, chunk: int, micr
     optional = (ref_logp, sampler_logp)  # either may be None (no reference, no TIS)
 
     def local_loss(logp, old, adv, loss_mask, *given):
-        it = iter(given)
-        ref, sampler = (None if x is None else next(it) for x in optional)
+        given = list(given)  # the optional arrays that are not None, in order
+        ref, sampler = (None if x is None else given.pop(0) for x in optional)
         return tspo.policy_loss(
             logp,
             old,

@@ -89,7 +89,7 @@ decision, answering too early.
 
 With the defaults: about 13,200 passages (10,600 training world, 2,600 held-out), 2,000 RL and
 500 held-out questions (1, 2, 3 hops in proportion 1 : 2 : 2), 16,000 demonstrations from 16
-demo worlds of 2,600 passages each, a vocabulary of 986 tokens, and about 80, 145 and 210
+demo worlds of 2,600 passages each, a vocabulary of 1,030 tokens, and about 87, 159 and 230
 tokens for a whole trajectory with 1, 2 and 3 searches (prompt "Question: ...", top 3). On
 held-out questions the scripted oracle (BM25 top 3) scores exact match 1.0 and answering after
 the first search 0.2 (the 1-hop share); the demonstrations score 0.52. world.json has these
