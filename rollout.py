@@ -14,7 +14,9 @@ One call of ``rollout`` runs B prompts x G samples as one batch of rows through 
 
 A row stops when it answers, samples EOS, or runs out of turns or context; the last turn does
 not search (``force_answer`` starts it with "<answer>"). An invalid action (no tag, unclosed
-tag, empty query, both tags) gets a short corrective observation, and the turn counts.
+tag, empty query, both tags) gets Search-R1's corrective observation, and the turn counts.
+An episode starts from its data row's own prompt when it has one (Search-R1 parquet), else from
+the question in ``RolloutConfig.template``.
 Per trajectory the host records everything Eq. F, A and L of TSPO.md need: the token ids as
 sampled, which of them were sampled (``loss_mask``) and in which turn (``turn_id``, -1 on the
 prompt and observations), the sampler's log-probs, ``num_turns``, ``outcome`` and
@@ -59,7 +61,17 @@ class RolloutConfig:
     chat: bool = option(False, "wrap the prompt in the tokenizer's chat template (instruct models)")
     force_answer: bool = option(False, "start the last turn with <answer> so that it answers")
     outcome: str = option("em", "outcome score of the final answer", choices=("em", "f1"))
-    template: str = option(protocol.DEFAULT_TEMPLATE, "prompt template with a {question} field")
+    prompt_source: str = option(
+        "row",
+        "row: a data row's own prompt when it has one (Search-R1 parquet), else the template; "
+        "template: always the template",
+        choices=("row", "template"),
+    )
+    template: str = option(
+        protocol.DEFAULT_TEMPLATE,
+        "prompt template with a {question} field, for rows without a prompt of their own",
+    )
+    template_file: str = option("", "read --template from this file, byte for byte")
 
     def __post_init__(self):
         for name in ("max_turns", "passages", "max_new_tokens", "max_obs_tokens", "max_context"):
@@ -91,6 +103,7 @@ class Trajectory(NamedTuple):
 
     question: str
     golds: tuple[str, ...]
+    prompt: str  # the prompt's text as the policy read it (chat template included)
     prompt_tokens: list[int]
     turns: list[Turn]
     answer: str | None  # content of the last <answer> the policy sampled
@@ -281,15 +294,8 @@ def _wave(policy, tokenizer, retriever, examples, ids, *, group_size, key, cfg):
         np.repeat(np.asarray(ids, np.uint32), group_size),
         np.tile(np.arange(group_size, dtype=np.uint32), len(ids)),
     )
-    prompts = [
-        tokenizer.encode(
-            protocol.build_prompt(
-                q.question, tokenizer=tokenizer, chat=cfg.chat, template=cfg.template
-            ),
-            add_special_tokens=False,
-        )
-        for q in rows
-    ]
+    texts = [prompt_text(q, tokenizer, cfg) for q in rows]
+    prompts = [tokenizer.encode(t, add_special_tokens=False) for t in texts]
     longest = max(map(len, prompts))
     if longest >= cfg.max_context:
         raise ValueError(f"a prompt of {longest} tokens does not fit max_context={cfg.max_context}")
@@ -375,11 +381,37 @@ def _wave(policy, tokenizer, retriever, examples, ids, *, group_size, key, cfg):
             break
         policy.extend(obs_tokens)
     timing = Timing(time.perf_counter() - t0 - retrieval_s, retrieval_s, sampled)
-    scored = [_score(*args, cfg) for args in zip(rows, prompts, turns, finish, strict=True)]
+    scored = [_score(*args, cfg) for args in zip(rows, texts, prompts, turns, finish, strict=True)]
     return scored, timing
 
 
-def _score(example, prompt_tokens, turns, finish, cfg) -> Trajectory:
+def prompt_text(example: data.Example, tokenizer, cfg: RolloutConfig) -> str:
+    """The first prompt of an episode: the row's own prompt when it has one (and
+    ``cfg.prompt_source`` is "row"), else the question in ``cfg.template``; through the chat
+    template with ``cfg.chat``."""
+    if example.prompt is not None and cfg.prompt_source == "row":
+        return protocol.chat_prompt(example.prompt, tokenizer=tokenizer, chat=cfg.chat)
+    return protocol.build_prompt(
+        example.question, tokenizer=tokenizer, chat=cfg.chat, template=cfg.template
+    )
+
+
+def read_template_file(cfg: RolloutConfig) -> RolloutConfig:
+    """``cfg`` with ``template`` read from ``template_file`` (byte for byte, a trailing newline
+    included) when one is given; the run's config then records the text it used."""
+    if not cfg.template_file:
+        return cfg
+    path = cfg.template_file
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"--template-file {path!r}: no such file")
+    with open(path, encoding="utf-8", newline="") as f:
+        template = f.read()
+    if "{question}" not in template:
+        raise ValueError(f"--template-file {path!r}: the template has no {{question}} field")
+    return dataclasses.replace(cfg, template=template)
+
+
+def _score(example, prompt, prompt_tokens, turns, finish, cfg) -> Trajectory:
     answer = protocol.final_answer([t.text for t in turns])
     em = protocol.exact_match(answer, example.golden_answers)
     f1 = protocol.f1_score(answer, example.golden_answers)
@@ -387,6 +419,7 @@ def _score(example, prompt_tokens, turns, finish, cfg) -> Trajectory:
     return Trajectory(
         question=example.question,
         golds=tuple(example.golden_answers),
+        prompt=prompt,
         prompt_tokens=prompt_tokens,
         turns=turns,
         answer=answer,
@@ -458,17 +491,25 @@ def pack(
 
 
 def summarize(trajectories: Sequence[Trajectory]) -> dict:
-    """Evaluation numbers: EM, F1, turns, searches, invalid actions, FOLR hits and where."""
+    """Evaluation numbers: EM, F1, turns, searches, invalid actions, FOLR hits and where.
+
+    invalid_rate: turns that got the corrective observation (neither one search nor one
+    answer); eos_rate: turns that ended at EOS without an answer (the episode's last), counted
+    apart; both per turn."""
     n = len(trajectories)
     turns = [t for traj in trajectories for t in traj.turns]
     hits = Counter(t.first_hit for t in trajectories if t.first_hit >= 0)
+    eos_turns = sum(t.finish == "eos" for t in trajectories)
+    invalid = sum(t.action.kind == "invalid" for t in turns)
+    invalid -= sum(t.finish == "eos" and t.turns[-1].action.kind == "invalid" for t in trajectories)
     return {
         "em": float(np.mean([t.em for t in trajectories])),
         "f1": float(np.mean([t.f1 for t in trajectories])),
         "answer_rate": float(np.mean([t.answer is not None for t in trajectories])),
         "turns": len(turns) / n,
         "searches": sum(t.action.kind == "search" for t in turns) / n,
-        "invalid_rate": sum(t.action.kind == "invalid" for t in turns) / max(len(turns), 1),
+        "invalid_rate": invalid / max(len(turns), 1),
+        "eos_rate": eos_turns / max(len(turns), 1),
         "folr_hit_rate": sum(hits.values()) / n,
         "near_miss_rate": float(np.mean([t.first_hit >= 0 and t.em < 1 for t in trajectories])),
         "response_tokens": sum(len(t.tokens) for t in turns) / n,
@@ -480,6 +521,7 @@ def to_json(traj: Trajectory) -> dict:
     """A readable record of a trajectory (for the evaluation's JSONL output)."""
     return {
         "question": traj.question,
+        "prompt": traj.prompt,
         "golden_answers": list(traj.golds),
         "answer": traj.answer,
         "em": traj.em,
@@ -561,9 +603,45 @@ def load_policy(model_dir: str, dtype=jnp.float32, *, sharding=None):
     return model_config, params, tokenizer
 
 
+# Written by train.py beside config.json in every export: the rollout settings that its own
+# evaluation used, which rollout.py then takes as its defaults for that folder.
+SETTINGS_FILE = "tspo_rollout.json"
+
+
+def save_settings(path, cfg: RolloutConfig, *, batch_size: int, dtype: str) -> None:
+    """Writes ``path``/SETTINGS_FILE: ``cfg`` (the template as its text, not its file), the
+    evaluation's batch size and compute dtype, as EvalConfig's option names."""
+    settings = {k: v for k, v in dataclasses.asdict(cfg).items() if k != "template_file"}
+    settings |= {"batch_size": batch_size, "dtype": dtype}
+    with open(os.path.join(path, SETTINGS_FILE), "w") as f:
+        json.dump(settings, f, indent=1)
+        f.write("\n")
+
+
+def load_settings(model_dir: str) -> dict:
+    """EvalConfig defaults from ``model_dir``/SETTINGS_FILE ({} when the folder has none)."""
+    path = os.path.join(model_dir, SETTINGS_FILE)
+    if not os.path.isfile(path):
+        return {}
+    try:
+        with open(path) as f:
+            settings = json.load(f)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON ({e.msg})") from None
+    if not isinstance(settings, dict):
+        raise ValueError(f"{path}: expected an object of rollout settings")
+    known = {f.name for f in dataclasses.fields(RolloutConfig)} | {"batch_size", "dtype"}
+    unknown = sorted(set(settings) - known)
+    if unknown:
+        raise ValueError(f"{path}: unknown rollout settings {unknown}")
+    return settings
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class EvalConfig:
-    """Evaluate a policy on a question set with retrieval (greedy by default)."""
+    """Evaluate a policy on a question set with retrieval (greedy by default). A folder that
+    train.py exported carries the rollout settings of the run (tspo_rollout.json): they are the
+    defaults, each still overridable on the command line."""
 
     model: str = option("", "Hugging Face checkpoint folder of the policy")
     data: str = option("", "questions: Search-R1 parquet, or JSONL with question/golden_answers")
@@ -597,7 +675,9 @@ class EvalConfig:
 
 
 def main(argv=None):
-    cfg = cli.parse(EvalConfig, argv)
+    settings = lambda given: load_settings(given["model"]) if given.get("model") else {}
+    cfg = cli.parse(EvalConfig, argv, defaults=settings)
+    cfg = dataclasses.replace(cfg, rollout=read_template_file(cfg.rollout))
     print("tspo_jax evaluation\n" + cli.describe(cfg), file=sys.stderr)
     server = None
     if cfg.retriever_url:  # checked before the model loads: down, a wrong path, ...

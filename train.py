@@ -38,7 +38,7 @@ from jax.sharding import PartitionSpec as P
 from tqdm import tqdm
 
 import rollout
-from tspo_jax import cli, data, hf_io, learner, plan, qwen, retrieval, sampling, tspo
+from tspo_jax import cli, data, hf_io, learner, plan, plots, qwen, retrieval, sampling, tspo
 from tspo_jax.cli import option
 
 RolloutConfig = rollout.RolloutConfig
@@ -75,6 +75,12 @@ class Config:
     clip_high: float = option(0.2, "eps_high of the clipped ratio")
     kl_coef: float = option(0.001, "beta, k3 KL to the initial policy (0: no reference model)")
     loss_agg: str = option("token-mean", "loss aggregation of Eq. L", choices=tspo.LOSS_AGGS)
+    clip_ratio_c: float = option(
+        0.0, "dual-clip: bound the loss of adv < 0 tokens by -c * adv, c > 1 (verl: 3; 0: off)"
+    )
+    tis_cap: float = option(
+        0.0, "truncated IS: weight each token's pg loss by min(exp(learner - sampler), C) (0: off)"
+    )
     # Batches.
     prompts_per_step: int = option(512, "B, prompts per step over all processes")
     mini_batch: int = option(256, "prompts per optimizer update")
@@ -119,6 +125,9 @@ class Config:
     keep_checkpoints: int = option(3, "checkpoints kept")
     resume: bool = option(False, "continue from the latest checkpoint in out_dir")
     export_every: int = option(0, "also export HF safetensors every N steps (0: at the end only)")
+    export_dtype: str = option(
+        "source", "dtype of HF exports", choices=("source", "float32", "bfloat16", "float16")
+    )
     log_samples: int = option(0, "write every Nth step's trajectories to samples.jsonl (0: off)")
     max_bad_steps: int = option(5, "stop after this many non-finite updates in a row")
     plot: bool = option(True, "draw metrics.png from metrics.jsonl at the end")
@@ -164,6 +173,12 @@ class Config:
                 f"--rollout-batch {self.rollout_batch} must be whole groups: a multiple of "
                 f"--group-size {self.group_size}"
             )
+        if self.warmup_steps < 0:
+            raise ValueError(f"--warmup-steps must be >= 0, got {self.warmup_steps}")
+        if self.clip_ratio_c != 0 and not self.clip_ratio_c > 1:
+            raise ValueError(f"--clip-ratio-c must be 0 (off) or > 1, got {self.clip_ratio_c}")
+        if self.tis_cap < 0:
+            raise ValueError(f"--tis-cap must be 0 (off) or > 0, got {self.tis_cap}")
 
     @property
     def alpha(self) -> float:
@@ -192,7 +207,8 @@ TOYWORLD_PRESET = dict(
 
 # Options that may change when a run is resumed; every other one must match its checkpoint.
 RESUMABLE = {"steps", "resume", "eval_every", "eval_size", "eval_batch", "checkpoint_every"}
-RESUMABLE |= {"keep_checkpoints", "export_every", "log_samples", "max_bad_steps", "plot"}
+RESUMABLE |= {"keep_checkpoints", "export_every", "export_dtype", "log_samples", "max_bad_steps"}
+RESUMABLE |= {"plot"}
 RESUMABLE |= {"distributed", "coordinator", "num_processes", "process_id", "out_dir"}
 RESUMABLE |= {"retriever_url", "retriever_timeout", "retriever_retries", "retriever_max_wait"}
 RESUMABLE |= {"async_checkpoint"}
@@ -202,9 +218,10 @@ RESUMABLE |= {"rollout_batch", "device_memory_gb", "plan_only", "plan_devices", 
 
 def parse_config(argv=None) -> Config:
     """The command line, with TOYWORLD_PRESET under it when no --model is given."""
-    return cli.parse(
+    cfg = cli.parse(
         Config, argv, defaults=lambda given: {} if given.get("model") else TOYWORLD_PRESET
     )
+    return dataclasses.replace(cfg, rollout=rollout.read_template_file(cfg.rollout))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -762,6 +779,8 @@ def setup(cfg: Config) -> tuple[Run, learner.TrainState, int]:
         kl_coef=cfg.kl_coef,
         loss_agg=cfg.loss_agg,
         norm_length=cfg.rollout.max_context,
+        clip_ratio_c=cfg.clip_ratio_c or None,
+        tis_cap=cfg.tis_cap or None,
     )
     retriever = server or retrieval.make_retriever(corpus=cfg.corpus)
     train_set = data.load_examples(cfg.data)
@@ -861,11 +880,12 @@ def learn(run: Run, state: learner.TrainState, batch: rollout.Batch, adv_BGK, co
         return global_array(x.reshape(M, -1, *x.shape[1:]), sharding)
 
     adv_BGT = np.asarray(tspo.token_advantages(adv_BGK, batch.turn_id_BGT))
-    tokens, mask, loss_mask, adv = map(
-        to_device, (batch.tokens_BGT, batch.mask_BGT, batch.loss_mask_BGT, adv_BGT)
+    tokens, mask, loss_mask, adv, sampler_logp = map(
+        to_device, (batch.tokens_BGT, batch.mask_BGT, batch.loss_mask_BGT, adv_BGT, batch.logp_BGT)
     )
     static = dict(config=run.model_config, options=run.options)
     old_logp = learner.batch_logprobs(state.params, tokens, mask, **static)
+    gap = logprob_gap(old_logp, sampler_logp, loss_mask)
     ref_logp = None
     if run.ref_params is not None:
         ref_logp = learner.batch_logprobs(run.ref_params, tokens, mask, **static)
@@ -881,6 +901,7 @@ def learn(run: Run, state: learner.TrainState, batch: rollout.Batch, adv_BGK, co
                 adv[sl],
                 old_logp[sl],
                 None if ref_logp is None else ref_logp[sl],
+                sampler_logp[sl] if cfg.tis_cap else None,
             )
             shape = update_batch.tokens_MBGT.shape
             if shape not in compiled:
@@ -902,8 +923,16 @@ def learn(run: Run, state: learner.TrainState, batch: rollout.Batch, adv_BGK, co
                         flush=True,
                     )
             state, m = compiled[shape](state, update_batch)
-            metrics.append(m)
+            metrics.append({**m, **gap})
     return state, metrics
+
+
+@jax.jit
+def logprob_gap(learner_logp, sampler_logp, loss_mask) -> dict:
+    """|sampler - learner| log-prob of the sampled tokens, mean and max over loss tokens: what
+    sampling (its dtype, its kernels) and the learner's recomputation disagree by."""
+    gap = jnp.where(loss_mask, jnp.abs(sampler_logp - learner_logp), 0.0)
+    return {"logp_gap_mean": gap.sum() / jnp.maximum(loss_mask.sum(), 1), "logp_gap_max": gap.max()}
 
 
 def initialize_distributed(cfg: Config) -> None:
@@ -1016,11 +1045,12 @@ def main(argv=None) -> dict:
             )
         return {"history": history, "state": state, "config": cfg, "preempted": True}
     if run.lead and cfg.plot and history:
-        from tspo_jax import plots
-
         plots.plot_metrics(run.out / "metrics.jsonl", run.out / "metrics.png")
     if run.lead and history:
-        print(final_report(history, run.out, time.perf_counter() - t_start))
+        # A resumed run reads the steps before the resume back (step 0's evaluation included).
+        earlier = plots.read_metrics(run.out / "metrics.jsonl") if start else []
+        earlier = [r for r in earlier if r["step"] <= start]
+        print(final_report(earlier + history, run.out, time.perf_counter() - t_start))
     return {"history": history, "state": state, "config": cfg}
 
 
@@ -1046,19 +1076,23 @@ def final_report(history: list[dict], out: epath.Path, seconds: float) -> str:
     return "\n".join(lines)
 
 
+def eval_rollout_config(cfg: Config) -> RolloutConfig:
+    """The rollout settings of train.py's evaluation: the run's, greedy."""
+    return dataclasses.replace(cfg.rollout, greedy=True)
+
+
 def evaluate(run: Run, params) -> dict:
     """Greedy held-out evaluation through rollout.py, by process 0 ("eval_*" metrics)."""
     policy = rollout_policy(run, params, batch_rows=run.cfg.eval_batch)  # all processes
     if not run.lead:
         return {}
-    eval_cfg = dataclasses.replace(run.cfg.rollout, greedy=True)
     summary, _ = rollout.evaluate(
         policy.params,
         run.model_config,
         run.tokenizer,
         run.retriever,
         run.eval_set,
-        cfg=eval_cfg,
+        cfg=eval_rollout_config(run.cfg),
         batch_size=run.cfg.eval_batch,
         progress=False,
         mesh=run.rollout_mesh,
@@ -1068,17 +1102,27 @@ def evaluate(run: Run, params) -> dict:
 
 
 def export(run: Run, params, path: epath.Path) -> None:
-    """Hugging Face safetensors + config + tokenizer that transformers and vLLM load; config.json
-    comes last, so that it marks a complete export (a URL: written locally, then copied)."""
+    """Hugging Face safetensors + config + generation config + tokenizer that transformers and
+    vLLM load, in the source checkpoint's dtype unless --export-dtype says otherwise, and the
+    rollout settings of train.py's evaluation (rollout.SETTINGS_FILE), which rollout.py reads.
+    config.json comes last, so that it marks a complete export (a URL: written locally, then
+    copied)."""
     params = qwen.unstack_layers(params)
     if jax.process_count() > 1:
         from jax.experimental import multihost_utils
 
         params = multihost_utils.process_allgather(params, tiled=True)
     if run.lead:
+        cfg = run.cfg
+        source = cfg.export_dtype == "source"
+        dtype = hf_io.checkpoint_dtype(cfg.model) if source else cfg.export_dtype
         with hf_io.staged(path) as local:
             run.tokenizer.save_pretrained(local)
-            hf_io.save_hf(local, run.model_config, jax.device_get(params))
+            hf_io.save_generation_config(local, run.model_config, source=cfg.model)
+            rollout.save_settings(
+                local, eval_rollout_config(cfg), batch_size=cfg.eval_batch, dtype=cfg.compute_dtype
+            )
+            hf_io.save_hf(local, run.model_config, jax.device_get(params), dtype=dtype)
 
 
 if __name__ == "__main__":

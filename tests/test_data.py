@@ -15,14 +15,21 @@ INSTRUCTIONS = (
 )
 
 
-def search_r1_row(question, target, source="nq", index=0):
-    return {
+def search_r1_row(question, target, source="nq", index=0, keep_question=False):
+    """A row as Search-R1's scripts write it; they keep FlashRAG's `question` column beside the
+    prompt (``keep_question``), older files may not have it."""
+    row = {
         "data_source": source,
-        "prompt": [{"role": "user", "content": f"{INSTRUCTIONS}Question: {question}\n"}],
+        "prompt": [{"role": "user", "content": prompt_text(question)}],
         "ability": "fact-reasoning",
         "reward_model": {"style": "rule", "ground_truth": {"target": target}},
         "extra_info": {"split": "train", "index": index},
     }
+    return {"question": question, "golden_answers": target, **row} if keep_question else row
+
+
+def prompt_text(question):
+    return f"{INSTRUCTIONS}Question: {question}\n"
 
 
 def write_parquet(path, rows, schema=None):
@@ -45,10 +52,34 @@ def test_search_r1_parquet(tmp_path):
         search_r1_row("Question: what is it? what?", ["a", " b "], source="hotpotqa", index=8),
     ]
     path = write_parquet(tmp_path / "train.parquet", rows)
+    q0 = "who got the first nobel prize in physics?"
+    q1 = "Question: what is it? what?"
     assert load_examples(path) == [
-        Example("who got the first nobel prize in physics?", ("Wilhelm Conrad Röntgen",), "nq", 7),
-        Example("what is it? what?", ("a", "b"), "hotpotqa", 8),  # after the last "Question:"
+        Example(q0, ("Wilhelm Conrad Röntgen",), "nq", 7, user_prompt(q0)),
+        Example(q1, ("a", "b"), "hotpotqa", 8, user_prompt(q1)),  # after the first "Question:"
     ]
+
+
+def user_prompt(question):
+    return ({"role": "user", "content": prompt_text(question)},)
+
+
+def test_search_r1_question_column_keeps_questions_whole(tmp_path):
+    """The `question` column when a row has one; else the prompt after its first marker. A
+    question that itself contains "Question:" loads whole either way."""
+    tricky = "what does the line 'Question: why?' refer to?"
+    rows = [
+        search_r1_row(tricky, ["a poem"], index=3, keep_question=True),
+        search_r1_row("  plain?  ", ["b"], index=4, keep_question=True),
+        search_r1_row(tricky, ["a poem"], index=5),  # no question column in this row
+    ]
+    examples = load_examples(write_parquet(tmp_path / "train.parquet", rows))
+    assert examples == [
+        Example(tricky, ("a poem",), "nq", 3, user_prompt(tricky)),
+        Example("plain?", ("b",), "nq", 4, user_prompt("  plain?  ")),
+        Example(tricky, ("a poem",), "nq", 5, user_prompt(tricky)),
+    ]
+    assert examples[0].prompt[0]["content"].endswith("Question: " + tricky + "\n")
 
 
 def test_flashrag_parquet(tmp_path):
@@ -90,6 +121,11 @@ def test_plain_jsonl(tmp_path):
         ([{"question": "q", "golden_answers": ["a", 1]}], "line 1: every golden answer"),
         ([{"question": "q", "golden_answers": ["a", ""]}], "line 1: every golden answer"),
         ([{"question": "q", "golden_answers": "a", "data_source": 3}], "line 1: data_source"),
+        ([{"question": "q", "golden_answers": "a", "prompt": "q?"}], "line 1: 'prompt' must be"),
+        (
+            [{"question": "q", "golden_answers": "a", "prompt": [{"role": "user"}]}],
+            "line 1: 'prompt' must be a list of chat messages",
+        ),
     ],
 )
 def test_jsonl_errors(tmp_path, lines, message):
@@ -103,7 +139,7 @@ def test_parquet_errors(tmp_path):
     no_question = search_r1_row("q?", ["a"])
     no_question["prompt"] = [{"role": "user", "content": "Just instructions."}]
     path = write_parquet(tmp_path / "a.parquet", [good, good, no_question])
-    with pytest.raises(ValueError, match=r"a\.parquet, row 2: the prompt has no 'Question:'"):
+    with pytest.raises(ValueError, match=r"a\.parquet, row 2: .* needs a 'question' column"):
         load_examples(path)
 
     empty_target = search_r1_row("q?", [])
@@ -113,7 +149,7 @@ def test_parquet_errors(tmp_path):
 
     no_prompt = dict(good, prompt=[])
     path = write_parquet(tmp_path / "c.parquet", [no_prompt])
-    with pytest.raises(ValueError, match=r"c\.parquet, row 0: a Search-R1 row needs prompt"):
+    with pytest.raises(ValueError, match=r"c\.parquet, row 0: 'prompt' must be a list of chat"):
         load_examples(path)
 
     rows = [{"question": "q", "golden_answers": ["a"]}, {"question": "q", "golden_answers": None}]

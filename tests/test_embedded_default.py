@@ -135,3 +135,21 @@ def test_warm_start_loads_and_follows_the_tag_protocol(default_run):
     # A random policy of the same shape does none of this.
     summary, _ = greedy(qwen.init_params(model_config, jax.random.key(0)))
     assert summary["answer_rate"] < 0.5
+
+
+def test_rollout_cli_on_the_export_reproduces_the_runs_evaluation(default_run, tmp_path):
+    """python rollout.py --model runs/.../hf/step_2 with only the data and corpus reports what
+    train.py's own evaluation of step 2 did: the export carries the run's template, budgets
+    and batch size (TOYWORLD_PRESET's, not Search-R1's defaults), and greedy is the default."""
+    result, _, out = default_run
+    cfg = result["config"]
+    summary = rollout.main(
+        [
+            *("--model", str(out / "hf" / "step_2"), "--data", cfg.eval_data),
+            *("--corpus", cfg.corpus, "--limit", str(cfg.eval_size)),
+        ]
+    )
+    last = result["history"][-1]
+    assert last["step"] == 2
+    assert summary == {k.removeprefix("eval_"): v for k, v in last.items() if k.startswith("eval_")}
+    assert summary["searches"] > 0 and summary["answer_rate"] > 0.5  # a policy that searches

@@ -9,7 +9,7 @@ import numpy as np
 import optax
 import pytest
 
-from tspo_jax import learner, qwen
+from tspo_jax import learner, qwen, tspo
 
 CONFIG = qwen.QwenConfig(
     vocab_size=97,
@@ -208,3 +208,61 @@ def test_mesh_spans_slices_with_the_data_axis_only():
     # On the 8 local CPU devices of the tests: the topology order is a plain reshape.
     mesh = learner.make_mesh(2, 4)
     assert mesh.devices.shape == (2, 4) and mesh.axis_names == learner.BATCH_AXES
+
+
+def test_mesh_fsdp_that_does_not_divide_the_devices_is_a_clear_error():
+    with pytest.raises(ValueError, match="--mesh-fsdp 3 must divide the 8 device"):
+        learner.make_mesh(-1, 3)
+    with pytest.raises(ValueError, match="--mesh-fsdp 8 must divide the 1 device"):
+        learner.make_mesh(-1, 8, devices=jax.devices()[:1])
+    assert dict(learner.make_mesh(-1, 4).shape) == {"data": 2, "fsdp": 4}
+
+
+@pytest.mark.parametrize("schedule", ["constant", "cosine"])
+def test_zero_warmup_is_full_lr_from_the_first_update(schedule):
+    """--warmup-steps 0: the first update (optimizer step 0) runs at the peak lr and moves
+    every parameter (Adam's first step moves each by lr, whatever its gradient's size)."""
+    kw = dict(lr=1e-2, total_steps=10, schedule=schedule, weight_decay=0.0, grad_clip=1e9)
+    opt, lr_fn = learner.make_optimizer(warmup_steps=0, b1=0.9, b2=0.999, **kw)
+    assert float(lr_fn(0)) == pytest.approx(1e-2)
+    params = {"w": jnp.array([1.0, -2.0, 3.0])}
+    updates, _ = opt.update({"w": jnp.array([0.5, -3.0, 1e-3])}, opt.init(params), params)
+    np.testing.assert_allclose(updates["w"], [-1e-2, 1e-2, -1e-2], rtol=1e-3)
+    # With a warm-up, the first update is at lr 0 and the peak is reached after it.
+    _, warm = learner.make_optimizer(warmup_steps=4, b1=0.9, b2=0.999, **kw)
+    assert float(warm(0)) == 0.0 and float(warm(4)) == pytest.approx(1e-2)
+    if schedule == "cosine":
+        assert float(lr_fn(10)) == pytest.approx(0.0, abs=1e-9)
+
+
+def test_loss_fn_passes_dual_clip_and_tis_to_the_loss(params):
+    """LossSettings' clip_ratio_c and tis_cap reach tspo.policy_loss, with the sampler's
+    log-probs from UpdateBatch: the sharded loss equals the loss computed directly."""
+    batch = make_batch(4)
+    rng = np.random.default_rng(4)
+    noise = rng.normal(0, 1.0, batch.old_logp_MBGT.shape).astype(np.float32)
+    batch = batch._replace(sampler_logp_MBGT=batch.old_logp_MBGT + noise)
+    micro = jax.tree.map(lambda x: x[0], batch)
+    settings = dataclasses.replace(SETTINGS, clip_ratio_c=2.0, tis_cap=1.5)
+    mesh = learner.make_mesh(4, 2)
+    sharded = learner.train_params(params, CONFIG, mesh)
+    loss, metrics = jax.jit(learner.loss_fn, static_argnums=(1, 2, 3, 4))(
+        sharded,
+        CONFIG,
+        mesh,
+        settings,
+        options(mesh),
+        jax.device_put(micro, learner.batch_sharding(mesh, 3)),
+    )
+    logp = learner.sequence_logprobs(
+        params, CONFIG, micro.tokens_MBGT, micro.mask_MBGT, options=qwen.PLAIN
+    )
+    args = (logp, micro.old_logp_MBGT, micro.adv_MBGT, micro.loss_mask_MBGT, micro.ref_logp_MBGT)
+    kw = dict(clip_low=0.2, clip_high=0.28, kl_coef=0.05)
+    expected, _ = tspo.policy_loss(
+        *args, micro.sampler_logp_MBGT, clip_ratio_c=2.0, tis_cap=1.5, **kw
+    )
+    np.testing.assert_allclose(loss, expected, rtol=1e-5)
+    assert 0 < float(metrics["tis_truncated_frac"]) < 1
+    plain, _ = tspo.policy_loss(*args, **kw)
+    assert abs(float(plain) - float(expected)) > 1e-4

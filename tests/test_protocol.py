@@ -13,6 +13,7 @@ from tspo_jax.protocol import (
     INVALID_ACTION_OBSERVATION,
     Action,
     build_prompt,
+    chat_prompt,
     contains_answer,
     exact_match,
     f1_score,
@@ -60,6 +61,31 @@ def test_build_prompt_plain():
 def test_build_prompt_chat(tokenizer):
     prompt = build_prompt("who?", tokenizer=tokenizer, chat=True, template="Q: {question}")
     assert prompt == "<|im_start|>user\nQ: who?<|im_end|>\n<|im_start|>assistant\n"
+
+
+def test_chat_prompt_keeps_a_rows_messages(tokenizer):
+    """A Search-R1 row's own prompt: verbatim without the chat template (trailing newline
+    included), through it with chat=True (all its messages, then the generation prompt)."""
+    user = [{"role": "user", "content": "Answer it. Question: who?\n"}]
+    assert chat_prompt(user) == "Answer it. Question: who?\n"
+    assert chat_prompt(user, tokenizer=tokenizer, chat=True) == (
+        "<|im_start|>user\nAnswer it. Question: who?\n<|im_end|>\n<|im_start|>assistant\n"
+    )
+    two = [{"role": "system", "content": "Be brief."}, *user]
+    assert chat_prompt(two, tokenizer=tokenizer, chat=True) == (
+        "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nAnswer it. Question: who?\n"
+        "<|im_end|>\n<|im_start|>assistant\n"
+    )
+    with pytest.raises(ValueError, match="2 chat messages needs the chat template"):
+        chat_prompt(two)
+
+
+def test_invalid_action_observation_is_search_r1s():
+    assert INVALID_ACTION_OBSERVATION == (
+        "\nMy previous action is invalid. If I want to search, I should put the query between "
+        "<search> and </search>. If I want to give the final answer, I should put the answer "
+        "between <answer> and </answer>. Let me try again.\n"
+    )
 
 
 def test_build_prompt_errors():
@@ -160,15 +186,54 @@ def test_final_answer():
 
 
 def test_split_title():
-    assert split_title('"Paris"\nParis is the capital.') == ("Paris", "Paris is the capital.")
-    assert split_title("Paris\nline one\nline two\n") == ("Paris", "line one\nline two")
-    assert split_title('"A "quoted" word"\ntext') == ('A "quoted" word', "text")
+    """Search-R1's split (`_passages2string`): the first line verbatim, the rest joined by
+    newlines; lines end at "\\n" only."""
+    assert split_title('"Paris"\nParis is the capital.') == ('"Paris"', "Paris is the capital.")
+    assert split_title("Paris\nline one\nline two\n") == ("Paris", "line one\nline two\n")
+    assert split_title('"A "quoted" word"\ntext') == ('"A "quoted" word"', "text")
     assert split_title("Only a title") == ("Only a title", "")
-    assert split_title('"\ntext') == ('"', "text")
+    assert split_title(' "T" \r\nline\r\n') == (' "T" \r', "line\r\n")
+
+
+def passages_of(*contents):
+    """Passages as the retrievers make them from Search-R1 `contents`."""
+    return [Passage(str(i), *split_title(c), 0.0) for i, c in enumerate(contents)]
+
+
+def test_format_observation_is_search_r1_byte_for_byte():
+    """Strings written out by hand from Search-R1's format: "Doc {i}(Title: {title}) {text}\\n"
+    per passage, the block stripped, wrapped in "\\n\\n<information>...</information>\\n\\n"."""
+    wiki = [
+        '"Iowa Highway 17"\nIowa Highway 17 (Iowa 17) is a north-south state highway.',
+        '"Ames, Iowa"\nAmes is a city in Story County, Iowa.',
+    ]
+    assert format_observation(passages_of(*wiki)) == (
+        '\n\n<information>Doc 1(Title: "Iowa Highway 17") Iowa Highway 17 (Iowa 17) is a '
+        'north-south state highway.\nDoc 2(Title: "Ames, Iowa") Ames is a city in Story County, '
+        "Iowa.</information>\n\n"
+    )
+    # A title-only passage keeps the space after its title, unless it ends the block.
+    assert format_observation(passages_of('"Solo"', "T\nx")) == (
+        '\n\n<information>Doc 1(Title: "Solo") \nDoc 2(Title: T) x</information>\n\n'
+    )
+    assert format_observation(passages_of("T\nx", '"Solo"')) == (
+        '\n\n<information>Doc 1(Title: T) x\nDoc 2(Title: "Solo")</information>\n\n'
+    )
+    # Internal newlines and runs of spaces are kept; only the block's ends are stripped.
+    assert format_observation(passages_of("  T\nline  one\n\nline two \n")) == (
+        "\n\n<information>Doc 1(Title:   T) line  one\n\nline two</information>\n\n"
+    )
+    # CRLF: the title keeps its "\\r", the text its "\\r\\n" line ends.
+    assert format_observation(passages_of('"T"\r\nline one\r\nline two\r\n', "U\r\nv")) == (
+        '\n\n<information>Doc 1(Title: "T"\r) line one\r\nline two\r\n\nDoc 2(Title: U\r) v'
+        "</information>\n\n"
+    )
 
 
 PASSAGES = [Passage("1", "A", "one two three", 1.0), Passage("2", "B", "four\nfive", 0.5)]
-FULL = "\n\n<information>Doc 1(Title: A) one two three\nDoc 2(Title: B) four five</information>\n\n"
+FULL = (
+    "\n\n<information>Doc 1(Title: A) one two three\nDoc 2(Title: B) four\nfive</information>\n\n"
+)
 
 
 def test_format_observation_full():
@@ -181,7 +246,7 @@ def test_format_observation_full():
     [
         # 6 tokens of tags (< information > </ information >); the body's words cost
         # Doc 1, "1(Title:" 4, "A)" 2, one two three 1 each, Doc 1, "2(Title:" 4, "B)" 2, ...
-        (25, "Doc 1(Title: A) one two three\nDoc 2(Title: B) four five"),
+        (25, "Doc 1(Title: A) one two three\nDoc 2(Title: B) four\nfive"),
         (24, "Doc 1(Title: A) one two three\nDoc 2(Title: B) four"),
         (17, "Doc 1(Title: A) one two three\nDoc"),
         (16, "Doc 1(Title: A) one two three"),

@@ -268,6 +268,52 @@ def test_save_hf_shards_large_checkpoints(tiny_checkpoints, tmp_path):
     assert sorted(os.listdir(out)) == ["config.json", "model.safetensors"]
 
 
+Q_PROJ = "model.layers.0.self_attn.q_proj.weight"
+
+
+def test_export_keeps_the_source_dtype_and_generation_config(tiny_checkpoints, tmp_path):
+    """What train.py's export writes: weights in the source's dtype on disk (bfloat16 here,
+    whatever the dtype they were trained in) or another one asked for, and the source's
+    generation_config.json (Qwen's sampling defaults and eos ids) copied as it is."""
+    src = str(tmp_path / "src")
+    shutil.copytree(tiny_checkpoints["untied_kv1_bf16"], src)
+    generation = {"eos_token_id": [511, 510], "temperature": 0.7, "top_p": 0.8, "do_sample": True}
+    with open(os.path.join(src, "generation_config.json"), "w") as f:
+        json.dump(generation, f)
+    assert hf_io.checkpoint_dtype(src) == "bfloat16"
+    assert hf_io.checkpoint_dtype(tiny_checkpoints["tied_kv2"]) == "float32"
+    assert hf_io.checkpoint_dtype(tiny_checkpoints["untied_kv4_sharded"]) == "float32"
+    config, params = hf_io.load_hf(src, jnp.float32)  # master weights in float32
+    source = load_file(os.path.join(src, "model.safetensors"))
+    for asked in ("source", "float32"):  # --export-dtype
+        dtype = hf_io.checkpoint_dtype(src) if asked == "source" else asked
+        out = str(tmp_path / asked)
+        hf_io.save_hf(out, config, params, dtype=dtype)
+        hf_io.save_generation_config(out, config, source=src)
+        on_disk = load_file(os.path.join(out, "model.safetensors"))
+        assert {str(a.dtype) for a in on_disk.values()} == {dtype}
+        with open(os.path.join(out, "config.json")) as f:
+            assert json.load(f)["torch_dtype"] == dtype
+        for name, x in source.items():  # bf16 -> f32 -> bf16 (or f32) is exact
+            np.testing.assert_array_equal(on_disk[name].astype(np.float32), x.astype(np.float32))
+        with open(os.path.join(out, "generation_config.json")) as f:
+            assert json.load(f) == generation
+        assert hf_io.read_config(out).eos_token_ids == config.eos_token_ids
+    # Trained float32 weights (off the bfloat16 grid) round as torch rounds them.
+    moved = jax.tree.map(lambda x: x * 1.0001 + 1e-4, params)
+    hf_io.save_hf(str(tmp_path / "moved"), config, moved, dtype="bfloat16")
+    on_disk = load_file(os.path.join(tmp_path, "moved", "model.safetensors"))
+    q = np.array(moved["layers"][0]["attn"]["q_NHD"]).reshape(on_disk[Q_PROJ].shape)
+    expected = torch.from_numpy(q).to(torch.bfloat16).float().numpy()
+    np.testing.assert_array_equal(on_disk[Q_PROJ].astype(np.float32), expected)
+    assert not np.array_equal(expected, q)
+    # A source without one: the bos and eos ids of the config.
+    out = str(tmp_path / "no_source")
+    hf_io.save_generation_config(out, config, source=tiny_checkpoints["tied_kv2"] + "-missing")
+    with open(os.path.join(out, "generation_config.json")) as f:
+        assert json.load(f) == {"bos_token_id": None, "eos_token_id": list(config.eos_token_ids)}
+
+
 def _edited_copy(src: str, dst: str, edit) -> str:
     shutil.copytree(src, dst)
     path = os.path.join(dst, "model.safetensors")

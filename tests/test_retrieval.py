@@ -13,6 +13,7 @@ import bm25s
 import pytest
 from retrieval_testing import StandInServer
 
+from tspo_jax.protocol import format_observation
 from tspo_jax.retrieval import (
     BM25Retriever,
     HttpRetriever,
@@ -46,7 +47,7 @@ def test_load_corpus(tmp_path):
         '{"id": 7, "contents": "No quotes\\nline one\\nline two"}\n'
     )
     assert load_corpus(path) == [
-        Passage("0", "Paris", "Paris is the capital.", 0.0),
+        Passage("0", '"Paris"', "Paris is the capital.", 0.0),  # Search-R1 keeps the quotes
         Passage("7", "No quotes", "line one\nline two", 0.0),
     ]
 
@@ -108,7 +109,7 @@ def test_bm25_scores_match_reference(tmp_path):
     for p in hits:
         assert p.score == pytest.approx(expected["abcd".index(p.id)], rel=1e-5)
     assert hits[0] == Passage(
-        "a", "Cloves", "Cloves are grown on Zanzibar. Cloves smell.", hits[0].score
+        "a", '"Cloves"', "Cloves are grown on Zanzibar. Cloves smell.", hits[0].score
     )
 
 
@@ -120,7 +121,7 @@ def test_bm25_finds_planted_passages_batched(tmp_path):
     queries = ["who wrote hamlet", "zzz qqq", "which island exports cloves", "river city"]
     results = retriever.search(queries, k=3)
     assert len(results) == 4
-    assert results[0][0].id == "planted-2" and results[0][0].title == "Hamlet"
+    assert results[0][0].id == "planted-2" and results[0][0].title == '"Hamlet"'
     assert results[1] == []  # no query word in the corpus
     assert results[2][0].id == "planted-1"
     assert len(results[3]) == 3 and all(p.id.startswith("d") for p in results[3])
@@ -210,15 +211,22 @@ def test_http_ok(server):
     assert results == [
         [
             Passage(
-                "who wrote hamlet-0", "who wrote hamlet 0", "text 0 for who wrote hamlet", 10.0
+                "who wrote hamlet-0", '"who wrote hamlet 0"', "text 0 for who wrote hamlet", 10.0
             ),
-            Passage("who wrote hamlet-1", "who wrote hamlet 1", "text 1 for who wrote hamlet", 9.0),
+            Passage(
+                "who wrote hamlet-1", '"who wrote hamlet 1"', "text 1 for who wrote hamlet", 9.0
+            ),
         ],
         [
-            Passage("capital-0", "capital 0", "text 0 for capital", 10.0),
-            Passage("capital-1", "capital 1", "text 1 for capital", 9.0),
+            Passage("capital-0", '"capital 0"', "text 0 for capital", 10.0),
+            Passage("capital-1", '"capital 1"', "text 1 for capital", 9.0),
         ],
     ]
+    # What the policy reads: Search-R1's observation, byte for byte (title quotes kept).
+    assert format_observation(results[1]) == (
+        '\n\n<information>Doc 1(Title: "capital 0") text 0 for capital\n'
+        'Doc 2(Title: "capital 1") text 1 for capital</information>\n\n'
+    )
     assert HttpRetriever(server.url).search([], k=2) == []
     assert len(server.requests) == 1  # no request for no queries
 
@@ -227,8 +235,8 @@ def test_http_bare_documents(server):
     server.mode = "bare"
     (hits,) = HttpRetriever(server.url).search(["q"], k=2)
     assert hits == [
-        Passage("q-0", "q 0", "text 0 for q", 0.0),
-        Passage("q-1", "q 1", "text 1 for q", 0.0),
+        Passage("q-0", '"q 0"', "text 0 for q", 0.0),
+        Passage("q-1", '"q 1"', "text 1 for q", 0.0),
     ]
 
 
@@ -236,7 +244,7 @@ def test_http_retries_on_5xx_then_succeeds(server):
     server.mode = "flaky"
     start = time.perf_counter()
     results = HttpRetriever(server.url, retries=3, backoff=0.05).search(["q"], k=1)
-    assert results == [[Passage("q-0", "q 0", "text 0 for q", 10.0)]]
+    assert results == [[Passage("q-0", '"q 0"', "text 0 for q", 10.0)]]
     assert len(server.requests) == 3
     assert time.perf_counter() - start >= 0.05 + 0.1  # backoff 0.05, then 0.1
 

@@ -1,6 +1,7 @@
 """The turn loop of rollout.py: a scripted policy against hand-computed records, the real
 KV-cache policy against a full forward pass, budgets, packing and the evaluation CLI."""
 
+import dataclasses
 import json
 
 import jax
@@ -10,7 +11,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import rollout
-from tspo_jax import data, learner, qwen, retrieval, sampling, toyworld
+from tspo_jax import cli, data, learner, protocol, qwen, retrieval, sampling, toyworld
 from tspo_jax.protocol import INVALID_ACTION_OBSERVATION
 
 CORPUS = [
@@ -115,7 +116,9 @@ def test_scripted_policy_through_the_loop(toy_tokenizer, small_corpus):
     assert trajs[3].turns[0].doc_ids == ("p3",) and trajs[3].turns[1].doc_ids[0] == "p2"
     assert trajs[2].turns[0].observation == INVALID_ACTION_OBSERVATION
     assert trajs[2].turns[2].observation is None  # a search in the last turn is not run
-    assert "Doc 1(Title: Paris) Paris is the capital of France." in trajs[1].turns[0].observation
+    assert 'Doc 1(Title: "Paris") Paris is the capital of France.' in trajs[1].turns[0].observation
+    assert trajs[0].prompt == protocol.build_prompt(QUESTIONS[0].question)  # the template
+    assert t.prompt_tokens == toy_tokenizer.encode(t.prompt, add_special_tokens=False)
     assert timing.sampled_tokens == sum(len(turn.tokens) for t in trajs for turn in t.turns)
 
     batch = rollout.pack(trajs, 2)
@@ -148,6 +151,7 @@ def test_scripted_policy_through_the_loop(toy_tokenizer, small_corpus):
     assert summary["folr_hit_rate"] == 0.5 and summary["near_miss_rate"] == 0.25
     assert summary["first_hit_turns"] == {"0": 1, "1": 1}
     assert summary["searches"] == 5 / 4 and summary["invalid_rate"] == 1 / 9
+    assert summary["eos_rate"] == 0
 
 
 def test_force_answer_and_context_budget(toy_tokenizer, small_corpus):
@@ -305,3 +309,93 @@ def test_evaluate_cli_rejects_bad_arguments(small_world, tmp_path):
         rollout.main(
             ["--model", str(tmp_path / "nope"), "--data", "x.jsonl", "--corpus", "c.jsonl"]
         )
+
+
+def test_eos_without_an_answer_has_its_own_rate(toy_tokenizer, small_corpus):
+    """A turn that ends at EOS without an answer ends the episode and counts in eos_rate, not
+    in invalid_rate (which counts turns that got the corrective observation)."""
+    script = [
+        [("<search> capital France </search>", "stop"), ("I do not know", "eos")],
+        [("no tag here", "length"), ("<answer> Paris </answer>", "stop")],
+    ]
+    cfg = rollout.RolloutConfig(max_turns=3, passages=2, max_context=1024)
+    trajs, _ = rollout.rollout(
+        ScriptedPolicy(toy_tokenizer, script),
+        toy_tokenizer,
+        retrieval.BM25Retriever(small_corpus),
+        QUESTIONS[:1],
+        group_size=2,
+        key=jax.random.key(0),
+        cfg=cfg,
+    )
+    assert [t.finish for t in trajs] == ["eos", "answer"]
+    assert [[turn.action.kind for turn in t.turns] for t in trajs] == [
+        ["search", "invalid"],
+        ["invalid", "answer"],
+    ]
+    summary = rollout.summarize(trajs)
+    assert summary["invalid_rate"] == 1 / 4 and summary["eos_rate"] == 1 / 4
+
+
+CHAT_ROW = data.Example(
+    "who?", ("x",), "nq", 0, ({"role": "user", "content": "Search-R1 prompt. Question: who?\n"},)
+)
+
+
+def test_prompt_is_the_rows_own_when_it_has_one(toy_tokenizer):
+    """A row's prompt as it is (through the chat template with --chat); the template for rows
+    without one, or for every row with --prompt-source template."""
+    cfg = rollout.RolloutConfig(template="Q: {question}\n")
+    plain = data.Example("who?", ("x",), "", 0)
+    assert rollout.prompt_text(CHAT_ROW, toy_tokenizer, cfg) == "Search-R1 prompt. Question: who?\n"
+    assert rollout.prompt_text(plain, toy_tokenizer, cfg) == "Q: who?\n"
+    chat = dataclasses.replace(cfg, chat=True)
+    assert rollout.prompt_text(CHAT_ROW, toy_tokenizer, chat) == toy_tokenizer.apply_chat_template(
+        list(CHAT_ROW.prompt), tokenize=False, add_generation_prompt=True
+    )
+    assert rollout.prompt_text(CHAT_ROW, toy_tokenizer, chat).startswith("<|im_start|>user\n")
+    forced = dataclasses.replace(cfg, prompt_source="template")
+    assert rollout.prompt_text(CHAT_ROW, toy_tokenizer, forced) == "Q: who?\n"
+
+
+def test_template_file_is_read_byte_for_byte(tmp_path):
+    path = tmp_path / "template.txt"
+    path.write_bytes(b"Answer it.\r\nQuestion: {question}\n")
+    cfg = rollout.read_template_file(rollout.RolloutConfig(template_file=str(path)))
+    assert cfg.template == "Answer it.\r\nQuestion: {question}\n"  # CRLF and final newline kept
+    assert rollout.read_template_file(rollout.RolloutConfig()) == rollout.RolloutConfig()
+    with pytest.raises(FileNotFoundError, match="no such file"):
+        rollout.read_template_file(rollout.RolloutConfig(template_file=str(tmp_path / "nope")))
+    (tmp_path / "bad.txt").write_text("no field\n")
+    with pytest.raises(ValueError, match=r"has no \{question\} field"):
+        rollout.read_template_file(rollout.RolloutConfig(template_file=str(tmp_path / "bad.txt")))
+
+
+def test_evaluation_defaults_greedy_and_takes_an_exports_settings(tmp_path, capsys):
+    """EvalConfig's nested RolloutConfig(greedy=True) is the default on the command line (and
+    in --help); an export's tspo_rollout.json overrides the defaults, the command line both."""
+    base = ["--model", str(tmp_path), "--data", "q.jsonl", "--corpus", "c.jsonl"]
+    cfg = cli.parse(rollout.EvalConfig, base)
+    assert cfg.rollout.greedy is True and cfg.rollout.max_turns == 4
+    assert cli.parse(rollout.EvalConfig, [*base, "--greedy", "false"]).rollout.greedy is False
+    with pytest.raises(SystemExit):
+        cli.parse(rollout.EvalConfig, ["--help"])
+    help_text = " ".join(capsys.readouterr().out.split())  # argparse wraps to the terminal
+    assert "argmax decoding instead of sampling (default: True)" in help_text
+    settings = dataclasses.replace(rollout.RolloutConfig(), max_turns=2, chat=True, greedy=True)
+    rollout.save_settings(str(tmp_path), settings, batch_size=7, dtype="bfloat16")
+    defaults = lambda given: rollout.load_settings(given["model"])
+    cfg = cli.parse(rollout.EvalConfig, base, defaults=defaults)
+    assert (cfg.rollout.max_turns, cfg.rollout.chat, cfg.batch_size, cfg.dtype) == (
+        2,
+        True,
+        7,
+        "bfloat16",
+    )
+    cfg = cli.parse(
+        rollout.EvalConfig, [*base, "--chat", "false", "--max-turns", "3"], defaults=defaults
+    )
+    assert (cfg.rollout.max_turns, cfg.rollout.chat, cfg.batch_size) == (3, False, 7)
+    (tmp_path / rollout.SETTINGS_FILE).write_text('{"max_turns": 2, "beam": 4}')
+    with pytest.raises(ValueError, match="unknown rollout settings \\['beam'\\]"):
+        rollout.load_settings(str(tmp_path))

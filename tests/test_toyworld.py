@@ -154,8 +154,9 @@ def test_files_are_search_r1_formats(built):
     corpora = [(paths.corpus, world.facts)]
     corpora += [(paths.demo_corpora / f"{i}.jsonl", c) for i, c in enumerate(world.demo_facts)]
     for path, facts in corpora:
+        # Search-R1 keeps the title's quotes.
         assert [(p.id, p.title, p.text) for p in load_corpus(path)] == [
-            (f.id, f.title, f.text) for f in facts
+            (f.id, f'"{f.title}"', f.text) for f in facts
         ]
     for path, questions in [(paths.train, world.train), (paths.heldout, world.heldout)]:
         examples = load_examples(path)
@@ -286,10 +287,10 @@ def test_tokenizer_folder_reloads_with_single_token_tags(built):
     # Every word of the fixed text is one token (Search-R1 prompt's "write", "inside" and
     # "Give" are not: joining their syllables would join them in names), and a name is its
     # syllables.
-    passage = Passage("0", "Danker", "Danker has the author Vasfol.", 0.0)
+    passage = Passage("0", '"Danker"', "Danker has the author Vasfol.", 0.0)
     assert tok.tokenize(format_observation([passage])) == [
-        "ĊĊ", "<information>", "Doc", "Ġ1", "(", "Title", ":", "ĠDan", "ker", ")", "ĠDan",
-        "ker", "Ġhas", "Ġthe", "Ġauthor", "ĠVas", "fol", ".", "</information>", "ĊĊ",
+        "ĊĊ", "<information>", "Doc", "Ġ1", "(", "Title", ":", 'Ġ"', "D", "an", "ker", '")',
+        "ĠDan", "ker", "Ġhas", "Ġthe", "Ġauthor", "ĠVas", "fol", ".", "</information>", "ĊĊ",
     ]  # fmt: skip
     assert tok.tokenize("Question: Vurpis: which country is this company based in?\n") == [
         "Question", ":", "ĠVur", "pis", ":", "Ġwhich", "Ġcountry", "Ġis", "Ġthis", "Ġcompany",
@@ -317,7 +318,7 @@ def test_names_are_their_syllables_and_heldout_tokens_occur_in_training():
         assert tok.convert_ids_to_tokens(ids) == expected, name
 
     def token_ids(facts, questions):
-        texts = [f"Doc 1(Title: {f.title}) {f.text}" for f in facts]
+        texts = [f'Doc 1(Title: "{f.title}") {f.text}' for f in facts]
         texts += [build_prompt(q.question) for q in questions]
         texts += [f"<search> {h.entity} {h.relation} </search>" for q in questions for h in q.chain]
         texts += [f"<answer> {q.answer} </answer>" for q in questions]

@@ -56,7 +56,20 @@ def token_adv_loop(adv, turn_id):
     return out
 
 
-def loss_loop(logp, old, adv, mask, ref, clip_low, clip_high, kl_coef, loss_agg):
+def loss_loop(
+    logp,
+    old,
+    adv,
+    mask,
+    ref,
+    clip_low,
+    clip_high,
+    kl_coef,
+    loss_agg,
+    clip_ratio_c=None,
+    sampler=None,
+    tis_cap=None,
+):
     B, G, T = logp.shape
     per_seq, num, den = [], 0.0, 0.0
     for b in range(B):
@@ -68,6 +81,10 @@ def loss_loop(logp, old, adv, mask, ref, clip_low, clip_high, kl_coef, loss_agg)
                 rho = math.exp(logp[b, g, t] - old[b, g, t])
                 a = adv[b, g, t]
                 pg = -min(rho * a, min(max(rho, 1 - clip_low), 1 + clip_high) * a)
+                if clip_ratio_c is not None and a < 0:  # dual-clip (verl)
+                    pg = min(pg, -clip_ratio_c * a)
+                if tis_cap is not None:  # truncated importance sampling
+                    pg *= min(math.exp(old[b, g, t] - sampler[b, g, t]), tis_cap)
                 if kl_coef > 0:
                     d = ref[b, g, t] - logp[b, g, t]
                     pg += kl_coef * min(max(math.exp(d) - d - 1, -10.0), 10.0)
@@ -232,6 +249,118 @@ def test_policy_loss_matches_loop(B, G, K, T, loss_agg, kl_coef):
     assert float(metrics["num_loss_tokens"]) == on.sum()
 
 
+@pytest.mark.parametrize("B,G,K,T", SHAPES[1:3])
+@pytest.mark.parametrize("loss_agg", ["token-mean", "seq-mean-token-mean"])
+@pytest.mark.parametrize("clip_ratio_c,tis_cap", [(3.0, None), (None, 2.0), (1.5, 1.2)])
+def test_dual_clip_and_tis_match_loop(B, G, K, T, loss_agg, clip_ratio_c, tis_cap):
+    """Far-off old log-probs (ratios past 3) and a sampler that disagrees with the learner."""
+    rng = np.random.default_rng(11 + T)
+    _, _, _, _, mask, logp, _, ref = random_batch(rng, B, G, K, T)
+    old = (logp + rng.normal(0, 1.5, logp.shape)).astype(np.float32)
+    sampler = (old + rng.normal(0, 0.8, logp.shape)).astype(np.float32)
+    adv = rng.normal(size=(B, G, T)).astype(np.float32)
+    kw = dict(clip_low=0.2, clip_high=0.28, kl_coef=0.1, loss_agg=loss_agg)
+    loss, m = tspo.policy_loss(
+        logp, old, adv, mask, ref, sampler, clip_ratio_c=clip_ratio_c, tis_cap=tis_cap, **kw
+    )
+    expected = loss_loop(
+        logp, old, adv, mask, ref, 0.2, 0.28, 0.1, loss_agg, clip_ratio_c, sampler, tis_cap
+    )
+    np.testing.assert_allclose(loss, expected, rtol=1e-5, atol=1e-6)
+    plain = loss_loop(logp, old, adv, mask, ref, 0.2, 0.28, 0.1, loss_agg)
+    assert abs(expected - plain) > 1e-3  # the option changed the loss: the test is not vacuous
+    on = mask > 0
+    if clip_ratio_c is not None:
+        rho, a = np.exp(logp - old)[on], adv[on]
+        pg = np.maximum(-rho * a, -np.clip(rho, 0.8, 1.28) * a)
+        lower = (a < 0) & (pg > -clip_ratio_c * a)
+        assert 0 < lower.mean() < 0.5
+        np.testing.assert_allclose(m["clip_frac_lower"], lower.mean(), rtol=1e-6)
+    if tis_cap is not None:
+        w = np.minimum(np.exp((old - sampler)[on].astype(np.float64)), tis_cap)
+        assert 0 < (w == tis_cap).mean() < 1
+        np.testing.assert_allclose(m["tis_weight_mean"], w.mean(), rtol=1e-5)
+        np.testing.assert_allclose(m["tis_truncated_frac"], (w == tis_cap).mean(), rtol=1e-6)
+
+
+def test_dual_clip_by_hand():
+    """clip_ratio_c = 3: a negative-advantage token's loss is at most 3 |adv|, however large its
+    ratio; positive advantages and small ratios are untouched."""
+    lr = np.array([[[2.0, 2.0, -0.5, 0.5]]], np.float32)  # rho = 7.39, 7.39, 0.61, 1.65
+    adv = np.array([[[-1.0, 1.0, -1.0, -2.0]]], np.float32)
+    loss, m = tspo.policy_loss(lr, np.zeros_like(lr), adv, np.ones_like(lr), clip_ratio_c=3.0)
+    # -min(rho * a, clip(rho) * a): 7.39, -1.2, 0.8 (clipped), 2 * 1.65 = 3.30; then the
+    # dual clip bounds the adv < 0 ones by 3 |a|: 3 (was 7.39), 0.8, 3.30 (below 6).
+    per_token = [3.0, -1.2, 0.8, 2 * math.exp(0.5)]
+    np.testing.assert_allclose(loss, np.mean(per_token), rtol=1e-6)
+    np.testing.assert_allclose(m["clip_frac_lower"], 0.25)
+    without, _ = tspo.policy_loss(lr, np.zeros_like(lr), adv, np.ones_like(lr))
+    np.testing.assert_allclose(without, np.mean([math.exp(2.0), *per_token[1:]]), rtol=1e-6)
+
+
+def test_tis_by_hand():
+    """tis_cap = 2: weights min(exp(old - sampler), 2) = 1.5, 2 (truncated from 4), e^-1, 1;
+    constants, so the gradient is the weighted gradient of the plain loss."""
+    logp = np.array([[[-1.0, -2.0, -0.5, -1.5]]], np.float32)
+    old = np.array([[[-1.1, -1.8, -0.4, -1.5]]], np.float32)
+    sampler = old - np.log(np.array([[[1.5, 4.0, math.exp(-1.0), 1.0]]], np.float32))
+    adv = np.array([[[1.0, -1.0, 0.5, 2.0]]], np.float32)
+    mask = np.ones_like(logp)
+    w = np.array([1.5, 2.0, math.exp(-1.0), 1.0])
+
+    def loss(lp, tis):
+        kw = dict(tis_cap=2.0) if tis else {}
+        return tspo.policy_loss(lp, old, adv, mask, None, sampler, clip_high=10.0, **kw)
+
+    (value, m), grad = jax.value_and_grad(loss, has_aux=True)(logp, True)
+    rho = np.exp(logp - old)[0, 0]
+    np.testing.assert_allclose(value, np.mean(-w * rho * adv[0, 0]), rtol=1e-5)  # none clipped
+    np.testing.assert_allclose(m["tis_weight_mean"], w.mean(), rtol=1e-5)
+    np.testing.assert_allclose(m["tis_truncated_frac"], 0.25)
+    plain_grad = jax.grad(lambda lp: loss(lp, False)[0])(logp)
+    np.testing.assert_allclose(grad[0, 0], w * plain_grad[0, 0], rtol=1e-5)
+
+
+def test_k3_kl_gradient_is_finite_past_float32_exp():
+    """ref - logp = 100 on one token: exp(100) overflows float32, yet the loss and gradient stay
+    finite, and equal those of ref - logp = 15 there (the k3 value saturates at 10 either
+    way, so that token's KL has no gradient); other tokens keep d/dlogp of kl = 1 - exp(d)."""
+    rng = np.random.default_rng(12)
+    logp = -rng.random((2, 2, 5)).astype(np.float32) * 2
+    old = (logp + rng.normal(0, 0.1, logp.shape)).astype(np.float32)
+    ref = (logp + rng.normal(0, 0.5, logp.shape)).astype(np.float32)
+    adv = rng.normal(size=logp.shape).astype(np.float32)
+    mask = np.ones_like(logp)
+    f = lambda lp, r: tspo.policy_loss(lp, old, adv, mask, r, kl_coef=0.5)
+    huge, moderate = ref.copy(), ref.copy()
+    huge[1, 0, 3], moderate[1, 0, 3] = logp[1, 0, 3] + 100, logp[1, 0, 3] + 15
+    (loss, _), grad = jax.value_and_grad(f, has_aux=True)(logp, huge)
+    (loss15, _), grad15 = jax.value_and_grad(f, has_aux=True)(logp, moderate)
+    assert np.isfinite(loss) and np.all(np.isfinite(grad))
+    np.testing.assert_allclose(loss, loss15, rtol=1e-6)
+    np.testing.assert_allclose(grad, grad15, rtol=1e-6, atol=1e-9)
+    pg_grad = jax.grad(lambda lp: tspo.policy_loss(lp, old, adv, mask)[0])(logp)
+    d = (ref - logp).astype(np.float64)
+    kl_grad = 0.5 * (1 - np.exp(d)) / logp.size  # token-mean over 20 tokens
+    kl_grad[1, 0, 3] = 0.0
+    np.testing.assert_allclose(grad, pg_grad + kl_grad, rtol=1e-4, atol=1e-7)
+
+
+def test_k3_kl_values_unchanged_by_the_exponent_clamp():
+    """Every finite value of the k3 KL is clip(exp(d) - d - 1, -10, 10), d = ref - logp, also
+    where the exponent is clamped (|d| > 20: the value is 10 either way)."""
+    d = np.array([-88.0, -30, -20.5, -11, -5, -0.1, 0, 0.3, 2, 2.4, 2.6, 19.9, 20.5, 60, 88])
+    logp = np.full((d.size, 1, 1), -3.0, np.float32)
+    ref = (logp + d[:, None, None]).astype(np.float32)
+    got = [
+        float(tspo.policy_loss(logp[i : i + 1], logp[i : i + 1], logp[i : i + 1] * 0,
+                               np.ones((1, 1, 1)), ref[i : i + 1])[1]["ref_kl"])
+        for i in range(d.size)
+    ]  # fmt: skip
+    dd = (ref - logp).astype(np.float64)[:, 0, 0]
+    np.testing.assert_allclose(got, np.clip(np.exp(dd) - dd - 1, -10, 10), rtol=1e-5)
+
+
 def test_clipping_by_hand():
     """One token per case: rho = e^0.5 ~ 1.65 and e^-0.5 ~ 0.61 with adv +-1, clip 0.2."""
     lr = np.array([[[0.5, 0.5, -0.5, -0.5]]], np.float32)
@@ -383,6 +512,12 @@ def test_bad_arguments_raise_clear_errors():
         tspo.policy_loss(x, x, x, x, kl_coef=0.1)
     with pytest.raises(ValueError, match="old_logp_BGT"):
         tspo.policy_loss(x, x[..., :3], x, x)
+    with pytest.raises(ValueError, match="clip_ratio_c"):
+        tspo.policy_loss(x, x, x, x, clip_ratio_c=1.0)
+    with pytest.raises(ValueError, match="tis_cap needs sampler_logp_BGT"):
+        tspo.policy_loss(x, x, x, x, tis_cap=2.0)
+    with pytest.raises(ValueError, match="tis_cap must be > 0"):
+        tspo.policy_loss(x, x, x, x, None, x, tis_cap=0.0)
 
 
 @pytest.mark.parametrize("loss_agg", LOSS_AGGS)

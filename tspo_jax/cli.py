@@ -3,6 +3,8 @@
 A field is declared with ``option(default, "one-line help")``; a field whose type is itself such a
 dataclass contributes its fields at the top level (``--max-turns``, not ``--rollout.max-turns``),
 so one flat command line fills a nested config (field names are unique across the nesting).
+A nested field's default instance is honoured: ``rollout: RolloutConfig = RolloutConfig(greedy=
+True)`` makes ``--greedy`` default to true, in the help and in the parsed config.
 Validation stays in each dataclass's ``__post_init__``, whose ValueError is reported as a usage
 error naming the option.
 """
@@ -51,18 +53,29 @@ def _parse_bool(text):
     raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
 
 
-def _add_fields(parser, cls):
+def _nested_default(f, base):
+    """The default instance of a nested config field (from ``base``, the enclosing config's
+    default instance, when there is one), or None: its class's defaults."""
+    if base is not None:
+        return getattr(base, f.name)
+    return None if f.default is dataclasses.MISSING else f.default
+
+
+def _add_fields(parser, cls, base=None):
+    """Options for the fields of ``cls``; defaults shown are those of the instance ``base``
+    when given (a nested field's default instance), else the class's."""
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
         tp = hints[f.name]
         if _is_config(tp):
-            _add_fields(parser, tp)
+            _add_fields(parser, tp, _nested_default(f, base))
             continue
         scalar = _scalar_type(tp)
+        default = f.default if base is None else getattr(base, f.name)
         kwargs = {
             "dest": f.name,
             "default": argparse.SUPPRESS,
-            "help": f"{f.metadata.get('help', '')} (default: {f.default!r})",
+            "help": f"{f.metadata.get('help', '')} (default: {default!r})",
         }
         if f.metadata.get("choices"):
             kwargs["choices"] = f.metadata["choices"]
@@ -75,16 +88,17 @@ def _add_fields(parser, cls):
         parser.add_argument(_flag(f.name), **kwargs)
 
 
-def _build(cls, values):
+def _build(cls, values, base=None):
+    """``cls`` from the values given, the rest from ``base`` (an instance) or the defaults."""
     hints = typing.get_type_hints(cls)
     kwargs = {}
     for f in dataclasses.fields(cls):
         if _is_config(hints[f.name]):
-            kwargs[f.name] = _build(hints[f.name], values)
+            kwargs[f.name] = _build(hints[f.name], values, _nested_default(f, base))
         elif f.name in values:
             value = values[f.name]
             kwargs[f.name] = tuple(value) if isinstance(value, list) else value
-    return cls(**kwargs)
+    return cls(**kwargs) if base is None else dataclasses.replace(base, **kwargs)
 
 
 def parse(cls, argv=None, *, defaults=None):

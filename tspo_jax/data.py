@@ -4,10 +4,14 @@
 - Search-R1's parquet files (`.parquet`): `data_source`, `prompt` =
   `[{"role": "user", "content": <full prompt>}]`, `reward_model` =
   `{"style": "rule", "ground_truth": {"target": [gold answers]}}`, `extra_info` =
-  `{"split", "index"}`. The question is the prompt text after its last "Question:" (Search-R1's
-  prompt ends with "Question: {question}\\n").
+  `{"split", "index"}`, and the FlashRAG columns its scripts start from (`question`,
+  `golden_answers`, `id`). The question is the `question` column; a row without one gives the
+  prompt text after its first "Question:" (Search-R1's prompt ends with "Question: {question}\\n"
+  and has no "Question:" before it, while a question may contain one).
 - FlashRAG-style parquet or JSONL (`.jsonl`) rows with `question` and `golden_answers` (a list
   of strings or one string); `data_source` is read when present.
+A row's `prompt` (a list of chat messages, each {"role", "content"}), when it has one, is kept
+as it is: rollouts start from it rather than from a template (rollout.RolloutConfig).
 Errors name the file and the row: "line N" (1-based) in JSONL, "row N" (0-based) in parquet.
 """
 
@@ -20,12 +24,15 @@ from typing import Any, NamedTuple
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+QUESTION_MARKER = "Question:"  # what precedes the question in Search-R1's prompt
+
 
 class Example(NamedTuple):
     question: str
     golden_answers: tuple[str, ...]
     data_source: str  # e.g. "nq", "hotpotqa"; "" when the file does not say
     index: int  # extra_info.index in Search-R1 files, else the row's position (0-based)
+    prompt: tuple[dict, ...] | None = None  # the row's own chat messages, or None
 
 
 def load_examples(path: str | os.PathLike) -> list[Example]:
@@ -71,18 +78,23 @@ def _example(row: Any, where: str, position: int) -> Example:
     if not isinstance(row, dict):
         raise ValueError(f"{where}: expected an object, got {type(row).__name__}")
     index = position
+    prompt = _prompt(row["prompt"], where) if row.get("prompt") is not None else None
     if "reward_model" in row:  # Search-R1
         try:
-            prompt = row["prompt"][0]["content"]
             golds = row["reward_model"]["ground_truth"]["target"]
         except (KeyError, IndexError, TypeError):
             raise ValueError(
-                f"{where}: a Search-R1 row needs prompt[0]['content'] and "
-                "reward_model['ground_truth']['target']"
+                f"{where}: a Search-R1 row needs reward_model['ground_truth']['target']"
             ) from None
-        if not isinstance(prompt, str) or "Question:" not in prompt:
-            raise ValueError(f"{where}: the prompt has no 'Question:' to read the question from")
-        question = prompt.rpartition("Question:")[2]
+        if row.get("question") is not None:
+            question = row["question"]
+        elif prompt is not None and QUESTION_MARKER in prompt[-1]["content"]:
+            question = prompt[-1]["content"].partition(QUESTION_MARKER)[2]
+        else:
+            raise ValueError(
+                f"{where}: a Search-R1 row needs a 'question' column, or a prompt with "
+                f"{QUESTION_MARKER!r} before the question"
+            )
         extra_info = row.get("extra_info")
         if isinstance(extra_info, dict):
             index = extra_info.get("index", position)
@@ -105,4 +117,19 @@ def _example(row: Any, where: str, position: int) -> Example:
         raise ValueError(f"{where}: data_source must be a string: {data_source!r:.100}")
     if not isinstance(index, int) or isinstance(index, bool):
         raise ValueError(f"{where}: extra_info['index'] must be an integer: {index!r:.100}")
-    return Example(question.strip(), tuple(g.strip() for g in golds), data_source, index)
+    return Example(question.strip(), tuple(g.strip() for g in golds), data_source, index, prompt)
+
+
+def _prompt(messages: Any, where: str) -> tuple[dict, ...]:
+    """A row's `prompt`: a non-empty list of {"role": str, "content": str} chat messages."""
+    ok = isinstance(messages, list | tuple) and len(messages) > 0
+    ok = ok and all(
+        isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+        for m in messages
+    )
+    if not ok:
+        raise ValueError(
+            f"{where}: 'prompt' must be a list of chat messages, each with a string 'role' and "
+            f"'content': {messages!r:.200}"
+        )
+    return tuple({"role": m["role"], "content": m["content"]} for m in messages)

@@ -7,9 +7,10 @@ it to the params layout and dtype on the host, and places it directly on its tar
 with ``jax.make_array_from_callback``: each device receives only its own slice, and the host
 never holds more than one tensor. ``save_hf`` writes what transformers and vLLM load:
 config.json plus model.safetensors, or several shards and the index when the weights exceed
-``max_shard_bytes``. Nothing else (tokenizer, generation config) is written or copied. A folder
-given as a URL (gs://bucket/run/hf/step_100) is written locally first, then copied through
-etils' epath (``staged``).
+``max_shard_bytes``, in the params' dtype or another (``dtype``); ``save_generation_config``
+writes generation_config.json beside it, the source folder's when it has one. The tokenizer is
+left to its own ``save_pretrained``. A folder given as a URL (gs://bucket/run/hf/step_100) is
+written locally first, then copied through etils' epath (``staged``).
 
 Layouts: params keep transformers' [out, in] Linear layout, with the head axes split out, so
 every conversion is a reshape: q_proj [N*H, D] -> q_NHD; k/v_proj [K*H, D] -> k_KHD / v_KHD;
@@ -38,6 +39,9 @@ from tspo_jax import qwen
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
+GENERATION_CONFIG = "generation_config.json"
+# safetensors' dtype names -> ours (the dtypes a checkpoint is read from or written in).
+_FILE_DTYPES = {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}
 _OWN_FILES = re.compile(r"model(-\d{5}-of-\d{5})?\.safetensors(\.index\.json)?")
 
 
@@ -219,12 +223,45 @@ def _place(host: np.ndarray, sharding) -> jax.Array:
     return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
 
 
-def save_hf(path: str, config: qwen.QwenConfig, params, *, max_shard_bytes: int = 4 << 30) -> None:
+def checkpoint_dtype(path: str) -> str:
+    """The dtype of a checkpoint folder's weights on disk ("float32", "bfloat16", "float16"),
+    read from the safetensors header of its first tensor."""
+    weight_files = _weight_files(path)
+    name = min(weight_files)
+    with safe_open(os.path.join(path, weight_files[name]), framework="numpy") as f:
+        file_dtype = f.get_slice(name).get_dtype()
+    if file_dtype not in _FILE_DTYPES:
+        raise ValueError(f"{path}: tensor {name!r} is {file_dtype}, not {list(_FILE_DTYPES)}")
+    return _FILE_DTYPES[file_dtype]
+
+
+def save_generation_config(path: str, config: qwen.QwenConfig, source: str | None = None) -> None:
+    """Writes ``path``/generation_config.json: a copy of ``source``'s (Qwen's sampling defaults
+    and eos ids, for transformers and vLLM) when that folder has one, else the bos and eos ids
+    of ``config``."""
+    source_file = os.path.join(source, GENERATION_CONFIG) if source else None
+    os.makedirs(path, exist_ok=True)
+    if source_file and os.path.isfile(source_file):
+        shutil.copyfile(source_file, os.path.join(path, GENERATION_CONFIG))
+        return
+    eos = list(config.eos_token_ids)
+    generation = {
+        "bos_token_id": config.bos_token_id,
+        "eos_token_id": eos[0] if len(eos) == 1 else eos,
+    }
+    with open(os.path.join(path, GENERATION_CONFIG), "w") as f:
+        json.dump(generation, f, indent=2)
+
+
+def save_hf(
+    path: str, config: qwen.QwenConfig, params, *, max_shard_bytes: int = 4 << 30, dtype=None
+) -> None:
     """Writes config.json and model.safetensors (or shards + index) that transformers loads.
 
-    Tensors keep the params dtype (float32 or bfloat16) and are fetched to the host one at a
-    time (a shard's worth at most is held), so params may be sharded over this process's
-    devices; with several processes, call it on one process with fully addressable params.
+    Tensors are written in ``dtype`` ("float32", "bfloat16" or "float16"; None: the params'
+    dtype) and are fetched to the host one at a time (a shard's worth at most is held), so
+    params may be sharded over this process's devices; with several processes, call it on one
+    process with fully addressable params.
     Earlier weight files of ours in ``path`` (model*.safetensors, the index) are removed first
     so that no stale shard remains. config.json is written last. ``path`` may be a URL.
     """
@@ -235,9 +272,14 @@ def save_hf(path: str, config: qwen.QwenConfig, params, *, max_shard_bytes: int 
                 if _OWN_FILES.fullmatch(old.name):
                     old.unlink()
         with staged(path) as local:
-            save_hf(local, config, params, max_shard_bytes=max_shard_bytes)
+            save_hf(local, config, params, max_shard_bytes=max_shard_bytes, dtype=dtype)
         return
     specs = tensor_specs(config)
+    if dtype is None:
+        dtype = jnp.dtype(_get(params, ("embed_VD",)).dtype).name
+    if dtype not in _FILE_DTYPES.values():
+        raise ValueError(f"save_hf: dtype must be one of {sorted(_FILE_DTYPES.values())}: {dtype}")
+    np_dtype = np.dtype(ml_dtypes.bfloat16) if dtype == "bfloat16" else np.dtype(dtype)
     sizes = []
     for spec in specs:
         leaf = _get(params, spec.path)
@@ -245,7 +287,7 @@ def save_hf(path: str, config: qwen.QwenConfig, params, *, max_shard_bytes: int 
             raise ValueError(
                 f"save_hf: params{list(spec.path)} has shape {leaf.shape}, not {spec.shape}"
             )
-        sizes.append(int(np.prod(leaf.shape)) * jnp.dtype(leaf.dtype).itemsize)
+        sizes.append(int(np.prod(leaf.shape)) * np_dtype.itemsize)
     shards: list[list[int]] = [[]]
     shard_bytes = 0
     for i, size in enumerate(sizes):
@@ -269,7 +311,7 @@ def save_hf(path: str, config: qwen.QwenConfig, params, *, max_shard_bytes: int 
         tensors = {}
         for i in members:
             spec = specs[i]
-            host = np.asarray(jax.device_get(_get(params, spec.path)))
+            host = np.asarray(jax.device_get(_get(params, spec.path))).astype(np_dtype, copy=False)
             tensors[spec.hf_name] = np.ascontiguousarray(host.reshape(spec.hf_shape))
             weight_map[spec.hf_name] = fname
         save_file(tensors, os.path.join(path, fname), metadata={"format": "pt"})
@@ -278,9 +320,8 @@ def save_hf(path: str, config: qwen.QwenConfig, params, *, max_shard_bytes: int 
         index = {"metadata": {"total_size": sum(sizes)}, "weight_map": weight_map}
         with open(os.path.join(path, INDEX_FILE), "w") as f:
             json.dump(index, f, indent=2)
-    file_dtype = jnp.dtype(_get(params, ("embed_VD",)).dtype).name
     with open(os.path.join(path, "config.json"), "w") as f:
-        json.dump(config.to_hf_dict(torch_dtype=file_dtype), f, indent=2)
+        json.dump(config.to_hf_dict(torch_dtype=dtype), f, indent=2)
 
 
 def is_url(path) -> bool:

@@ -67,6 +67,8 @@ def device_grid(data: int, fsdp: int, *, dcn_data: int = 1, devices) -> np.ndarr
     (``create_hybrid_device_mesh``): only the gradient all-reduce crosses the slower network.
     """
     if data == -1:
+        if fsdp < 1 or len(devices) % fsdp:
+            raise ValueError(f"--mesh-fsdp {fsdp} must divide the {len(devices)} device(s) evenly")
         data = len(devices) // fsdp
     if data < 1 or fsdp < 1 or data * fsdp != len(devices):
         raise ValueError(
@@ -134,14 +136,20 @@ def batch_sharding(mesh: Mesh, ndim: int, *, micro: bool = False) -> NamedShardi
 
 def make_optimizer(*, lr, warmup_steps, total_steps, schedule, weight_decay, grad_clip, b1, b2):
     """AdamW with global-norm clipping, linear warm-up, then a constant or cosine learning rate."""
-    if schedule == "cosine":
+    if warmup_steps == 0:  # full lr from the first update
+        lr_fn = (
+            optax.cosine_decay_schedule(lr, max(total_steps, 1))
+            if schedule == "cosine"
+            else optax.constant_schedule(lr)
+        )
+    elif schedule == "cosine":
         lr_fn = optax.warmup_cosine_decay_schedule(
-            0.0, lr, max(warmup_steps, 1), max(total_steps, warmup_steps + 1), end_value=0.0
+            0.0, lr, warmup_steps, max(total_steps, warmup_steps + 1), end_value=0.0
         )
     else:
         lr_fn = optax.join_schedules(
-            [optax.linear_schedule(0.0, lr, max(warmup_steps, 1)), optax.constant_schedule(lr)],
-            [max(warmup_steps, 1)],
+            [optax.linear_schedule(0.0, lr, warmup_steps), optax.constant_schedule(lr)],
+            [warmup_steps],
         )
     opt = optax.chain(
         optax.clip_by_global_norm(grad_clip),
@@ -189,6 +197,7 @@ class UpdateBatch(NamedTuple):
     adv_MBGT: jax.Array  # float32 token advantages
     old_logp_MBGT: jax.Array  # float32 log-probs under the policy that sampled
     ref_logp_MBGT: jax.Array | None  # float32 log-probs under the reference, or None
+    sampler_logp_MBGT: jax.Array | None = None  # float32 sampler's log-probs (for tis_cap), or None
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -200,6 +209,8 @@ class LossSettings:
     kl_coef: float = 0.0
     loss_agg: str = "token-mean"
     norm_length: int | None = None
+    clip_ratio_c: float | None = None  # dual-clip bound (None: off)
+    tis_cap: float | None = None  # truncated importance sampling cap (None: off)
 
 
 def sequence_logprobs(params, config: qwen.QwenConfig, tokens_BGT, mask_BGT, *, options):
@@ -228,23 +239,26 @@ def batch_logprobs(params, tokens_MBGT, mask_MBGT, *, config, options):
 def loss_fn(params, config, mesh: Mesh, settings: LossSettings, options, micro):
     """Eq. L on one micro-batch: log-probs by the jit-partitioned forward, then the loss under
     shard_map over the batch axes. ``micro`` holds one micro-batch of UpdateBatch's fields."""
-    tokens, mask, loss_mask, adv, old_logp, ref_logp = micro
+    tokens, mask, loss_mask, adv, old_logp, ref_logp, sampler_logp = micro
     logp_BGT = sequence_logprobs(params, config, tokens, mask, options=options)
     spec = P(BATCH_AXES)
-    has_ref = ref_logp is not None
+    optional = (ref_logp, sampler_logp)  # either may be None (no reference, no TIS)
 
-    def local_loss(logp, old, adv, loss_mask, *ref):
+    def local_loss(logp, old, adv, loss_mask, *given):
+        given = list(given)  # the optional arrays that are not None, in order
+        ref, sampler = (None if x is None else given.pop(0) for x in optional)
         return tspo.policy_loss(
             logp,
             old,
             adv,
             loss_mask,
-            ref[0] if has_ref else None,
+            ref,
+            sampler,
             axis_name=BATCH_AXES,
             **dataclasses.asdict(settings),
         )
 
-    args = (logp_BGT, old_logp, adv, loss_mask, *((ref_logp,) if has_ref else ()))
+    args = (logp_BGT, old_logp, adv, loss_mask, *(x for x in optional if x is not None))
     return jax.shard_map(local_loss, mesh=mesh, in_specs=(spec,) * len(args), out_specs=(P(), P()))(
         *args
     )

@@ -9,15 +9,17 @@ import sys
 
 from etils import epath
 
+# (metrics drawn, title): one line per metric, a legend when there are several.
 PANELS = (
-    ("reward", "training reward (outcome)"),
-    ("eval_em", "held-out exact match"),
-    ("zero_adv_group_frac", "groups with zero advantage"),
-    ("folr_hit_rate", "FOLR hit rate"),
-    ("turns", "turns per trajectory"),
-    ("answer_rate", "answer rate"),
-    ("clip_frac", "clip fraction"),
-    ("approx_kl_old", "KL to the old policy"),
+    (("reward",), "training reward (outcome)"),
+    (("eval_em",), "held-out exact match"),
+    (("zero_adv_group_frac",), "groups with zero advantage"),
+    (("folr_hit_rate",), "FOLR hit rate"),
+    (("turns",), "turns per trajectory"),
+    (("answer_rate",), "answer rate"),
+    (("clip_frac",), "clip fraction"),
+    (("approx_kl_old",), "KL to the old policy"),
+    (("logp_gap_mean", "logp_gap_max"), "|sampler - learner| log-prob"),
 )
 
 
@@ -43,11 +45,15 @@ def plot_metrics(path, out_png) -> epath.Path:
     import matplotlib.pyplot as plt
 
     records = read_metrics(path)
-    fig, axes = plt.subplots(2, 4, figsize=(16, 6.5))
-    for ax, (key, title) in zip(axes.flat, PANELS, strict=True):
-        points = [(r["step"], r[key]) for r in records if isinstance(r.get(key), int | float)]
-        if points:
-            ax.plot(*zip(*points, strict=True), marker="o" if key.startswith("eval") else None)
+    fig, axes = plt.subplots(3, 3, figsize=(13, 9.5))
+    for ax, (keys, title) in zip(axes.flat, PANELS, strict=True):
+        for key in keys:
+            points = [(r["step"], r[key]) for r in records if isinstance(r.get(key), int | float)]
+            if points:
+                marker = "o" if key.startswith("eval") else None
+                ax.plot(*zip(*points, strict=True), marker=marker, label=key)
+        if len(keys) > 1 and ax.lines:
+            ax.legend(fontsize="small")
         ax.set_title(title)
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)

@@ -3,9 +3,10 @@
 Speaks the formats of docs/SEARCH_R1_FORMATS.md unchanged:
 - the policy reasons in `<think>`, searches with `<search> query </search>`, reads the passages
   the host returns inside `<information>`, and answers with `<answer> answer </answer>`;
-- an observation numbers passages from 1, one `Doc i(Title: <title>) <text>` line each, wrapped
-  as "\\n\\n<information>...</information>\\n\\n" and cut to a token budget;
-- a corpus passage's `contents` is its title line (often in double quotes), then its text;
+- an observation numbers passages from 1, `Doc i(Title: <title>) <text>` each, byte for byte as
+  Search-R1 writes it, wrapped as "\\n\\n<information>...</information>\\n\\n"; over its token
+  budget it is cut at a word boundary (Search-R1 cuts the token ids);
+- a corpus passage's `contents` is its title line (often in double quotes, kept), then its text;
 - answers are scored by exact match after SQuAD normalization.
 
 `first_hit` is the match rule of docs/TSPO.md: the gold answer's words must appear as a
@@ -29,10 +30,12 @@ DEFAULT_TEMPLATE = (
     "Question: {question}\n"
 )
 
-# Shown after a turn that is neither one well-formed search nor one well-formed answer.
+# Shown after a turn that is neither one well-formed search nor one well-formed answer:
+# Search-R1's message, byte for byte (search_r1/llm_agent/generation.py, execute_predictions).
 INVALID_ACTION_OBSERVATION = (
-    "\n\nInvalid action. To search, write <search> query </search>. "
-    "To answer, write <answer> answer </answer>.\n\n"
+    "\nMy previous action is invalid. If I want to search, I should put the query between "
+    "<search> and </search>. If I want to give the final answer, I should put the answer "
+    "between <answer> and </answer>. Let me try again.\n"
 )
 
 MAX_QUERY_CHARS = 500
@@ -61,12 +64,25 @@ def build_prompt(
     if "{question}" not in template:
         raise ValueError("template has no {question} placeholder")
     text = template.replace("{question}", question.strip())
-    if not chat:
-        return text
-    if tokenizer is None:
-        raise ValueError("chat=True needs a tokenizer with a chat template")
-    messages = [{"role": "user", "content": text}]
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return chat_prompt([{"role": "user", "content": text}], tokenizer=tokenizer, chat=chat)
+
+
+def chat_prompt(messages: Sequence[dict], *, tokenizer: Any = None, chat: bool = False) -> str:
+    """A prompt given as chat messages (a Search-R1 parquet row's `prompt`) as the text the
+    policy continues: with ``chat``, the tokenizer's chat template with the assistant's
+    generation prompt (as Search-R1 / verl's RLHFDataset); without, the content of the one
+    message, verbatim."""
+    if chat:
+        if tokenizer is None:
+            raise ValueError("chat=True needs a tokenizer with a chat template")
+        return tokenizer.apply_chat_template(
+            list(messages), tokenize=False, add_generation_prompt=True
+        )
+    if len(messages) != 1:
+        raise ValueError(
+            f"a prompt of {len(messages)} chat messages needs the chat template (--chat true)"
+        )
+    return messages[0]["content"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -123,13 +139,12 @@ def final_answer(sampled_texts: str | Sequence[str]) -> str | None:
 
 
 def split_title(contents: str) -> tuple[str, str]:
-    """Search-R1 corpus `contents` -> (title, text): the first line is the title, its enclosing
-    double quotes removed; the remaining lines are the text."""
+    """Search-R1 corpus `contents` -> (title, text), as Search-R1's `_passages2string` splits it:
+    the title is the first line verbatim (Wikipedia titles keep their double quotes, a CRLF file
+    its "\\r"), the text the remaining lines joined by "\\n" ("" for a title-only passage).
+    Lines end at "\\n" only, so title + "\\n" + text == contents whenever there is a text."""
     title, _, text = contents.partition("\n")
-    title = title.strip()
-    if len(title) >= 2 and title[0] == title[-1] == '"':
-        title = title[1:-1].strip()
-    return title, text.strip()
+    return title, text
 
 
 def count_tokens(text: str, tokenizer: Any = None) -> int:
@@ -146,18 +161,21 @@ def format_observation(
     """Search-R1's observation for retrieved passages (objects with `.title` and `.text`, such as
     retrieval.Passage), at most max_tokens long by `count_tokens`.
 
-    Over budget, the passage text is cut at a word boundary, keeping the longest prefix that
-    fits; the `<information>` tags and blank lines around them are always kept whole.
+    Within budget it is byte for byte Search-R1's (`_passages2string`, then `execute_predictions`):
+    "Doc {i}(Title: {title}) {text}\\n" per passage, title and text verbatim, the whole block
+    stripped and wrapped as "\\n\\n<information>{block}</information>\\n\\n".
+    Over budget, the block is cut at a word boundary, keeping the longest prefix that fits; the
+    `<information>` tags and blank lines around them are always kept whole. (Search-R1 instead
+    keeps the first max_obs_length token ids, which can cut a word, or the closing tag, in two.)
     """
 
     def wrap(body: str) -> str:
         return f"\n\n<information>{body}</information>\n\n"
 
-    lines = []
-    for i, passage in enumerate(passages, start=1):
-        title, text = " ".join(passage.title.split()), " ".join(passage.text.split())
-        lines.append(f"Doc {i}(Title: {title}) {text}")
-    body = "\n".join(lines)
+    block = "".join(
+        f"Doc {i}(Title: {p.title}) {p.text}\n" for i, p in enumerate(passages, start=1)
+    )
+    body = block.strip()
     if count_tokens(wrap(body), tokenizer) <= max_tokens:
         return wrap(body)
     # Binary search for the most words of the body that fit; ends[n - 1] is where word n ends.

@@ -89,7 +89,7 @@ decision, answering too early.
 
 With the defaults: about 13,200 passages (10,600 training world, 2,600 held-out), 2,000 RL and
 500 held-out questions (1, 2, 3 hops in proportion 1 : 2 : 2), 16,000 demonstrations from 16
-demo worlds of 2,600 passages each, a vocabulary of 986 tokens, and about 80, 145 and 210
+demo worlds of 2,600 passages each, a vocabulary of 1,030 tokens, and about 87, 159 and 230
 tokens for a whole trajectory with 1, 2 and 3 searches (prompt "Question: ...", top 3). On
 held-out questions the scripted oracle (BM25 top 3) scores exact match 1.0 and answering after
 the first search 0.2 (the 1-hop share); the demonstrations score 0.52. world.json has these
@@ -124,7 +124,7 @@ from tspo_jax.protocol import (
 from tspo_jax.retrieval import BM25Retriever, Passage, Retriever
 
 # Bump when the files build() writes change for the same settings, so old caches are rebuilt.
-_FORMAT_VERSION = 2
+_FORMAT_VERSION = 3
 
 # A syllable is an onset, a vowel and an optional coda ("ka", "kal"). No letter is both an onset
 # and a coda, so a name splits into syllables in one way only.
@@ -357,7 +357,8 @@ def _fixed_text(templates: Sequence[str] = (DEFAULT_TEMPLATE,)) -> list[str]:
     texts = [
         build_prompt(q.format(subject), template=t) for q in QUESTIONS.values() for t in templates
     ]
-    texts.append(format_observation([Passage("", subject, t, 0.0) for t in passages]))
+    # Titles as the corpus writes them, in double quotes (kept in observations, as Search-R1).
+    texts.append(format_observation([Passage("", f'"{subject}"', t, 0.0) for t in passages]))
     texts.append(INVALID_ACTION_OBSERVATION)
     texts += [f"<search> {subject} {relation} </search>" for relation in RELATIONS]
     texts += [f"<answer> {subject} </answer>", "user\nassistant\nsystem\n"]
@@ -781,7 +782,7 @@ def _paths(root: Path) -> ToyWorldPaths:
 def fingerprint(cfg: ToyWorldConfig) -> str:
     """Changes with the settings, the file format, and the protocol's prompt and observation
     text (which the demonstrations contain)."""
-    probe = [Passage("0", "T", "x y.", 0.0)]
+    probe = [Passage("0", '"T"', "x\ny.", 0.0), Passage("1", "U", "", 0.0)]
     key = {
         "version": _FORMAT_VERSION,
         "config": dataclasses.asdict(cfg),

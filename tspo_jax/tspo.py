@@ -19,14 +19,18 @@ Eq. A (stage-aware group advantages):
     A[b,g,k] = (r[b,g,k] - mu[b]) / (sigma[b] + eps) for k < n, else 0
 Token advantages:  adv[b,g,t] = A[b,g,turn_id[b,g,t]] (0 where turn_id = -1)
 Eq. L (clipped policy loss), per token with rho = exp(logp - old_logp):
-    l = -min(rho * adv, clip(rho, 1 - eps_low, 1 + eps_high) * adv) + beta * k3(ref || pi)
+    pg = -min(rho * adv, clip(rho, 1 - eps_low, 1 + eps_high) * adv)
+    pg = min(pg, -c * adv) where adv < 0           (dual-clip, only with ``clip_ratio_c`` = c)
+    l = w * pg + beta * k3(ref || pi),  w = min(exp(old_logp - sampler_logp), C)
+                                                   (truncated IS, only with ``tis_cap`` = C)
 aggregated over the whole global batch with the loss mask (``loss_agg``).
 
 Groups are whole prompts, so Eq. F and A need no communication when a batch is split over
 prompts. Eq. L does: with ``axis_name`` set (inside ``jax.shard_map``), every numerator and
 denominator is summed across that mesh axis, so loss and gradients do not depend on the split.
 
-Deliberate choices (where the paper may differ, or where we differ from Search-R1):
+Deliberate choices, where the paper may differ or where we differ from Search-R1 / verl (the
+same numbered list as the README's "Reconstruction choices"; items 11-14 live outside this file):
  1. Eq. F is a reconstruction: the paper's exact formula is not public. The latent term
     alpha * (1 - o) credits the search stage (turns up to and including the first hit) of a
     trajectory short of full credit; the answer stage after the hit gets only o.
@@ -46,17 +50,39 @@ Deliberate choices (where the paper may differ, or where we differ from Search-R
     normalization); Search-R1's plain substring test would let "us" hit "campus". The final
     answer is read from sampled text only, never from the prompt's example (Search-R1 instead
     requires two matches). Both live on the host (``tspo_jax/protocol.py``).
- 7. The log-ratio logp - old_logp is clamped to [-20, 20] before exp (as verl), so a stale
-    token cannot overflow the ratio; the k3 reference KL is clamped to [-10, 10] (Search-R1's
-    "low_var_kl").
+ 7. Clamps as verl: the log-ratio logp - old_logp is clamped to [-20, 20] before exp, and so is
+    the k3 KL's exponent ref - logp, whose value is then clamped to [-10, 10] ("low_var_kl").
+    Every finite value is the same as without the exponent clamp; Search-R1's older copy clamps
+    only the value, whose gradient is NaN once exp overflows (ref - logp past ~88).
  8. ``loss_agg="token-mean"`` (default) averages over all loss tokens of the global batch
     (Search-R1 / verl / DAPO), not per sequence first (original GRPO, ``"seq-mean-token-mean"``).
     ``"seq-mean-token-sum-norm"`` (Dr. GRPO) divides by (sequences x T); T is the padded token
     axis unless ``norm_length`` fixes it (set it to the generation budget so that padding to a
     length bucket does not change the loss).
+ 9. Dual-clip (``clip_ratio_c``) is off by default, as in Search-R1; verl's default is c = 3.
+10. Old log-probs are the learner's recomputation (as verl), not the sampler's; truncated
+    importance sampling between the two (``tis_cap``, verl's token-level rollout correction)
+    is off by default, as in Search-R1 and verl. The learner's log-probs are of the untempered
+    policy, where verl divides the logits by the rollout temperature: the same at temperature
+    1 (Search-R1's).
+11. Turns (rollout.py): ``max_turns`` counts every turn, the last of which cannot search;
+    Search-R1's max_turns counts searching turns and adds an answer-only one (its 4 is our 5).
+    A turn's action must be exactly one well-formed search or answer (Search-R1 takes the first
+    tag pair); EOS without an answer ends the episode (Search-R1 shows the corrective message
+    and goes on); the episode ends at ``max_context`` tokens (Search-R1 drops the oldest
+    tokens); sampled token ids are kept as sampled (Search-R1 decodes and re-tokenizes them).
+12. Observations (protocol.py) are Search-R1's byte for byte within the token budget; over it
+    they are cut at a word boundary (Search-R1 cuts token ids, the closing tag included).
+13. Prompts: a data row's own prompt (Search-R1 parquet) is used as it is, through the chat
+    template only with ``chat``; Search-R1 applies the tokenizer's chat template whenever it
+    has one (Qwen2.5 base models included).
+14. Warm-up (train.py) is 0 updates by default: full lr from the first update (Search-R1's
+    script warms up over 28.5% of its steps; with a warm-up, the first update runs at lr 0, as
+    in verl).
 """
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -160,7 +186,16 @@ def _global_max(x, axis_name):
 
 @functools.partial(
     jax.jit,
-    static_argnames=("clip_low", "clip_high", "kl_coef", "loss_agg", "axis_name", "norm_length"),
+    static_argnames=(
+        "clip_low",
+        "clip_high",
+        "kl_coef",
+        "loss_agg",
+        "axis_name",
+        "norm_length",
+        "clip_ratio_c",
+        "tis_cap",
+    ),
 )
 def policy_loss(
     logp_BGT,
@@ -168,6 +203,7 @@ def policy_loss(
     adv_BGT,
     loss_mask_BGT,
     ref_logp_BGT=None,
+    sampler_logp_BGT=None,
     *,
     clip_low=0.2,
     clip_high=0.2,
@@ -175,13 +211,21 @@ def policy_loss(
     loss_agg="token-mean",
     axis_name=None,
     norm_length=None,
+    clip_ratio_c=None,
+    tis_cap=None,
 ):
     """Clipped policy-gradient loss with an optional k3 reference KL (Eq. L of TSPO.md).
 
     rho = exp(logp - old_logp);  pg = -min(rho * adv, clip(rho, 1 - clip_low, 1 + clip_high) * adv)
-    kl = exp(ref - logp) - (ref - logp) - 1, clamped to [-10, 10];  l = pg + kl_coef * kl
-    aggregated per ``loss_agg`` over the whole batch (summed across ``axis_name`` when set).
+    dual-clip (``clip_ratio_c`` = c > 1, as verl):  pg = min(pg, -c * adv) where adv < 0
+    truncated IS (``tis_cap`` = C > 0, as verl's token-level rollout correction):
+        pg = w * pg,  w = min(exp(old_logp - sampler_logp), C), a constant (no gradient)
+    kl = exp(d) - d - 1 with d = ref - logp clamped to [-20, 20] first, then kl clamped to
+    [-10, 10];  l = pg + kl_coef * kl,  aggregated per ``loss_agg`` over the whole batch (summed
+    across ``axis_name`` when set).
 
+    ``old_logp`` is the learner's recomputation of the sampling policy's log-probs;
+    ``sampler_logp`` what the sampler recorded for the same tokens (needed with ``tis_cap``).
     Returns (loss, metrics); metrics are token means over loss tokens of the global batch, plus
     ``loss_denominator`` (what the loss's numerator was divided by, for gradient accumulation).
     """
@@ -201,6 +245,17 @@ def policy_loss(
         raise ValueError(f"ref_logp_BGT has shape {ref_logp_BGT.shape}, logp_BGT has {shape}")
     if not (0 <= clip_low < 1 and clip_high >= 0):
         raise ValueError(f"need 0 <= clip_low < 1 and clip_high >= 0, got {clip_low}, {clip_high}")
+    if clip_ratio_c is not None and not clip_ratio_c > 1:
+        raise ValueError(f"clip_ratio_c (dual-clip) must be > 1, got {clip_ratio_c}")
+    if tis_cap is not None:
+        if not tis_cap > 0:
+            raise ValueError(f"tis_cap must be > 0, got {tis_cap}")
+        if sampler_logp_BGT is None:
+            raise ValueError("tis_cap needs sampler_logp_BGT (the sampler's log-probs)")
+    if sampler_logp_BGT is not None and sampler_logp_BGT.shape != shape:
+        raise ValueError(
+            f"sampler_logp_BGT has shape {sampler_logp_BGT.shape}, logp_BGT has {shape}"
+        )
 
     m_BGT = loss_mask_BGT.astype(jnp.float32)
     on_BGT = m_BGT > 0
@@ -212,9 +267,22 @@ def policy_loss(
     unclipped_BGT = -ratio_BGT * adv_BGT
     clipped_BGT = -jnp.clip(ratio_BGT, 1.0 - clip_low, 1.0 + clip_high) * adv_BGT
     pg_BGT = jnp.maximum(unclipped_BGT, clipped_BGT)  # Eq. L
+    clipped_pg_BGT = pg_BGT
+    if clip_ratio_c is not None:
+        dual_BGT = -clip_ratio_c * adv_BGT
+        pg_BGT = jnp.where(adv_BGT < 0, jnp.minimum(pg_BGT, dual_BGT), pg_BGT)  # Eq. L
+    if tis_cap is not None:
+        # min(exp(x), C) = exp(min(x, log C)): no overflow, and no gradient (the weight is data).
+        sampler_gap_BGT = jnp.where(on_BGT, old_logp_BGT - sampler_logp_BGT, 0.0)
+        tis_w_BGT = jnp.exp(jnp.minimum(sampler_gap_BGT, math.log(tis_cap)))
+        tis_w_BGT = jax.lax.stop_gradient(tis_w_BGT)
+        pg_BGT = tis_w_BGT * pg_BGT  # Eq. L
     loss_BGT = pg_BGT
     if ref_logp_BGT is not None:
+        # The exponent is clamped first (as verl): exp of a float32 overflows past ~88, and the
+        # clamp of the value alone would then multiply a zero derivative by inf (a NaN gradient).
         d_BGT = jnp.where(on_BGT, ref_logp_BGT - logp_BGT, 0.0)
+        d_BGT = jnp.clip(d_BGT, -LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
         ref_kl_BGT = jnp.clip(jnp.exp(d_BGT) - d_BGT - 1.0, -REF_KL_CLAMP, REF_KL_CLAMP)  # Eq. L
         if kl_coef > 0:
             loss_BGT = pg_BGT + kl_coef * ref_kl_BGT  # Eq. L
@@ -248,6 +316,12 @@ def policy_loss(
     }
     if ref_logp_BGT is not None:
         metrics["ref_kl"] = per_token(ref_kl_BGT)
+    if clip_ratio_c is not None:
+        # verl's pg_clipfrac_lower: negative-advantage tokens whose loss the dual clip bounded.
+        metrics["clip_frac_lower"] = per_token((adv_BGT < 0) & (clipped_pg_BGT > dual_BGT))
+    if tis_cap is not None:
+        metrics["tis_weight_mean"] = per_token(tis_w_BGT)
+        metrics["tis_truncated_frac"] = per_token(sampler_gap_BGT > math.log(tis_cap))
     return loss, metrics
 
 
