@@ -611,13 +611,7 @@ def memory_plan(cfg: Config) -> plan.Plan:
     devices = cfg.plan_devices or jax.device_count()
     processes = (cfg.num_processes or 1) if cfg.plan_devices else jax.process_count()
     local = devices // processes
-    fsdp = cfg.mesh_fsdp
-    data = devices // fsdp if cfg.mesh_data == -1 else cfg.mesh_data
-    if data < 1 or data * fsdp != devices:
-        raise ValueError(
-            f"mesh {data} x {fsdp} (--mesh-data x --mesh-fsdp) does not fit the {devices} "
-            f"device(s): their product must be {devices}"
-        )
+    data, fsdp = learner.mesh_shape(cfg.mesh_data, cfg.mesh_fsdp, devices)
     micro = cfg.micro_batch or cfg.mini_batch
     if micro % devices:
         raise ValueError(

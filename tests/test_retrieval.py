@@ -307,7 +307,7 @@ def test_http_rides_out_a_restart(server):
     server.outages = {1: 1.0}
     logs = []
     retriever = HttpRetriever(server.url, retries=20, max_wait=30, backoff=0.1, log=logs.append)
-    assert retriever.search(["q"], k=1) == [[Passage("q-0", "q 0", "text 0 for q", 10.0)]]
+    assert retriever.search(["q"], k=1) == [[Passage("q-0", '"q 0"', "text 0 for q", 10.0)]]
     assert len(server.requests) == 2  # the one it hung up on, then the answered retry
     assert len(logs) >= 3  # retries at 0.1, 0.3 and 0.7 s were all refused
     assert "Remote end closed connection" in logs[0]

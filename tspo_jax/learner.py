@@ -59,6 +59,21 @@ def make_mesh(data: int, fsdp: int, *, dcn_data: int = 1, devices=None) -> Mesh:
     return Mesh(device_grid(data, fsdp, dcn_data=dcn_data, devices=devices), BATCH_AXES)
 
 
+def mesh_shape(data: int, fsdp: int, devices: int) -> tuple[int, int]:
+    """(data, fsdp) of a mesh over ``devices`` devices, data = -1 taking the rest; a clear
+    error when they do not multiply to the device count."""
+    if data == -1:
+        if fsdp < 1 or devices % fsdp:
+            raise ValueError(f"--mesh-fsdp {fsdp} must divide the {devices} device(s) evenly")
+        data = devices // fsdp
+    if data < 1 or fsdp < 1 or data * fsdp != devices:
+        raise ValueError(
+            f"mesh {data} x {fsdp} (--mesh-data x --mesh-fsdp) does not fit the "
+            f"{devices} device(s): their product must be {devices}"
+        )
+    return data, fsdp
+
+
 def device_grid(data: int, fsdp: int, *, dcn_data: int = 1, devices) -> np.ndarray:
     """The [data, fsdp] array of devices behind make_mesh. On one slice (or one host's GPUs)
     ``mesh_utils.create_device_mesh`` orders them by the physical topology, so that fsdp's
@@ -66,15 +81,7 @@ def device_grid(data: int, fsdp: int, *, dcn_data: int = 1, devices) -> np.ndarr
     hosts), the data axis is split across them and fsdp stays within one
     (``create_hybrid_device_mesh``): only the gradient all-reduce crosses the slower network.
     """
-    if data == -1:
-        if fsdp < 1 or len(devices) % fsdp:
-            raise ValueError(f"--mesh-fsdp {fsdp} must divide the {len(devices)} device(s) evenly")
-        data = len(devices) // fsdp
-    if data < 1 or fsdp < 1 or data * fsdp != len(devices):
-        raise ValueError(
-            f"mesh {data} x {fsdp} (--mesh-data x --mesh-fsdp) does not fit the "
-            f"{len(devices)} device(s): their product must be {len(devices)}"
-        )
+    data, fsdp = mesh_shape(data, fsdp, len(devices))
     if dcn_data < 1 or data % dcn_data:
         raise ValueError(f"--mesh-dcn-data {dcn_data} must divide --mesh-data {data}")
     if dcn_data == 1:

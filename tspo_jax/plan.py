@@ -22,6 +22,7 @@ Shape letters as in qwen.py: L layers, D model dim, F MLP dim, N query / K key-v
 H head dim, V vocabulary.
 """
 
+import functools
 import math
 from typing import NamedTuple
 
@@ -89,6 +90,7 @@ class Plan(NamedTuple):
         return "memory plan, per device:\n" + "\n".join(lines)
 
 
+@functools.cache
 def param_shard_size(config: qwen.QwenConfig, data: int, fsdp: int) -> int:
     """Parameters of one device's shard, as learner.param_shardings splits them on a data x
     fsdp mesh (an abstract mesh: no devices needed)."""
