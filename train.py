@@ -69,6 +69,16 @@ class Config:
     algo: str = option("tspo", "tspo, or grpo (latent_reward 0)", choices=("tspo", "grpo"))
     latent_reward: float = option(0.5, "alpha of Eq. F, in [0, 1)")
     folr_groups: str = option("homogeneous", "groups FOLR applies in", choices=tspo.FOLR_GROUPS)
+    folr_credit: str = option(
+        "search-stage",
+        "turns Eq. F's latent term credits: up to the first hit, or only it",
+        choices=tspo.FOLR_CREDITS,
+    )
+    answer_stage: str = option(
+        "outcome",
+        "Eq. A on turns after the first hit where FOLR applies (neutral: A = 0)",
+        choices=tspo.ANSWER_STAGES,
+    )
     scale_advantages: bool = option(True, "divide advantages by the group std (false: Dr. GRPO)")
     group_size: int = option(5, "G, samples per prompt")
     clip_low: float = option(0.2, "eps_low of the clipped ratio")
@@ -855,8 +865,18 @@ def collect(run: Run, state: learner.TrainState, step: int):
         max_turns=cfg.rollout.max_turns,
         latent_reward=cfg.alpha,
         folr_groups=cfg.folr_groups,
+        folr_credit=cfg.folr_credit,
     )
-    adv_BGK = tspo.turn_advantages(reward_BGK, batch.num_turns_BG, scale=cfg.scale_advantages)
+    adv_BGK = tspo.turn_advantages(
+        reward_BGK,
+        batch.num_turns_BG,
+        scale=cfg.scale_advantages,
+        answer_stage=cfg.answer_stage,
+        first_hit_BG=batch.first_hit_BG,
+        folr_applies_B=tspo.folr_applies(
+            batch.outcome_BG, latent_reward=cfg.alpha, folr_groups=cfg.folr_groups
+        ),
+    )
     return trajs, timing, batch, adv_BGK
 
 

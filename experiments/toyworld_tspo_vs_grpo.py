@@ -1,30 +1,54 @@
-"""TSPO vs GRPO on the embedded default: the same budget, three seeds each.
+"""TSPO vs GRPO on the embedded default: five arms, five seeds, paired intervals.
 
-    python experiments/toyworld_tspo_vs_grpo.py                # 6 runs, then figure + table
+    python experiments/toyworld_tspo_vs_grpo.py                # 25 runs, then figure + table
     python experiments/toyworld_tspo_vs_grpo.py --report-only  # figure + table from the runs
+    python experiments/toyworld_tspo_vs_grpo.py --arms grpo tspo --seeds 0 --steps 2  # smoke
 
-Each run is `python train.py --algo ALGO --seed SEED` with the embedded default's preset
-(TOYWORLD_PRESET: same steps, batch, learning rate and evaluations for both), plus the options
-in EXTRA: an evaluation every 10 steps and every step's trajectories in samples.jsonl. Runs go
-one after the other, in subprocesses (fair wall times on a shared CPU), into
-runs/tspo_vs_grpo/<algo>_s<seed>/; a finished run is not run again. The world and the warm
-start are built once, by the first run, in the usual cache.
+Arms (each passes every option it depends on, so that a change of train.py's defaults does not
+change what an arm is):
+- grpo: ``--algo grpo`` (latent_reward 0: outcome-only group advantages);
+- tspo: TSPO.md's Eq. F / Eq. A as first reconstructed (search-stage credit, outcome answer
+  stage);
+- tspo-hit: the latent term on the first-hit turn only (``--folr-credit hit-turn``);
+- tspo-neutral: A = 0 on the turns after the first hit where FOLR applies
+  (``--answer-stage neutral``);
+- tspo-both: both.
 
-Writes experiments/toyworld_tspo_vs_grpo.png (held-out EM against step and against RL wall
-time, the fraction of zero-advantage groups, turns per trajectory, answer rate, and how often a
-trajectory searched again after its observations had shown the gold answer) and
-experiments/toyworld_tspo_vs_grpo.md (the table).
+Each run is `python train.py <arm's options> --seed SEED` with the embedded default's preset
+(TOYWORLD_PRESET: the same steps, batch, learning rate and held-out set for every arm), plus
+the options in EXTRA: an evaluation every 10 steps and every step's trajectories in
+samples.jsonl; options this script does not know go to train.py too (e.g. ``--steps 2``). Runs
+go one after the other, in subprocesses (fair wall times on a shared CPU), into
+runs/tspo_vs_grpo/<arm>_s<seed>/, seeds outer and arms inner, so that a partial sweep compares
+like with like. A finished run is not run again; an unfinished one is resumed from its latest
+checkpoint (``--resume``, bit for bit), or started again if it left none. The world and the
+warm start are built once, by the first run, in the usual cache: every arm and seed starts from
+the same policy, and a seed fixes the order of the training prompts, so the runs of one seed
+see the same prompts (and differ only by their advantages and what those change).
 
+Statistics, per arm over the seeds: the mean and a 95% Student-t interval (mean +- t(0.975,
+n - 1) * sd / sqrt(n)); against GRPO, the paired difference per seed (same seed, same warm
+start, same prompts), its mean and 95% t interval, and on how many seeds the arm was ahead. A
+t interval rather than a bootstrap: with 5 seeds the percentile bootstrap's interval is too
+narrow (it cannot be wider than the range of the 5 values).
+
+From metrics.jsonl: held-out EM (greedy, 200 questions of the held-out world) at steps 20, 40
+and 100, and its area under the curve: the trapezoid rule over the evaluations (steps 0, 10,
+..., 100) divided by the steps, i.e. the held-out EM averaged over training, on the EM scale;
+zero-advantage groups and answer rate (training rollouts), means over all steps.
 From samples.jsonl, per step of training rollouts:
 - over-search: the trajectory found the gold answer in an observation (first_hit >= 0) and
-  searched again after that turn;
+  searched again after that turn (mean over all steps; the figure shows it per step);
 - near-miss answer advantage: the mean advantage of the answer turn of near-misses (gold
   retrieved, answered wrong) in groups where every trajectory was wrong, the turn that
-  TSPO's FOLR pushes down (Eq. A of TSPO.md).
+  TSPO's FOLR pushes down (Eq. A of TSPO.md) and ``--answer-stage neutral`` leaves at 0.
+
+Writes experiments/toyworld_tspo_vs_grpo.png and experiments/toyworld_tspo_vs_grpo.md.
 """
 
 import argparse
 import json
+import math
 import subprocess
 import sys
 import time
@@ -37,15 +61,39 @@ sys.path.insert(0, str(ROOT))
 
 from tspo_jax.plots import read_metrics  # noqa: E402
 
-ALGOS = ("tspo", "grpo")
-COLORS = {"tspo": "tab:red", "grpo": "tab:blue"}
+# arm -> train.py options (every option the arms differ by, given explicitly).
+ARMS = {
+    "grpo": ["--algo", "grpo"],
+    "tspo": ["--algo", "tspo", "--folr-credit", "search-stage", "--answer-stage", "outcome"],
+    "tspo-hit": ["--algo", "tspo", "--folr-credit", "hit-turn", "--answer-stage", "outcome"],
+    "tspo-neutral": [
+        "--algo",
+        "tspo",
+        "--folr-credit",
+        "search-stage",
+        "--answer-stage",
+        "neutral",
+    ],
+    "tspo-both": ["--algo", "tspo", "--folr-credit", "hit-turn", "--answer-stage", "neutral"],
+}
+BASELINE = "grpo"
+COLORS = {
+    "grpo": "tab:blue",
+    "tspo": "tab:red",
+    "tspo-hit": "tab:orange",
+    "tspo-neutral": "tab:green",
+    "tspo-both": "tab:purple",
+}
 EXTRA = ["--eval-every", "10", "--log-samples", "1"]
+EM_STEPS = (20, 40)
 HERE = Path(__file__).resolve().parent
 NAME = "toyworld_tspo_vs_grpo"
+# Student t quantiles t(0.975, df), df = 1..10 (beyond: the normal's 1.96 is within 12%).
+T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228)
 
 
-def run_dir(runs: Path, algo: str, seed: int) -> Path:
-    return runs / f"{algo}_s{seed}"
+def run_dir(runs: Path, arm: str, seed: int) -> Path:
+    return runs / f"{arm}_s{seed}"
 
 
 def finished(path: Path) -> bool:
@@ -56,21 +104,28 @@ def finished(path: Path) -> bool:
         return False
 
 
-def train(runs: Path, algo: str, seed: int, extra: list[str]) -> None:
-    out = run_dir(runs, algo, seed)
+def has_checkpoint(path: Path) -> bool:
+    folder = path / "checkpoints"
+    return folder.is_dir() and any(p.name.isdigit() for p in folder.iterdir())
+
+
+def train(runs: Path, arm: str, seed: int, extra: list[str]) -> float:
+    """One run (resumed if a checkpoint of it exists); returns its wall time in seconds."""
+    out = run_dir(runs, arm, seed)
     if finished(out):
-        print(f"{out}: done already")
-        return
-    if out.exists():
-        raise SystemExit(f"{out} holds an unfinished run: remove it, or resume it by hand")
+        print(f"{out}: done already", flush=True)
+        return 0.0
+    resume = ["--resume"] if has_checkpoint(out) else []
     out.parent.mkdir(parents=True, exist_ok=True)
-    command = [sys.executable, str(ROOT / "train.py"), "--algo", algo, "--seed", str(seed)]
-    command += ["--out-dir", str(out), *EXTRA, *extra]
+    command = [sys.executable, str(ROOT / "train.py"), *ARMS[arm], "--seed", str(seed)]
+    command += ["--out-dir", str(out), *EXTRA, *extra, *resume]
     print(" ".join(command), flush=True)
     t0 = time.perf_counter()
-    with open(out.parent / f"{out.name}.log", "w") as log:
+    with open(out.parent / f"{out.name}.log", "a") as log:
         subprocess.run(command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, check=True)
-    print(f"{out}: {time.perf_counter() - t0:.0f} s", flush=True)
+    seconds = time.perf_counter() - t0
+    print(f"{out}: {seconds:.0f} s", flush=True)
+    return seconds
 
 
 # ---------------------------------------------------------------------------------------------
@@ -108,11 +163,11 @@ def sample_stats(path: Path) -> dict[int, dict]:
     return out
 
 
-def load(runs: Path, algo: str, seeds) -> list[dict]:
+def load(runs: Path, arm: str, seeds) -> list[dict]:
     """Per seed: metrics records (with sample stats merged in) and the RL wall time per step."""
     out = []
     for seed in seeds:
-        path = run_dir(runs, algo, seed)
+        path = run_dir(runs, arm, seed)
         records = read_metrics(path / "metrics.jsonl")
         stats = sample_stats(path / "samples.jsonl")
         wall, elapsed = {}, 0.0
@@ -125,6 +180,7 @@ def load(runs: Path, algo: str, seeds) -> list[dict]:
 
 
 def curve(run: dict, key: str):
+    """[n, 2] array of (step, value) where the run logged ``key``."""
     points = [(r["step"], r[key]) for r in run["records"] if isinstance(r.get(key), int | float)]
     return np.array(points, dtype=float).reshape(-1, 2)
 
@@ -135,127 +191,256 @@ def smooth(y, width=5):
     return np.array([np.nanmean(y[max(0, i - width + 1) : i + 1]) for i in range(len(y))])
 
 
+def em_at(run: dict, step: int) -> float:
+    xy = curve(run, "eval_em")
+    hit = xy[xy[:, 0] == step]
+    return float(hit[0, 1]) if len(hit) else float("nan")
+
+
+def em_auc(run: dict) -> float:
+    """Area under the held-out EM curve over the run's steps, divided by them (the trapezoid
+    rule over the evaluations): the held-out EM averaged over training, in [0, 1]."""
+    xy = curve(run, "eval_em")
+    if len(xy) < 2 or xy[0, 0] != 0:
+        return float("nan")
+    x, y = xy[:, 0], xy[:, 1]
+    return float(np.sum((x[1:] - x[:-1]) * (y[1:] + y[:-1]) / 2) / x[-1])
+
+
+def mean_over_steps(run: dict, key: str) -> float:
+    values = [
+        r[key] for r in run["records"] if r["step"] > 0 and isinstance(r.get(key), int | float)
+    ]
+    return float(np.nanmean(values)) if values else float("nan")
+
+
+# (key, row name, decimals): one number per run; each row of the tables is one of these.
+MEASURES = (
+    ("final", "held-out EM, final (step {steps})", 3),
+    *((f"em{s}", f"held-out EM, step {s}", 3) for s in EM_STEPS),
+    ("auc", "held-out EM, area under the curve / steps", 3),
+    ("zero_adv", "zero-advantage groups (mean over steps)", 3),
+    ("over_search", "over-search rate (mean over steps)", 3),
+    ("answer_rate", "answer rate (training, mean over steps)", 3),
+)
+# Described, without intervals.
+DESCRIBED = (
+    ("start", "held-out EM, warm start (step 0)", 3),
+    ("best", "held-out EM, best evaluation", 3),
+    ("turns", "turns per trajectory (training, last 10 steps)", 2),
+    ("eval_searches", "searches per held-out question (final)", 2),
+    ("over_search_peak", "over-search rate, peak (5-step mean)", 3),
+    ("near_miss_adv", "advantage of near-miss answers in all-wrong groups", 2),
+    ("wall", "RL wall time per run (s, evaluations excluded)", 0),
+)
+
+
+def measures(run: dict) -> dict[str, float]:
+    """Every number of the tables for one run."""
+    evals = curve(run, "eval_em")
+    over = curve(run, "over_search")
+    turns = [r["turns"] for r in run["records"][-10:] if isinstance(r.get("turns"), int | float)]
+    return {
+        "final": float(evals[-1, 1]) if len(evals) else float("nan"),
+        **{f"em{s}": em_at(run, s) for s in EM_STEPS},
+        "auc": em_auc(run),
+        "zero_adv": mean_over_steps(run, "zero_adv_group_frac"),
+        "over_search": mean_over_steps(run, "over_search"),
+        "answer_rate": mean_over_steps(run, "answer_rate"),
+        "start": em_at(run, 0),
+        "best": float(evals[:, 1].max()) if len(evals) else float("nan"),
+        "turns": float(np.mean(turns)) if turns else float("nan"),
+        "eval_searches": float(curve(run, "eval_searches")[-1, 1]),
+        "over_search_peak": float(np.nanmax(smooth(over[:, 1]))) if len(over) else float("nan"),
+        "near_miss_adv": mean_over_steps(run, "near_miss_answer_adv"),
+        "wall": max(run["wall"].values()),
+    }
+
+
+def t_interval(xs) -> tuple[float, float, float]:
+    """Mean and its 95% Student-t interval; the interval is nan for fewer than 2 values."""
+    xs = np.asarray(xs, float)
+    xs = xs[~np.isnan(xs)]
+    if len(xs) == 0:
+        return float("nan"), float("nan"), float("nan")
+    m = float(xs.mean())
+    if len(xs) < 2:
+        return m, float("nan"), float("nan")
+    t = T975[len(xs) - 2] if len(xs) - 1 <= len(T975) else 1.96
+    half = t * float(xs.std(ddof=1)) / math.sqrt(len(xs))
+    return m, m - half, m + half
+
+
 # ---------------------------------------------------------------------------------------------
 # Figure and table
 
 
-def figure(data: dict, out_png: Path) -> None:
+def band(ax, x, ys, color, label, marker=None):
+    """Mean over seeds with its 95% t band."""
+    ys = np.asarray(ys, float)
+    stats = np.array([t_interval(ys[:, i]) for i in range(ys.shape[1])])
+    ax.plot(x, stats[:, 0], color=color, lw=2, marker=marker, ms=3, label=label)
+    if len(ys) > 1:
+        ax.fill_between(x, stats[:, 1], stats[:, 2], color=color, alpha=0.15, lw=0)
+
+
+def aligned(runs: list[dict], key: str, smoothed: bool):
+    """(steps, [seeds, steps] values) over the steps every run logged ``key`` at."""
+    curves = [curve(run, key) for run in runs]
+    steps = sorted(set.intersection(*(set(c[:, 0]) for c in curves))) if curves else []
+    ys = []
+    for c in curves:
+        y = smooth(c[:, 1]) if smoothed else c[:, 1]
+        ys.append([y[list(c[:, 0]).index(s)] for s in steps])
+    return np.array(steps), np.array(ys, float).reshape(len(curves), len(steps))
+
+
+def figure(data: dict, stats: dict, out_png: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(2, 3, figsize=(15, 8))
+    fig, axes = plt.subplots(2, 4, figsize=(20, 8.5))
+    n = len(next(iter(data.values())))
+    ax = axes[0, 0]
+    for arm, runs in data.items():
+        x, ys = aligned(runs, "eval_em", smoothed=False)
+        band(ax, x, ys, COLORS[arm], arm, marker="o")
+    ax.set_title(f"held-out EM (greedy), mean of {n} seeds\nand its 95% t interval")
+    ax.legend(loc="lower right")
+    ax = axes[0, 1]
+    x0, base = aligned(data[BASELINE], "eval_em", smoothed=False)
+    for arm, runs in data.items():
+        if arm == BASELINE:
+            continue
+        x, ys = aligned(runs, "eval_em", smoothed=False)
+        if len(x) == len(x0) and (x == x0).all():
+            band(ax, x, ys - base, COLORS[arm], arm, marker="o")
+    ax.axhline(0, color="k", lw=0.8)
+    ax.set_title(f"held-out EM minus {BASELINE}'s on the same seed\n(paired), 95% t interval")
+    ax = axes[0, 2]
+    arms = [a for a in data if a != BASELINE and "diff" in stats[a]]
+    for j, (key, label) in enumerate((("final", "final EM"), ("auc", "EM area / steps"))):
+        for i, arm in enumerate(arms):
+            m, lo, hi = stats[arm]["diff"][key]
+            y = i + 0.2 * (2 * j - 1)
+            ax.errorbar(m, y, xerr=[[m - lo], [hi - m]], fmt="os"[j], color=COLORS[arm], capsize=3)
+        ax.plot([], [], "os"[j], color="gray", label=label)
+    ax.axvline(0, color="k", lw=0.8)
+    ax.set_yticks(range(len(arms)), arms)
+    ax.set_title(f"paired difference vs {BASELINE}\nmean and 95% t interval")
+    ax.legend()
     panels = [
-        ("eval_em", "held-out exact match (greedy, 200 questions)", "step"),
-        ("eval_em", "held-out exact match", "wall"),
-        ("zero_adv_group_frac", "groups with zero advantage (5-step mean)", "step"),
-        ("turns", "turns per trajectory (training rollouts)", "step"),
-        ("answer_rate", "answer rate (training rollouts)", "step"),
-        ("over_search", "searched again after finding the answer", "step"),
+        (axes[0, 3], "near_miss_answer_adv", "advantage of near-miss answers\nin all-wrong groups"),
+        (axes[1, 0], "zero_adv_group_frac", "groups with zero advantage\n(training rollouts)"),
+        (axes[1, 1], "over_search", "over-search: searched again\nafter finding the answer"),
+        (axes[1, 2], "answer_rate", "answer rate\n(training rollouts)"),
+        (axes[1, 3], "turns", "turns per trajectory\n(training rollouts)"),
     ]
-    for ax, (key, title, x_axis) in zip(axes.flat, panels, strict=True):
-        for algo, runs in data.items():
-            ys = []
-            for run in runs:
-                xy = curve(run, key)
-                if not len(xy):
-                    continue
-                x = (
-                    np.array([run["wall"][int(s)] for s in xy[:, 0]])
-                    if x_axis == "wall"
-                    else xy[:, 0]
-                )
-                y = xy[:, 1] if key.startswith("eval") else smooth(xy[:, 1])
-                ax.plot(x, y, color=COLORS[algo], alpha=0.3, lw=1)
-                ys.append((x, y))
-            if ys and len({len(x) for x, _ in ys}) == 1:
-                x_mean = np.mean([x for x, _ in ys], axis=0)
-                y_mean = np.mean([y for _, y in ys], axis=0)
-                marker = "o" if key.startswith("eval") else None
-                label = f"{algo} (mean of {len(ys)} seeds)"
-                ax.plot(x_mean, y_mean, color=COLORS[algo], lw=2, marker=marker, label=label)
-        ax.set_title(title)
-        ax.set_xlabel("RL wall time (s, evaluations excluded)" if x_axis == "wall" else "step")
+    for ax, key, title in panels:
+        for arm, runs in data.items():
+            x, ys = aligned(runs, key, smoothed=True)
+            band(ax, x, ys, COLORS[arm], arm)
+        ax.set_title(f"{title} (5-step mean)")
+    for ax in axes.flat:
         ax.grid(alpha=0.3)
-    axes.flat[0].legend()
+        if ax is not axes[0, 2]:
+            ax.set_xlabel("step")
     fig.tight_layout()
-    fig.savefig(out_png, dpi=90)
+    fig.savefig(out_png, dpi=80)
     plt.close(fig)
 
 
-def summary(runs: list[dict]) -> dict:
-    def last(run, key, n=10):
-        values = [r[key] for r in run["records"][-n:] if isinstance(r.get(key), int | float)]
-        return float(np.nanmean(values)) if values else float("nan")
-
-    def every(run, key):
-        values = [r[key] for r in run["records"] if isinstance(r.get(key), int | float)]
-        return float(np.nanmean(values)) if values else float("nan")
-
-    evals = [curve(run, "eval_em") for run in runs]
-    return {
-        "start": [float(e[0, 1]) for e in evals],
-        "final": [float(e[-1, 1]) for e in evals],
-        "best": [float(e[:, 1].max()) for e in evals],
-        "zero_adv": [every(run, "zero_adv_group_frac") for run in runs],
-        "turns": [last(run, "turns") for run in runs],
-        "eval_searches": [last(run, "eval_searches", 1) for run in runs],
-        "answer_rate": [last(run, "answer_rate") for run in runs],
-        "over_search_peak": [
-            float(np.nanmax(smooth(curve(run, "over_search")[:, 1]))) for run in runs
-        ],
-        "near_miss_adv": [every(run, "near_miss_answer_adv") for run in runs],
-        "wall": [max(run["wall"].values()) for run in runs],
-    }
+def statistics(data: dict) -> dict:
+    """arm -> per-seed measures, t intervals, and paired differences against the baseline."""
+    per_run = {arm: [measures(run) for run in runs] for arm, runs in data.items()}
+    keys = [k for k, _, _ in MEASURES + DESCRIBED]
+    out = {}
+    for arm, rows in per_run.items():
+        values = {k: [row[k] for row in rows] for k in keys}
+        out[arm] = {"values": values, "ci": {k: t_interval(v) for k, v in values.items()}}
+        if BASELINE in per_run and arm != BASELINE:
+            base = per_run[BASELINE]
+            diffs = {k: np.subtract(values[k], [b[k] for b in base]) for k, _, _ in MEASURES}
+            out[arm]["diff"] = {k: t_interval(d) for k, d in diffs.items()}
+            out[arm]["wins"] = {
+                k: (int((d > 0).sum()), int((d < 0).sum())) for k, d in diffs.items()
+            }
+    return out
 
 
-def table(data: dict, seeds) -> str:
-    fmt = lambda xs, p=2: f"{np.nanmean(xs):.{p}f}"
-    per_seed = lambda xs: " / ".join(f"{x:.3f}" for x in xs)
+def table(data: dict, stats: dict, seeds, steps: int) -> str:
+    arms = list(data)
+    fmt = lambda x, p: "n/a" if math.isnan(x) else f"{x:.{p}f}"
+    sfmt = lambda x, p: "n/a" if math.isnan(x) else f"{x:+.{p}f}"
+    ci = lambda m, lo, hi, p, f=fmt: f"{f(m, p)} [{f(lo, p)}, {f(hi, p)}]"
+    n = len(seeds)
+    seed_list = "/".join(map(str, seeds))
     lines = [
-        f"| | {' | '.join(data)} |",
-        f"|---|{'---|' * len(data)}",
+        f"Per arm: mean over seeds {seed_list} and its 95% t interval (t(0.975, {n - 1}) x sd / "
+        f"sqrt({n})).",
+        "",
+        f"| | {' | '.join(arms)} |",
+        f"|---|{'---|' * len(arms)}",
     ]
-    stats = {algo: summary(runs) for algo, runs in data.items()}
-    rows = [
-        ("held-out EM, warm start (step 0)", lambda s: fmt(s["start"], 3)),
-        (f"held-out EM, final, seeds {'/'.join(map(str, seeds))}", lambda s: per_seed(s["final"])),
-        ("held-out EM, final (mean)", lambda s: fmt(s["final"], 3)),
-        (
-            "gain over the warm start (mean)",
-            lambda s: f"{np.mean(s['final']) - np.mean(s['start']):+.3f}",
-        ),
-        ("held-out EM, best evaluation (mean)", lambda s: fmt(s["best"], 3)),
-        ("zero-advantage groups (mean over steps)", lambda s: fmt(s["zero_adv"])),
-        ("turns per trajectory (training, last 10 steps)", lambda s: fmt(s["turns"])),
-        ("searches per held-out question (final)", lambda s: fmt(s["eval_searches"])),
-        ("answer rate (training, last 10 steps)", lambda s: fmt(s["answer_rate"])),
-        ("over-search rate, peak (5-step mean)", lambda s: fmt(s["over_search_peak"])),
-        ("advantage of near-miss answers in all-wrong groups", lambda s: fmt(s["near_miss_adv"])),
-        ("RL wall time per run (s, evaluations excluded)", lambda s: fmt(s["wall"], 0)),
+    for key, name, p in MEASURES:
+        cells = [ci(*stats[a]["ci"][key], p) for a in arms]
+        lines.append(f"| {name.format(steps=steps)} | {' | '.join(cells)} |")
+    others = [a for a in arms if a != BASELINE]
+    if BASELINE in data and others:
+        lines += [
+            "",
+            f"Paired difference against {BASELINE} on the same seed (same warm start, same "
+            f"prompts): mean, 95% t interval, and the seeds on which the arm was ahead / behind.",
+            "",
+            f"| arm - {BASELINE} | {' | '.join(others)} |",
+            f"|---|{'---|' * len(others)}",
+        ]
+        for key, name, p in MEASURES:
+            cells = []
+            for a in others:
+                up, down = stats[a]["wins"][key]
+                cells.append(f"{ci(*stats[a]['diff'][key], p, sfmt)} ({up}/{down})")
+            lines.append(f"| {name.format(steps=steps)} | {' | '.join(cells)} |")
+    lines += [
+        "",
+        "Per seed, and described without intervals (means over seeds):",
+        "",
+        f"| | {' | '.join(arms)} |",
+        f"|---|{'---|' * len(arms)}",
     ]
-    for name, cell in rows:
-        lines.append(f"| {name} | {' | '.join(cell(stats[a]) for a in data)} |")
+    for key, name in (("final", "held-out EM, final"), ("auc", "held-out EM, area / steps")):
+        cells = [" / ".join(fmt(x, 3) for x in stats[a]["values"][key]) for a in arms]
+        lines.append(f"| {name}, seeds {seed_list} | {' | '.join(cells)} |")
+    for key, name, p in DESCRIBED:
+        cells = [fmt(stats[a]["ci"][key][0], p) for a in arms]
+        lines.append(f"| {name} | {' | '.join(cells)} |")
     return "\n".join(lines) + "\n"
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--algos", nargs="+", default=list(ALGOS), choices=ALGOS)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
+    parser.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS))
     parser.add_argument("--runs", type=Path, default=ROOT / "runs" / "tspo_vs_grpo")
     parser.add_argument("--out", type=Path, default=HERE, help="folder of the PNG and table")
     parser.add_argument("--report-only", action="store_true", help="no training")
     args, extra = parser.parse_known_args(argv)
     if not args.report_only:
-        for seed in args.seeds:  # interleaved, so that a partial sweep compares like with like
-            for algo in args.algos:
-                train(args.runs, algo, seed, extra)
-    data = {algo: load(args.runs, algo, args.seeds) for algo in args.algos}
+        t0, ran = time.perf_counter(), 0
+        for seed in args.seeds:
+            for arm in args.arms:
+                ran += train(args.runs, arm, seed, extra) > 0
+        print(f"{ran} runs in {time.perf_counter() - t0:.0f} s", flush=True)
+    data = {arm: load(args.runs, arm, args.seeds) for arm in args.arms}
+    steps = json.loads(
+        (run_dir(args.runs, args.arms[0], args.seeds[0]) / "config.json").read_text()
+    )
+    stats = statistics(data)
     args.out.mkdir(parents=True, exist_ok=True)
-    figure(data, args.out / f"{NAME}.png")
-    text = table(data, args.seeds)
+    figure(data, stats, args.out / f"{NAME}.png")
+    text = table(data, stats, args.seeds, steps["steps"])
     (args.out / f"{NAME}.md").write_text(text)
     print(text)
 

@@ -106,6 +106,37 @@ def test_grpo_logs_grpo_advantages(small_world, small_policy, questions, tmp_pat
     assert any(r["first_hit"] >= 0 for r in rows)
 
 
+def test_folr_options_reach_the_logged_advantages(small_world, small_policy, questions, tmp_path):
+    """--folr-credit hit-turn --answer-stage neutral (with --folr-groups all, so that FOLR
+    applies in every group): the logged advantages are Eq. F / Eq. A of TSPO.md under those
+    options, recomputed here from each group's outcomes, first hits and turns."""
+    out = tmp_path / "options"
+    options = ("--folr-credit", "hit-turn", "--answer-stage", "neutral", "--folr-groups", "all")
+    options += ("--max-turns", "3", "--log-samples", "1", "--steps", "1")  # 3 turns: hits at 1
+    train.main(args(small_world, small_policy, questions, out, *options))
+    rows = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
+    assert len(rows) == 8 * 4
+    neutral = credited = 0
+    for g in range(8):
+        group = rows[4 * g : 4 * g + 4]
+        rewards = []
+        for r in group:  # Eq. F, hit-turn: the latent term on the first-hit turn only
+            o, h = r["outcome"], r["first_hit"]
+            rewards.append([o + (1 - o) * 0.5 * (k == h) for k in range(r["num_turns"])])
+        R = np.array([max(x) for x in rewards])
+        for r, x in zip(group, rewards, strict=True):
+            if R.max() == R.min():
+                expected = [0.0] * len(x)
+            else:  # Eq. A, then 0 after the first hit (FOLR applies in every group here)
+                A = (np.array(x) - R.mean()) / (R.std(ddof=1) + 1e-6)
+                h = r["first_hit"]
+                expected = [0.0 if 0 <= h < k else a for k, a in enumerate(A)]
+                neutral += sum(0 <= h < k for k in range(len(x)))
+                credited += h >= 1 and r["outcome"] < 1  # turn 0 differs from search-stage
+            np.testing.assert_allclose(r["advantages"], expected, rtol=1e-5, atol=1e-6)
+    assert neutral > 0 and credited > 0  # each option changed some advantage
+
+
 def _run(argv, env=None, **kwargs):
     env = {**os.environ, "XLA_FLAGS": "", **(env or {})}
     return subprocess.Popen(

@@ -15,20 +15,29 @@ from tspo_jax import tspo
 # Independent references: plain Python loops over the equations of TSPO.md.
 
 
-def folr_loop(outcome, first_hit, num_turns, max_turns, alpha, folr_groups):
+def applies_loop(outcome, alpha, folr_groups):
+    """Where FOLR applies: alpha > 0, and every group or the groups of equal outcomes."""
+    return [
+        alpha > 0 and (folr_groups == "all" or all(o == row[0] for o in row)) for row in outcome
+    ]
+
+
+def folr_loop(outcome, first_hit, num_turns, max_turns, alpha, folr_groups, credit="search-stage"):
     B, G = len(outcome), len(outcome[0])
     r = np.zeros((B, G, max_turns))
+    applies = applies_loop(outcome, alpha, folr_groups)
     for b in range(B):
-        homogeneous = all(outcome[b][g] == outcome[b][0] for g in range(G))
-        a = alpha if (folr_groups == "all" or homogeneous) else 0.0
+        a = alpha if applies[b] else 0.0
         for g in range(G):
-            o = float(outcome[b][g])
+            o, h = float(outcome[b][g]), first_hit[b][g]
             for k in range(num_turns[b][g]):
-                r[b, g, k] = o + (1 - o) * a * (1.0 if k <= first_hit[b][g] else 0.0)
+                credited = k <= h if credit == "search-stage" else k == h
+                r[b, g, k] = o + (1 - o) * a * (1.0 if credited else 0.0)
     return r
 
 
-def advantages_loop(reward, num_turns, scale=True, eps=1e-6):
+def advantages_loop(reward, num_turns, scale=True, eps=1e-6, first_hit=None, applies=None):
+    """Eq. A; with ``first_hit`` and ``applies`` given, the neutral answer stage too."""
     B, G, K = reward.shape
     A = np.zeros((B, G, K))
     for b in range(B):
@@ -39,6 +48,8 @@ def advantages_loop(reward, num_turns, scale=True, eps=1e-6):
         sigma = math.sqrt(sum((x - mu) ** 2 for x in R) / (G - 1))
         for g in range(G):
             for k in range(num_turns[b][g]):
+                if applies is not None and applies[b] and 0 <= first_hit[b][g] < k:
+                    continue  # neutral answer stage: A = 0 after the first hit
                 A[b, g, k] = (
                     (reward[b, g, k] - mu) / (sigma + eps) if scale else reward[b, g, k] - mu
                 )
@@ -141,6 +152,53 @@ def test_worked_example():
     np.testing.assert_allclose(abs(A[0, 0, 0]), 0.866, atol=5e-4)
 
 
+def test_worked_example_hit_turn_and_neutral_answer_stage():
+    """TSPO.md's worked example under the two other readings of Eq. F / Eq. A, by hand."""
+    outcome, first_hit = jnp.zeros((1, 4)), jnp.array(EXAMPLE_FIRST_HIT)
+    num_turns = jnp.array(EXAMPLE_NUM_TURNS)
+    applies = tspo.folr_applies(outcome)
+    np.testing.assert_array_equal(applies, [True])
+    # hit-turn: trajectory 2 (first hit at turn 1) loses the latent term on turn 0; R is the same.
+    r = tspo.folr_turn_rewards(outcome, first_hit, num_turns, max_turns=3, folr_credit="hit-turn")
+    np.testing.assert_array_equal(r[0], [[0.5, 0, 0], [0, 0, 0], [0, 0.5, 0], [0, 0, 0]])
+    a = 0.25 / (math.sqrt(0.25 / 3) + 1e-6)  # 0.866: mu = 0.25 and sigma are unchanged
+    hit_turn = [[a, -a, 0], [-a, -a, 0], [-a, a, -a], [-a, 0, 0]]
+    np.testing.assert_allclose(tspo.turn_advantages(r, num_turns)[0], hit_turn, rtol=1e-6)
+    # neutral: the turns after a first hit (0 -> turn 1, 1 -> turn 2) get A = 0.
+    kw = dict(answer_stage="neutral", first_hit_BG=first_hit, folr_applies_B=applies)
+    both = [[a, 0, 0], [-a, -a, 0], [-a, a, 0], [-a, 0, 0]]
+    np.testing.assert_allclose(tspo.turn_advantages(r, num_turns, **kw)[0], both, rtol=1e-6)
+    r = tspo.folr_turn_rewards(outcome, first_hit, num_turns, max_turns=3)
+    neutral = [[a, 0, 0], [-a, -a, 0], [a, a, 0], [-a, 0, 0]]
+    np.testing.assert_allclose(tspo.turn_advantages(r, num_turns, **kw)[0], neutral, rtol=1e-6)
+
+
+def test_neutral_answer_stage_only_where_folr_applies():
+    """A mixed group (FOLR off under "homogeneous") keeps its answer stage's outcome advantage."""
+    outcome = jnp.array([[1.0, 0.0, 0.0], [0.0, 0.0, 0.0]])
+    first_hit = jnp.array([[0, 0, -1], [0, -1, -1]])
+    num_turns = jnp.array([[2, 2, 2], [2, 2, 1]])
+    applies = tspo.folr_applies(outcome)
+    np.testing.assert_array_equal(applies, [False, True])
+    r = tspo.folr_turn_rewards(outcome, first_hit, num_turns, max_turns=2)
+    kw = dict(answer_stage="neutral", first_hit_BG=first_hit, folr_applies_B=applies)
+    A = np.asarray(tspo.turn_advantages(r, num_turns, **kw))
+    o = np.array([1.0, 0, 0])
+    grpo = (o - o.mean()) / (o.std(ddof=1) + 1e-6)
+    np.testing.assert_allclose(A[0], np.repeat(grpo[:, None], 2, 1), rtol=1e-6)
+    # All-wrong group: R = [.5, 0, 0]; the near-miss's search turn is up, its answer turn 0.
+    a = (0.5 - 0.5 / 3) / (math.sqrt(((1 / 3) ** 2 + 2 * (1 / 6) ** 2) / 2) + 1e-6)
+    b = (0 - 0.5 / 3) / (math.sqrt(((1 / 3) ** 2 + 2 * (1 / 6) ** 2) / 2) + 1e-6)
+    np.testing.assert_allclose(A[1], [[a, 0], [b, b], [b, 0]], rtol=1e-6)
+    # With folr_groups="all" the mixed group's near-miss answer turn is neutral too, and so is
+    # the correct trajectory's (both found the answer at turn 0).
+    applies_all = tspo.folr_applies(outcome, folr_groups="all")
+    r = tspo.folr_turn_rewards(outcome, first_hit, num_turns, max_turns=2, folr_groups="all")
+    kw["folr_applies_B"] = applies_all
+    A = np.asarray(tspo.turn_advantages(r, num_turns, **kw))
+    assert A[0, 0, 1] == 0 and A[0, 1, 1] == 0 and A[0, 2, 1] != 0
+
+
 def test_stage_signs_in_all_wrong_group():
     """The near-miss's search stage gets A > 0, its answer stage A < 0; misses get A < 0."""
     r = tspo.folr_turn_rewards(
@@ -169,11 +227,29 @@ def test_equal_returns_give_zero_advantage(scale):
     np.testing.assert_array_equal(A, np.zeros((3, 3, 3)))
 
 
-def test_latent_reward_zero_is_grpo():
+@pytest.mark.parametrize("folr_groups", tspo.FOLR_GROUPS)
+@pytest.mark.parametrize("folr_credit", tspo.FOLR_CREDITS)
+@pytest.mark.parametrize("answer_stage", tspo.ANSWER_STAGES)
+def test_latent_reward_zero_is_grpo(folr_groups, folr_credit, answer_stage):
+    """alpha = 0 is GRPO whatever the other options: FOLR then applies in no group."""
     rng = np.random.default_rng(0)
     outcome, first_hit, num_turns, *_ = random_batch(rng, B=6, G=5, K=4, T=8)
-    r = tspo.folr_turn_rewards(outcome, first_hit, num_turns, max_turns=4, latent_reward=0.0)
-    A = np.asarray(tspo.turn_advantages(r, num_turns))
+    r = tspo.folr_turn_rewards(
+        outcome,
+        first_hit,
+        num_turns,
+        max_turns=4,
+        latent_reward=0.0,
+        folr_groups=folr_groups,
+        folr_credit=folr_credit,
+    )
+    applies = tspo.folr_applies(outcome, latent_reward=0.0, folr_groups=folr_groups)
+    assert not np.asarray(applies).any()
+    A = np.asarray(
+        tspo.turn_advantages(
+            r, num_turns, answer_stage=answer_stage, first_hit_BG=first_hit, folr_applies_B=applies
+        )
+    )
     # GRPO: group-normalized outcome, the same on every valid turn.
     o = outcome.astype(np.float64)
     grpo = (o - o.mean(1, keepdims=True)) / (o.std(1, ddof=1, keepdims=True) + 1e-6)
@@ -199,20 +275,36 @@ SHAPES = [(1, 2, 1, 3), (3, 5, 4, 17), (8, 4, 3, 9), (2, 8, 6, 33)]
 
 @pytest.mark.parametrize("B,G,K,T", SHAPES)
 @pytest.mark.parametrize("alpha,folr_groups", [(0.5, "homogeneous"), (0.3, "all"), (0.0, "all")])
-def test_rewards_and_advantages_match_loops(B, G, K, T, alpha, folr_groups):
+@pytest.mark.parametrize("folr_credit", tspo.FOLR_CREDITS)
+def test_rewards_and_advantages_match_loops(B, G, K, T, alpha, folr_groups, folr_credit):
     rng = np.random.default_rng(B * 100 + G * 10 + K)
     outcome, first_hit, num_turns, turn_id, *_ = random_batch(rng, B, G, K, T)
     outcome[-1] = rng.random(G).round(2)  # an F1-style fractional group too
+    if B > 2:
+        outcome[1] = 0.5  # an F1-style homogeneous group, not all wrong
     r = tspo.folr_turn_rewards(
-        outcome, first_hit, num_turns, max_turns=K, latent_reward=alpha, folr_groups=folr_groups
+        outcome,
+        first_hit,
+        num_turns,
+        max_turns=K,
+        latent_reward=alpha,
+        folr_groups=folr_groups,
+        folr_credit=folr_credit,
     )
-    r_ref = folr_loop(outcome, first_hit, num_turns, K, alpha, folr_groups)
+    r_ref = folr_loop(outcome, first_hit, num_turns, K, alpha, folr_groups, folr_credit)
     np.testing.assert_allclose(r, r_ref, rtol=1e-6, atol=1e-7)
+    applies = tspo.folr_applies(outcome, latent_reward=alpha, folr_groups=folr_groups)
+    applies_ref = applies_loop(outcome, alpha, folr_groups)
+    np.testing.assert_array_equal(applies, applies_ref)
     for scale in (True, False):
         A = tspo.turn_advantages(r, num_turns, scale=scale)
         np.testing.assert_allclose(
             A, advantages_loop(r_ref, num_turns, scale), rtol=2e-5, atol=2e-5
         )
+        kw = dict(first_hit_BG=first_hit, folr_applies_B=applies)
+        A = tspo.turn_advantages(r, num_turns, scale=scale, answer_stage="neutral", **kw)
+        A_ref = advantages_loop(r_ref, num_turns, scale, first_hit=first_hit, applies=applies_ref)
+        np.testing.assert_allclose(A, A_ref, rtol=2e-5, atol=2e-5)
     A = tspo.turn_advantages(r, num_turns)
     np.testing.assert_allclose(
         tspo.token_advantages(A, turn_id), token_adv_loop(np.asarray(A), turn_id), rtol=1e-6
@@ -505,6 +597,15 @@ def test_bad_arguments_raise_clear_errors():
         tspo.folr_turn_rewards(o, h, n, max_turns=2, latent_reward=-0.1)
     with pytest.raises(ValueError, match="folr_groups"):
         tspo.folr_turn_rewards(o, h, n, max_turns=2, folr_groups="mixed")
+    with pytest.raises(ValueError, match="folr_groups"):
+        tspo.folr_applies(o, folr_groups="mixed")
+    with pytest.raises(ValueError, match="folr_credit"):
+        tspo.folr_turn_rewards(o, h, n, max_turns=2, folr_credit="first")
+    r = jnp.zeros((2, 3, 2))
+    with pytest.raises(ValueError, match="answer_stage"):
+        tspo.turn_advantages(r, n, answer_stage="zero")
+    with pytest.raises(ValueError, match="needs first_hit_BG and folr_applies_B"):
+        tspo.turn_advantages(r, n, answer_stage="neutral", first_hit_BG=h)
     x = jnp.zeros((2, 3, 4))
     with pytest.raises(ValueError, match="loss_agg"):
         tspo.policy_loss(x, x, x, x, loss_agg="mean")

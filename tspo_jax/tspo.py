@@ -12,11 +12,15 @@ Host-side inputs, one per trajectory: ``outcome`` o in [0, 1] (score of the fina
 n >= 1, and per token ``turn_id`` (turn index of each sampled token, -1 for prompt, observation
 and padding tokens).
 
-Eq. F (FOLR turn rewards), for k < n (0 for k >= n):
-    r[b,g,k] = o + (1 - o) * alpha * [k <= h]
+Where FOLR applies, per group (``folr_applies``):
+    F[b] = alpha > 0 and (folr_groups = "all" or max_g o = min_g o)
+Eq. F (FOLR turn rewards), for k < n (0 for k >= n), with a = alpha * F[b]:
+    r[b,g,k] = o + (1 - o) * a * [k <= h]       (folr_credit = "search-stage", default)
+    r[b,g,k] = o + (1 - o) * a * [k == h]       (folr_credit = "hit-turn")
 Eq. A (stage-aware group advantages):
     R[b,g] = max_{k<n} r[b,g,k];  mu, sigma = mean_g R, std_g R (ddof = 1)
     A[b,g,k] = (r[b,g,k] - mu[b]) / (sigma[b] + eps) for k < n, else 0
+    A[b,g,k] = 0 where F[b] and 0 <= h < k      (answer_stage = "neutral"; default "outcome")
 Token advantages:  adv[b,g,t] = A[b,g,turn_id[b,g,t]] (0 where turn_id = -1)
 Eq. L (clipped policy loss), per token with rho = exp(logp - old_logp):
     pg = -min(rho * adv, clip(rho, 1 - eps_low, 1 + eps_high) * adv)
@@ -33,11 +37,14 @@ Deliberate choices, where the paper may differ or where we differ from Search-R1
 same numbered list as the README's "Reconstruction choices"; items 11-14 live outside this file):
  1. Eq. F is a reconstruction: the paper's exact formula is not public. The latent term
     alpha * (1 - o) credits the search stage (turns up to and including the first hit) of a
-    trajectory short of full credit; the answer stage after the hit gets only o.
+    trajectory short of full credit; the answer stage after the hit gets only o. Two other
+    readings of the paper's text are options: ``folr_credit="hit-turn"`` (the latent term on
+    the first-hit turn only) and ``answer_stage="neutral"`` (A = 0 on the turns after the first
+    hit, where FOLR applies). experiments/toyworld_tspo_vs_grpo.py compares all of them.
  2. ``folr_groups="homogeneous"`` (default) applies the latent term only in groups whose
     outcomes are all equal; mixed groups keep trajectory-level outcome rewards. This is our
     reading of "advantages at turn level or trajectory level depending on the group's
-    composition". ``"all"`` applies it everywhere.
+    composition". ``"all"`` applies it everywhere. Either way nowhere when alpha = 0 (GRPO).
  3. Group statistics use the trajectory return R = max_k r (= o + (1 - o) alpha [h >= 0]); each
     turn's advantage then centres its own reward r[k] on that group mean.
  4. A group whose returns R are all equal gets A = 0 on every turn, including turns whose r
@@ -88,6 +95,8 @@ import jax
 import jax.numpy as jnp
 
 FOLR_GROUPS = ("homogeneous", "all")
+FOLR_CREDITS = ("search-stage", "hit-turn")
+ANSWER_STAGES = ("outcome", "neutral")
 LOSS_AGGS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm")
 LOG_RATIO_CLAMP = 20.0
 REF_KL_CLAMP = 10.0
@@ -100,7 +109,24 @@ def _check_group(name, x_BG):
         raise ValueError(f"{name}: group size G = {x_BG.shape[1]}, TSPO needs G >= 2")
 
 
-@functools.partial(jax.jit, static_argnames=("max_turns", "latent_reward", "folr_groups"))
+@functools.partial(jax.jit, static_argnames=("latent_reward", "folr_groups"))
+def folr_applies(outcome_BG, *, latent_reward=0.5, folr_groups="homogeneous"):
+    """Groups where FOLR applies (Eq. F and the neutral answer stage of Eq. A), [B] bool.
+
+    F[b] = alpha > 0 and (folr_groups = "all" or the group's outcomes are all equal).
+    """
+    _check_group("outcome_BG", outcome_BG)
+    if folr_groups not in FOLR_GROUPS:
+        raise ValueError(f"folr_groups must be one of {FOLR_GROUPS}, got {folr_groups!r}")
+    if folr_groups == "all":
+        return jnp.full(outcome_BG.shape[:1], latent_reward > 0)
+    homogeneous_B = outcome_BG.max(axis=1) == outcome_BG.min(axis=1)
+    return homogeneous_B & (latent_reward > 0)
+
+
+@functools.partial(
+    jax.jit, static_argnames=("max_turns", "latent_reward", "folr_groups", "folr_credit")
+)
 def folr_turn_rewards(
     outcome_BG,
     first_hit_BG,
@@ -109,37 +135,50 @@ def folr_turn_rewards(
     max_turns,
     latent_reward=0.5,
     folr_groups="homogeneous",
+    folr_credit="search-stage",
 ):
     """First-Occurrence Latent Reward per turn (Eq. F of TSPO.md).
 
-    r[b,g,k] = o + (1 - o) * alpha * [k <= h]  for k < n,  0 for k >= n.
-    With ``folr_groups="homogeneous"``, alpha is 0 in groups whose outcomes are not all equal.
+    r[b,g,k] = o + (1 - o) * alpha * [k <= h]  for k < n,  0 for k >= n;
+    [k == h] instead of [k <= h] with ``folr_credit="hit-turn"``.
+    alpha is 0 in groups where FOLR does not apply (``folr_applies``).
     """
     _check_group("outcome_BG", outcome_BG)
     if not 0.0 <= latent_reward < 1.0:
         raise ValueError(f"latent_reward must lie in [0, 1), got {latent_reward}")
-    if folr_groups not in FOLR_GROUPS:
-        raise ValueError(f"folr_groups must be one of {FOLR_GROUPS}, got {folr_groups!r}")
+    if folr_credit not in FOLR_CREDITS:
+        raise ValueError(f"folr_credit must be one of {FOLR_CREDITS}, got {folr_credit!r}")
     if max_turns < 1:
         raise ValueError(f"max_turns must be >= 1, got {max_turns}")
+    applies_B = folr_applies(outcome_BG, latent_reward=latent_reward, folr_groups=folr_groups)
     o_BG = outcome_BG.astype(jnp.float32)
     k_K = jnp.arange(max_turns)
+    h_BGK = first_hit_BG[..., None]
     valid_BGK = k_K < num_turns_BG[..., None]
-    search_stage_BGK = k_K <= first_hit_BG[..., None]  # all False when h = -1
-    alpha_BG = jnp.full_like(o_BG, latent_reward)
-    if folr_groups == "homogeneous":
-        homogeneous_B = o_BG.max(axis=1) == o_BG.min(axis=1)
-        alpha_BG = jnp.where(homogeneous_B[:, None], alpha_BG, 0.0)
-    r_BGK = o_BG[..., None] + ((1.0 - o_BG) * alpha_BG)[..., None] * search_stage_BGK  # Eq. F
+    # The turns the latent term credits; none when h = -1.
+    credited_BGK = k_K <= h_BGK if folr_credit == "search-stage" else k_K == h_BGK
+    alpha_BG = jnp.where(applies_B[:, None], latent_reward, 0.0)
+    r_BGK = o_BG[..., None] + ((1.0 - o_BG) * alpha_BG)[..., None] * credited_BGK  # Eq. F
     return jnp.where(valid_BGK, r_BGK, 0.0)
 
 
-@functools.partial(jax.jit, static_argnames=("scale", "eps"))
-def turn_advantages(reward_BGK, num_turns_BG, *, scale=True, eps=1e-6):
+@functools.partial(jax.jit, static_argnames=("scale", "eps", "answer_stage"))
+def turn_advantages(
+    reward_BGK,
+    num_turns_BG,
+    *,
+    scale=True,
+    eps=1e-6,
+    answer_stage="outcome",
+    first_hit_BG=None,
+    folr_applies_B=None,
+):
     """Stage-aware group-normalized turn advantages (Eq. A of TSPO.md).
 
     R = max_{k<n} r;  A[b,g,k] = (r[b,g,k] - mean_g R) / (std_g R + eps) for k < n, else 0.
     ``scale=False`` is Dr. GRPO (no division). Groups with all R equal get A = 0 everywhere.
+    ``answer_stage="neutral"``: A = 0 on the turns k > h >= 0 (after the first hit) of groups
+    where FOLR applies; it needs ``first_hit_BG`` and ``folr_applies_B`` (``folr_applies``).
     """
     _check_group("num_turns_BG", num_turns_BG)
     if reward_BGK.shape[:2] != num_turns_BG.shape:
@@ -147,8 +186,13 @@ def turn_advantages(reward_BGK, num_turns_BG, *, scale=True, eps=1e-6):
             f"reward_BGK {reward_BGK.shape} and num_turns_BG {num_turns_BG.shape} "
             "disagree on [B, G]"
         )
+    if answer_stage not in ANSWER_STAGES:
+        raise ValueError(f"answer_stage must be one of {ANSWER_STAGES}, got {answer_stage!r}")
+    if answer_stage == "neutral" and (first_hit_BG is None or folr_applies_B is None):
+        raise ValueError('answer_stage="neutral" needs first_hit_BG and folr_applies_B')
     r_BGK = reward_BGK.astype(jnp.float32)
-    valid_BGK = jnp.arange(r_BGK.shape[-1]) < num_turns_BG[..., None]
+    k_K = jnp.arange(r_BGK.shape[-1])
+    valid_BGK = k_K < num_turns_BG[..., None]
     R_BG = jnp.where(valid_BGK, r_BGK, -jnp.inf).max(axis=-1)
     R_BG = jnp.where(num_turns_BG > 0, R_BG, 0.0)
     mu_B = R_BG.mean(axis=1)
@@ -157,7 +201,12 @@ def turn_advantages(reward_BGK, num_turns_BG, *, scale=True, eps=1e-6):
         sigma_B = R_BG.std(axis=1, ddof=1)
         A_BGK = A_BGK / (sigma_B[:, None, None] + eps)  # Eq. A
     homogeneous_B = R_BG.max(axis=1) == R_BG.min(axis=1)
-    return jnp.where(valid_BGK & ~homogeneous_B[:, None, None], A_BGK, 0.0)
+    keep_BGK = valid_BGK & ~homogeneous_B[:, None, None]
+    if answer_stage == "neutral":
+        h_BGK = first_hit_BG[..., None]
+        answer_stage_BGK = (h_BGK >= 0) & (k_K > h_BGK) & folr_applies_B[:, None, None]
+        keep_BGK = keep_BGK & ~answer_stage_BGK  # Eq. A
+    return jnp.where(keep_BGK, A_BGK, 0.0)
 
 
 @jax.jit
