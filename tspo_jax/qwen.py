@@ -81,8 +81,8 @@ class ForwardOptions(NamedTuple):
         rows = PartitionSpec(*(None,) * axis, spec[0] if spec else None)
         return jax.lax.with_sharding_constraint(x, NamedSharding(self.batch_sharding.mesh, rows))
 
-    def replicate(self, x):
-        """x copied whole onto every device of the mesh (a weight gathered once)."""
+    def whole(self, x):
+        """x copied whole onto every device of the mesh."""
         if self.batch_sharding is None:
             return x
         return jax.lax.with_sharding_constraint(
@@ -664,15 +664,19 @@ def token_logprobs(params: Params, config: QwenConfig, tokens_BT, mask_BT, optio
     """logp_BT[b, t] = log p(tokens[b, t+1] | tokens[b, :t+1]), 0 where mask[b, t+1] = 0 and at
     t = T-1.
 
-    The head is cast and gathered once; the log-softmax then runs over chunks of rows x
-    positions (``logits_chunks``: under options.logits_bytes per device) in a rematerialized
-    loop, so neither the forward nor the backward pass holds the [B, T, V] float32 logits.
+    The log-softmax runs over chunks of rows x positions (``logits_chunks``: under
+    options.logits_bytes per device) in a rematerialized loop, so neither the forward nor the
+    backward pass holds the [B, T, V] float32 logits. On a mesh it is vocabulary-parallel: the
+    head, cast once, stays split over the devices along V; each chunk's rows (a few MB) are
+    gathered, every device scores them against its slice of the vocabulary, and the
+    log-sum-exp and the picked logit are sums over the slices. No device ever holds the whole
+    [V, D] head or its gradient.
     """
     tokens_BT = jnp.asarray(tokens_BT, jnp.int32)
     B, T = tokens_BT.shape
     x_BTD = hidden_states(params, config, tokens_BT, mask_BT, options)
     D = x_BTD.shape[-1]
-    head_VD = options.replicate(lm_head(params, config).astype(x_BTD.dtype))
+    head_VD = options.constrain(lm_head(params, config).astype(x_BTD.dtype), 0)
     next_BT = jnp.concatenate([tokens_BT[:, 1:], jnp.zeros((B, 1), tokens_BT.dtype)], axis=1)
     next_mask_BT = jnp.concatenate([mask_BT[:, 1:], jnp.zeros((B, 1), mask_BT.dtype)], axis=1)
     rows = options.local_rows(B)
@@ -686,9 +690,11 @@ def token_logprobs(params: Params, config: QwenConfig, tokens_BT, mask_BT, optio
 
     @jax.checkpoint
     def chunk_logp(x_bcD, next_bc):
-        logits_bcV = head_logits(x_bcD, head_VD)
-        picked_bc = jnp.take_along_axis(logits_bcV, next_bc[..., None], axis=-1)[..., 0]
-        return picked_bc - jax.nn.logsumexp(logits_bcV, axis=-1)
+        x_bcD, next_bc = options.whole(x_bcD), options.whole(next_bc)
+        logits_bcV = options.constrain(head_logits(x_bcD, head_VD), 2)  # split along V
+        vocab_bcV = jax.lax.broadcasted_iota(jnp.int32, logits_bcV.shape, 2)
+        picked_bc = jnp.sum(jnp.where(vocab_bcV == next_bc[..., None], logits_bcV, 0.0), -1)
+        return options.constrain(picked_bc - jax.nn.logsumexp(logits_bcV, axis=-1))
 
     logp_Nbc = jax.lax.map(lambda xs: chunk_logp(*xs), (x_NbcD, next_Nbc))
     logp_Nbc = options.constrain(logp_Nbc, 1)
