@@ -16,7 +16,7 @@ change what an arm is):
 
 Each run is `python train.py <arm's options> --seed SEED` with the embedded default's preset
 (TOYWORLD_PRESET: the same steps, batch, learning rate and held-out set for every arm), plus
-the options in EXTRA: an evaluation every 10 steps and every step's trajectories in
+the options in EXTRA: an evaluation every 20 steps (the preset's) and every step's trajectories in
 samples.jsonl; options this script does not know go to train.py too (e.g. ``--steps 2``). Runs
 go one after the other, in subprocesses (fair wall times on a shared CPU), into
 runs/tspo_vs_grpo/<arm>_s<seed>/, seeds outer and arms inner, so that a partial sweep compares
@@ -33,7 +33,7 @@ t interval rather than a bootstrap: with 5 seeds the percentile bootstrap's inte
 narrow (it cannot be wider than the range of the 5 values).
 
 From metrics.jsonl: held-out EM (greedy, 200 questions of the held-out world) at steps 20, 40
-and 100, and its area under the curve: the trapezoid rule over the evaluations (steps 0, 10,
+and 100, and its area under the curve: the trapezoid rule over the evaluations (steps 0, 20,
 ..., 100) divided by the steps, i.e. the held-out EM averaged over training, on the EM scale;
 zero-advantage groups and answer rate (training rollouts), means over all steps.
 From samples.jsonl, per step of training rollouts:
@@ -84,7 +84,7 @@ COLORS = {
     "tspo-neutral": "tab:green",
     "tspo-both": "tab:purple",
 }
-EXTRA = ["--eval-every", "10", "--log-samples", "1"]
+EXTRA = ["--eval-every", "20", "--log-samples", "1"]
 EM_STEPS = (20, 40)
 HERE = Path(__file__).resolve().parent
 NAME = "toyworld_tspo_vs_grpo"

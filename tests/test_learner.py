@@ -109,14 +109,18 @@ def test_loss_and_gradients_same_on_every_mesh_shape(params):
 def test_update_accumulates_micro_batches_exactly(params, loss_agg):
     """The scanned accumulation of M = 2 micro-batches of 8 prompts, on a 2 x 4 mesh, equals
     an unrolled Python loop over the micro-batches (each gradient weighted by its loss
-    denominator), and the update of M = 1 micro-batch of all 16 prompts."""
+    denominator), and (compiled for one aggregation only) the update of M = 1 micro-batch of
+    all 16 prompts."""
     mesh = learner.make_mesh(2, 4)
     settings = dataclasses.replace(SETTINGS, loss_agg=loss_agg, norm_length=T)
     sgd = optax.sgd(1.0)  # new params = params - gradient: the update shows the gradient
     batch = make_batch(2)
     whole = jax.tree.map(lambda x: x.reshape(1, M * B, *x.shape[2:]), batch)
+    runs = {"micro": batch}
+    if loss_agg == "seq-mean-token-mean":  # one aggregation pays the second compile
+        runs["whole"] = whole
     new = {}
-    for name, b in (("micro", batch), ("whole", whole)):
+    for name, b in runs.items():
         start = learner.train_params(params, CONFIG, mesh)
         state = learner.TrainState(start, sgd.init(start), jnp.zeros((), jnp.int32))
         b = jax.device_put(b, learner.batch_sharding(mesh, 4, micro=True))
@@ -125,7 +129,7 @@ def test_update_accumulates_micro_batches_exactly(params, loss_agg):
             options=options(mesh),
         )  # fmt: skip
         new[name] = (state, metrics)
-    (s1, m1), (s2, m2) = new["micro"], new["whole"]
+    s1, m1 = new["micro"]
     # The reference: today's unrolled accumulation, written out.
     grad_sum, den, loss_sum = None, 0.0, 0.0
     stacked = qwen.stack_layers(params)
@@ -137,20 +141,19 @@ def test_update_accumulates_micro_batches_exactly(params, loss_agg):
         grad_sum = scaled if grad_sum is None else jax.tree.map(np.add, grad_sum, scaled)
         den, loss_sum = den + w, loss_sum + w * float(loss)
     np.testing.assert_allclose(m1["loss"], loss_sum / den, rtol=1e-5)
-    np.testing.assert_allclose(m1["loss"], m2["loss"], rtol=1e-5)
-    np.testing.assert_allclose(m1["grad_norm"], m2["grad_norm"], rtol=1e-5)
-    assert int(s1.step) == int(s2.step) == 1 and float(m1["skipped"]) == 0
-    for p0, g, a, b in zip(
-        jax.tree.leaves(stacked),
-        jax.tree.leaves(grad_sum),
-        jax.tree.leaves(s1.params),
-        jax.tree.leaves(s2.params),
-        strict=True,
+    assert int(s1.step) == 1 and float(m1["skipped"]) == 0
+    for p0, g, a in zip(
+        jax.tree.leaves(stacked), jax.tree.leaves(grad_sum), jax.tree.leaves(s1.params), strict=True
     ):
-        expected = np.asarray(p0) - g / den
-        np.testing.assert_allclose(a, expected, rtol=1e-5, atol=1e-6)
-        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+        np.testing.assert_allclose(a, np.asarray(p0) - g / den, rtol=1e-5, atol=1e-6)
         assert not np.allclose(a, p0)
+    if "whole" in new:
+        s2, m2 = new["whole"]
+        np.testing.assert_allclose(m1["loss"], m2["loss"], rtol=1e-5)
+        np.testing.assert_allclose(m1["grad_norm"], m2["grad_norm"], rtol=1e-5)
+        assert int(s2.step) == 1
+        for a, b in zip(jax.tree.leaves(s1.params), jax.tree.leaves(s2.params), strict=True):
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
 
 
 def test_non_finite_update_is_skipped(params):

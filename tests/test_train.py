@@ -59,13 +59,14 @@ def args(small_world, small_policy, questions, out, *extra, url=None):
 
 
 def test_mesh_shapes_give_the_same_losses(small_world, small_policy, questions, tmp_path):
-    """(8, 1), (4, 2) and (1, 8) on 8 fake devices, the last with its rollouts in waves of two
-    groups: same rollouts, losses and gradient norms.
+    """(8, 1) and (1, 8) on 8 fake devices, the second with its rollouts in waves of two
+    groups: same rollouts, losses and gradient norms (test_learner compares the loss and
+    gradients of every mesh shape, (4, 2) included, on fixed batches).
 
     The learning rate is tiny so that step 2 samples from (numerically) the same policy on
     every mesh: AdamW moves a parameter by about lr whatever the size of its gradient."""
     runs = {}
-    for data_axis, fsdp_axis in ((8, 1), (4, 2), (1, 8)):
+    for data_axis, fsdp_axis in ((8, 1), (1, 8)):
         out = tmp_path / f"mesh_{data_axis}x{fsdp_axis}"
         mesh = ("--mesh-data", str(data_axis), "--mesh-fsdp", str(fsdp_axis))
         if fsdp_axis == 8:  # and rollouts in 4 waves of 8 rows (2 groups) instead of one

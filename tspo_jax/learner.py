@@ -118,9 +118,7 @@ def forward_options(mesh: Mesh, *, remat: str, attention_bytes: int, logits_byte
 def param_shardings(config: qwen.QwenConfig, mesh: Mesh, rules=ShardingRules(), *, stacked=True):
     """NamedShardings shaped like the params of ``config``: stacked layers (the train state's
     layout, qwen.stack_layers) or, with stacked=False, a list of layers (as loaded)."""
-    shapes = jax.eval_shape(lambda: qwen.init_params(config, jax.random.key(0)))
-    if stacked:
-        shapes = jax.eval_shape(qwen.stack_layers, shapes)
+    shapes = qwen.abstract_params(config, stacked=stacked)
     return jax.tree.map(
         lambda logical, x: NamedSharding(mesh, rules.spec(logical, x.shape, mesh)),
         qwen.logical_axes(config, stacked=stacked),
@@ -341,9 +339,7 @@ update = jax.jit(update_step, static_argnames=_STATIC, donate_argnames=("state",
 
 def abstract_state(config: qwen.QwenConfig, mesh: Mesh, optimizer, dtype=jnp.float32):
     """A TrainState of ShapeDtypeStructs laid out by state_shardings (no weights needed)."""
-    shapes = jax.eval_shape(
-        lambda: qwen.stack_layers(qwen.init_params(config, jax.random.key(0), dtype))
-    )
+    shapes = qwen.abstract_params(config, dtype, stacked=True)
     opt_shapes = jax.eval_shape(optimizer.init, shapes)
     layout = state_shardings(config, mesh, optimizer, opt_shapes)
     state = TrainState(shapes, opt_shapes, jax.ShapeDtypeStruct((), jnp.int32))

@@ -95,7 +95,7 @@ def param_shard_size(config: qwen.QwenConfig, data: int, fsdp: int) -> int:
     """Parameters of one device's shard, as learner.param_shardings splits them on a data x
     fsdp mesh (an abstract mesh: no devices needed)."""
     mesh = AbstractMesh((data, fsdp), learner.BATCH_AXES)
-    shapes = jax.eval_shape(lambda: qwen.stack_layers(qwen.init_params(config, jax.random.key(0))))
+    shapes = qwen.abstract_params(config, stacked=True)
     shardings = learner.param_shardings(config, mesh)
     sizes = jax.tree.map(lambda x, s: math.prod(s.shard_shape(x.shape)), shapes, shardings)
     return sum(jax.tree.leaves(sizes))

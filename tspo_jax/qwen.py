@@ -533,6 +533,14 @@ def init_params(config: QwenConfig, key: jax.Array, dtype=jnp.float32) -> Params
     return _from_nnx_state(nnx.to_pure_dict(nnx.state(model, nnx.Param)))
 
 
+@functools.cache
+def abstract_params(config: QwenConfig, dtype=jnp.float32, *, stacked: bool = False) -> Params:
+    """ShapeDtypeStructs of init_params' output (stack_layers' layout with ``stacked``); traced
+    once per config, nothing allocated. Read only: the result is shared."""
+    shapes = jax.eval_shape(lambda: init_params(config, jax.random.key(0), dtype))
+    return jax.eval_shape(stack_layers, shapes) if stacked else shapes
+
+
 def logical_axes(config: QwenConfig, *, stacked: bool = False) -> Params:
     """Pytree like params whose leaves are PartitionSpecs of logical axis names.
 
