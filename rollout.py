@@ -656,7 +656,7 @@ class EvalConfig:
     retriever_max_wait: float = option(
         retrieval.DEFAULT_MAX_WAIT, "seconds a retrieval request may fail before giving up"
     )
-    out: str = option("", "write trajectories here as JSONL (default: next to nothing)")
+    out: str = option("", "write trajectories here as JSONL (empty: not written)")
     limit: int = option(0, "evaluate the first N questions only (0: all)")
     batch_size: int = option(64, "questions per rollout batch")
     dtype: str = option("float32", "parameter and compute dtype", choices=("float32", "bfloat16"))
