@@ -1,6 +1,8 @@
 """The memory plan (tspo_jax/plan.py, train.py --plan-only): its estimates against XLA's
 memory_analysis of the compiled programs, its byte counts by hand, and the README's table."""
 
+import sys
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -140,7 +142,10 @@ def test_plan_only_for_the_readme_slices(model, name, devices, gib, micro, wave,
         (QWEN_3B, 4, 32, ("--micro-batch", "8", "--rollout-batch", "400"), "--rollout-batch"),
     ],
 )
-def test_a_slice_that_cannot_fit_exits_with_one_line(model, devices, gib, extra, needle, capsys):
+def test_a_slice_that_cannot_fit_exits_with_one_line(
+    model, devices, gib, extra, needle, capsys, monkeypatch
+):
+    monkeypatch.setattr(sys, "argv", ["train.py"])  # the program name cli.run prints
     argv = [
         *("--model", str(model), "--plan-only", "--compute-dtype", "bfloat16"),
         *("--plan-devices", str(devices), "--device-memory-gb", str(gib)),
@@ -150,15 +155,16 @@ def test_a_slice_that_cannot_fit_exits_with_one_line(model, devices, gib, extra,
         cli.run(train.main, argv)
     assert exit_info.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and ": error: plan: " in err[0] and needle in err[0]
+    assert len(err) == 1 and err[0].startswith("train.py: error: plan: ") and needle in err[0]
     assert f"over the {gib:.1f} GiB of one device" in err[0]
 
 
 def test_a_run_too_big_for_its_devices_is_refused_before_step_one(
-    small_world, small_policy, tmp_path, capsys
+    small_world, small_policy, tmp_path, capsys, monkeypatch
 ):
     """A --device-memory-gb that the train state fits but the rollout wave, or then the update,
     does not: refused in one line, before any weight is loaded or anything is written."""
+    monkeypatch.setattr(sys, "argv", ["train.py"])  # the program name cli.run prints
     common = [
         *("--model", str(small_policy), "--data", str(small_world.train)),
         *("--corpus", str(small_world.corpus), "--prompts-per-step", "8", "--mini-batch", "8"),
@@ -178,7 +184,7 @@ def test_a_run_too_big_for_its_devices_is_refused_before_step_one(
             cli.run(train.main, argv)
         assert exit_info.value.code == 2
         err = capsys.readouterr().err
-        assert ": error: plan: " in err and needle in err and "Traceback" not in err
+        assert "train.py: error: plan: " in err and needle in err and "Traceback" not in err
         assert not out.exists()
 
 
