@@ -3,7 +3,7 @@
     python rollout.py --model DIR --data FILE --corpus FILE          # embedded BM25
     python rollout.py --model DIR --data FILE --retriever-url URL    # Search-R1's server
 
-One call of ``rollout`` runs B prompts x G samples as one batch of rows through the turn loop:
+One call of ``run_episodes`` runs B prompts x G samples as one batch of rows through the turn loop:
 
     prefill the prompts
     for turn k = 0 .. max_turns - 1:
@@ -41,8 +41,6 @@ from tqdm import tqdm
 
 from tspo_jax import cli, data, hf_io, protocol, qwen, retrieval, sampling
 from tspo_jax.cli import option
-
-FORCED_ANSWER_PREFIX = "<answer>"
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -83,6 +81,43 @@ class RolloutConfig:
             raise ValueError(f"top_p must lie in (0, 1], got {self.top_p}")
         if "{question}" not in self.template:
             raise ValueError("template has no {question} field")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class RetrieverConfig:
+    """Where passages come from: BM25 over a local corpus, or Search-R1's retrieval server."""
+
+    corpus: str = option("", "Search-R1 JSONL corpus for the embedded BM25 retriever")
+    retriever_url: str = option(
+        "", "Search-R1 retrieval server, e.g. http://127.0.0.1:8000/retrieve, instead of --corpus"
+    )
+    retriever_timeout: float = option(retrieval.DEFAULT_TIMEOUT, "seconds per retrieval request")
+    retriever_retries: int = option(
+        retrieval.DEFAULT_RETRIES, "retries of a failed retrieval request (down, timeout, 5xx)"
+    )
+    retriever_max_wait: float = option(
+        retrieval.DEFAULT_MAX_WAIT, "seconds a retrieval request may fail before the run stops"
+    )
+
+    def __post_init__(self):
+        if self.retriever_url and self.corpus:
+            raise ValueError("give one of --corpus and --retriever-url, not both")
+
+
+def connect(cfg: RetrieverConfig, log=None) -> retrieval.HttpRetriever | None:
+    """The Search-R1 server of --retriever-url, checked with one small query before the model
+    loads (a server that is down, a wrong path, an answer of another shape); None without."""
+    if not cfg.retriever_url:
+        return None
+    server = retrieval.HttpRetriever(
+        cfg.retriever_url,
+        timeout=cfg.retriever_timeout,
+        retries=cfg.retriever_retries,
+        max_wait=cfg.retriever_max_wait,
+        log=log or retrieval.log_to_stderr,
+    )
+    server.check()
+    return server
 
 
 class Turn(NamedTuple):
@@ -141,7 +176,7 @@ class KVCachePolicy:
     (tests) can stand in for it.
 
     ``mesh``: the devices the rows are split over (``rollout_mesh``; None: the default device).
-    ``params`` must then be replicated on it (train.sampling_params). A batch of fewer than
+    ``params`` must then be replicated on it (train.sampler_weights). A batch of fewer than
     ``batch_rows`` rows, or whose rows do not divide evenly over the devices, is padded with
     empty rows that never sample (so a last, smaller wave compiles nothing new). The cache
     starts sized for the prompts' first turn and grows by buckets (``sampling.grow``), never
@@ -163,14 +198,20 @@ class KVCachePolicy:
         self.params, self.model_config, self.cfg = params, model_config, cfg
         self.tokenizer = tokenizer
         eos = set(model_config.eos_token_ids) | {tokenizer.eos_token_id}
-        self.eos_ids = tuple(sorted(eos - {None}))
+        self.sampling_params = sampling.SamplingParams(
+            temperature=cfg.temperature,
+            top_p=cfg.top_p,
+            top_k=cfg.top_k,
+            greedy=cfg.greedy,
+            eos_ids=tuple(sorted(eos - {None})),
+        )
         self.pad_id = tokenizer.pad_token_id or 0
         self.devices = 1 if mesh is None else mesh.size
         self.batch_rows = -(-batch_rows // self.devices) * self.devices
         rows = None if mesh is None else NamedSharding(mesh, P(mesh.axis_names))
         self.options = qwen.ForwardOptions(batch_sharding=rows, attention_bytes=attention_bytes)
         self.state, self.rows = None, 0
-        self._stop_tables = {}
+        self._stopping_at = {}  # stop strings -> sampling params with their table
 
     def _pad(self, rows: Sequence) -> list:
         """rows, then empty rows up to the padded batch (a multiple of the devices)."""
@@ -184,7 +225,7 @@ class KVCachePolicy:
         self.state, self.rows = None, len(prompts)
         first_turn = max(map(len, prompts)) + self.cfg.max_new_tokens
         slots = min(sampling.bucket_length(first_turn), self.cfg.max_context)
-        self.state = sampling.init_state(
+        self.state = sampling.init_cache(
             self.model_config,
             len(self._pad(prompts)),
             max(slots, max(map(len, prompts))),
@@ -203,8 +244,9 @@ class KVCachePolicy:
     def sample(self, key, live, stop_strings, max_new_tokens, limit_B) -> list:
         """One turn for the live rows, each until a stop string, EOS, max_new_tokens or its
         own limit_B[b] (what is left of its context)."""
-        if stop_strings not in self._stop_tables:
-            self._stop_tables[stop_strings] = sampling.make_stop_table(self.tokenizer, stop_strings)
+        if stop_strings not in self._stopping_at:
+            stopping = self.sampling_params.with_stops(self.tokenizer, stop_strings)
+            self._stopping_at[stop_strings] = stopping
         live, limit_B = np.asarray(live, bool), np.minimum(limit_B, max_new_tokens)
         pad = self._padded(len(live)) - len(live)
         live, limit_B = np.pad(live, (0, pad)), np.pad(np.where(live, limit_B, 0), (0, pad))
@@ -218,15 +260,9 @@ class KVCachePolicy:
             key,
             self.tokenizer,
             max_new_tokens=max_new_tokens,
+            sampling_params=self._stopping_at[stop_strings],
             active_B=live,
             limit_B=limit_B,
-            stop_strings=stop_strings,
-            stop_table=self._stop_tables[stop_strings],
-            eos_ids=self.eos_ids,
-            temperature=self.cfg.temperature,
-            top_p=self.cfg.top_p,
-            top_k=self.cfg.top_k,
-            greedy=self.cfg.greedy,
             options=self.options,
         )
         return samples[: self.rows]
@@ -239,7 +275,7 @@ def rollout_mesh(devices=None) -> Mesh:
     return Mesh(np.asarray(devices), ("rows",))
 
 
-def rollout(
+def run_episodes(
     policy,
     tokenizer,
     retriever,
@@ -287,7 +323,7 @@ def rollout(
 
 
 def _wave(policy, tokenizer, retriever, examples, ids, *, group_size, key, cfg):
-    """The turn loop over one wave of rows (rollout's docstring)."""
+    """The turn loop over one wave of rows (run_episodes' docstring)."""
     rows = [ex for ex in examples for _ in range(group_size)]
     N = len(rows)
     row_keys = jax.vmap(lambda i, g: jax.random.fold_in(jax.random.fold_in(key, i), g))(
@@ -299,7 +335,7 @@ def _wave(policy, tokenizer, retriever, examples, ids, *, group_size, key, cfg):
     longest = max(map(len, prompts))
     if longest >= cfg.max_context:
         raise ValueError(f"a prompt of {longest} tokens does not fit max_context={cfg.max_context}")
-    forced = tokenizer.encode(FORCED_ANSWER_PREFIX, add_special_tokens=False)
+    forced = tokenizer.encode(protocol.FORCED_ANSWER_PREFIX, add_special_tokens=False)
 
     t0, retrieval_s, sampled = time.perf_counter(), 0.0, 0
     policy.start(prompts)
@@ -316,11 +352,11 @@ def _wave(policy, tokenizer, retriever, examples, ids, *, group_size, key, cfg):
         samples = policy.sample(
             sampling.fold_in_rows(row_keys, k),
             live,
-            ("</answer>",) if prefix else ("</search>", "</answer>"),
+            protocol.ANSWER_STOP if prefix else protocol.STOP_STRINGS,
             cfg.max_new_tokens,
             cfg.max_context - length,
         )
-        head = FORCED_ANSWER_PREFIX if prefix else ""
+        head = protocol.FORCED_ANSWER_PREFIX if prefix else ""
         for b in np.flatnonzero(live):  # hold each row to max_context real tokens
             budget = cfg.max_context - length[b]
             if len(samples[b].tokens) >= budget:
@@ -444,6 +480,12 @@ def sequence(traj: Trajectory):
             turn_id += [k if trained else -1] * len(ids)
         logp += [0.0] * len(t.prefix) + list(t.logps) + [0.0] * len(t.obs_tokens)
     return tokens, loss_mask, turn_id, logp
+
+
+def sequence_length(traj: Trajectory) -> int:
+    """len(sequence(traj)[0]), without building the sequence."""
+    turns = sum(len(t.prefix) + len(t.tokens) + len(t.obs_tokens) for t in traj.turns)
+    return len(traj.prompt_tokens) + turns
 
 
 def pack(
@@ -575,7 +617,7 @@ def evaluate(
     with tqdm(total=len(examples), desc="eval", disable=not progress, file=sys.stderr) as bar:
         for i in range(0, len(examples), batch_size):
             chunk = list(examples[i : i + batch_size])
-            trajs, _ = rollout(
+            trajs, _ = run_episodes(
                 policy,
                 tokenizer,
                 retriever,
@@ -645,30 +687,20 @@ class EvalConfig:
 
     model: str = option("", "Hugging Face checkpoint folder of the policy")
     data: str = option("", "questions: Search-R1 parquet, or JSONL with question/golden_answers")
-    corpus: str = option("", "Search-R1 JSONL corpus for the embedded BM25 retriever")
-    retriever_url: str = option(
-        "", "Search-R1 retrieval server, e.g. http://127.0.0.1:8000/retrieve"
-    )
-    retriever_timeout: float = option(retrieval.DEFAULT_TIMEOUT, "seconds per retrieval request")
-    retriever_retries: int = option(
-        retrieval.DEFAULT_RETRIES, "retries of a failed retrieval request (down, timeout, 5xx)"
-    )
-    retriever_max_wait: float = option(
-        retrieval.DEFAULT_MAX_WAIT, "seconds a retrieval request may fail before giving up"
-    )
+    retriever: RetrieverConfig = RetrieverConfig()
     out: str = option("", "write trajectories here as JSONL (empty: not written)")
     limit: int = option(0, "evaluate the first N questions only (0: all)")
     batch_size: int = option(64, "questions per rollout batch")
     dtype: str = option("float32", "parameter and compute dtype", choices=("float32", "bfloat16"))
     seed: int = option(0, "sampling seed (when not greedy)")
-    rollout: RolloutConfig = RolloutConfig(greedy=True)
+    agent: RolloutConfig = RolloutConfig(greedy=True)
 
     def __post_init__(self):
         if not self.model:
             raise ValueError("--model is required")
         if not self.data:
             raise ValueError("--data is required")
-        if bool(self.corpus) == bool(self.retriever_url):
+        if not (self.retriever.corpus or self.retriever.retriever_url):
             raise ValueError("give exactly one of --corpus and --retriever-url")
         if self.batch_size < 1:
             raise ValueError(f"--batch-size must be >= 1, got {self.batch_size}")
@@ -677,22 +709,14 @@ class EvalConfig:
 def main(argv=None):
     settings = lambda given: load_settings(given["model"]) if given.get("model") else {}
     cfg = cli.parse(EvalConfig, argv, defaults=settings)
-    cfg = dataclasses.replace(cfg, rollout=read_template_file(cfg.rollout))
+    cfg = dataclasses.replace(cfg, agent=read_template_file(cfg.agent))
     print("tspo_jax evaluation\n" + cli.describe(cfg), file=sys.stderr)
-    server = None
-    if cfg.retriever_url:  # checked before the model loads: down, a wrong path, ...
-        server = retrieval.HttpRetriever(
-            cfg.retriever_url,
-            timeout=cfg.retriever_timeout,
-            retries=cfg.retriever_retries,
-            max_wait=cfg.retriever_max_wait,
-        )
-        server.check()
+    server = connect(cfg.retriever)  # before the model loads: down, a wrong path, ...
     mesh = rollout_mesh()  # the rows of each batch split over this host's devices
     model_config, params, tokenizer = load_policy(
         cfg.model, getattr(jnp, cfg.dtype), sharding=NamedSharding(mesh, P())
     )
-    retriever = server or retrieval.make_retriever(corpus=cfg.corpus)
+    retriever = server or retrieval.BM25Retriever(cfg.retriever.corpus)
     examples = data.load_examples(cfg.data)
     if cfg.limit:
         examples = examples[: cfg.limit]
@@ -702,7 +726,7 @@ def main(argv=None):
         tokenizer,
         retriever,
         examples,
-        cfg=cfg.rollout,
+        cfg=cfg.agent,
         batch_size=cfg.batch_size,
         key=jax.random.key(cfg.seed),
         mesh=mesh,

@@ -12,7 +12,7 @@ Each step, top to bottom:
      one or more policy epochs, AdamW with clipping and a warm-up schedule;
   5. metrics (JSONL and a progress bar), periodic evaluation, orbax checkpoints, HF exports.
 
-With no --model, the embedded default builds the toy world of tspo_jax/toyworld.py and a
+With no --model, the embedded default builds the toy world of tspo_jax/toyworld/ and a
 warm-started tiny policy (once, cached) and applies TOYWORLD_PRESET to every option not given
 on the command line.
 """
@@ -33,6 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
+from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 from tqdm import tqdm
@@ -41,7 +42,6 @@ import rollout
 from tspo_jax import cli, data, hf_io, learner, plan, plots, qwen, retrieval, sampling, tspo
 from tspo_jax.cli import option
 
-RolloutConfig = rollout.RolloutConfig
 AUTO_ON_OFF = ("auto", "on", "off")
 
 
@@ -53,15 +53,7 @@ class Config:
     model: str = option("", "HF Qwen2/Qwen2.5 checkpoint folder ('': the embedded toy world)")
     data: str = option("", "training questions: Search-R1 parquet, or JSONL")
     eval_data: str = option("", "held-out questions for periodic evaluation ('': none)")
-    corpus: str = option("", "Search-R1 JSONL corpus for the embedded BM25 retriever")
-    retriever_url: str = option("", "Search-R1 retrieval server URL, instead of --corpus")
-    retriever_timeout: float = option(retrieval.DEFAULT_TIMEOUT, "seconds per retrieval request")
-    retriever_retries: int = option(
-        retrieval.DEFAULT_RETRIES, "retries of a failed retrieval request (down, timeout, 5xx)"
-    )
-    retriever_max_wait: float = option(
-        retrieval.DEFAULT_MAX_WAIT, "seconds a retrieval request may fail before the run stops"
-    )
+    retriever: rollout.RetrieverConfig = rollout.RetrieverConfig()
     out_dir: str = option(
         "runs/tspo", "run folder, or a gs:// URL: config, metrics, checkpoints, exports"
     )
@@ -141,15 +133,13 @@ class Config:
     log_samples: int = option(0, "write every Nth step's trajectories to samples.jsonl (0: off)")
     max_bad_steps: int = option(5, "stop after this many non-finite updates in a row")
     plot: bool = option(True, "draw metrics.png from metrics.jsonl at the end")
-    rollout: RolloutConfig = RolloutConfig()
+    agent: rollout.RolloutConfig = rollout.RolloutConfig()
 
     def __post_init__(self):
         if not 0 <= self.latent_reward < 1:
             raise ValueError(f"--latent-reward must lie in [0, 1), got {self.latent_reward}")
         if self.group_size < 2:
             raise ValueError(f"--group-size must be >= 2 (GRPO groups), got {self.group_size}")
-        if self.retriever_url and self.corpus:
-            raise ValueError("give one of --corpus and --retriever-url, not both")
         micro = self.micro_batch or self.mini_batch
         if self.prompts_per_step % self.mini_batch or self.mini_batch % micro:
             raise ValueError(
@@ -231,7 +221,7 @@ def parse_config(argv=None) -> Config:
     cfg = cli.parse(
         Config, argv, defaults=lambda given: {} if given.get("model") else TOYWORLD_PRESET
     )
-    return dataclasses.replace(cfg, rollout=rollout.read_template_file(cfg.rollout))
+    return dataclasses.replace(cfg, agent=rollout.read_template_file(cfg.agent))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -262,7 +252,17 @@ def step_prompts(examples, step: int, cfg: Config):
 
 
 # ---------------------------------------------------------------------------------------------
-# Host -> device
+# Across processes: the collectives of a multi-host run, each a no-op in one process.
+
+
+def initialize_distributed(cfg: Config) -> None:
+    """jax.distributed.initialize: auto-detected on TPU pods / SLURM / MPI, else from the
+    --coordinator, --num-processes and --process-id options (e.g. several CPU processes)."""
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")  # CPU processes only
+    if cfg.coordinator:
+        jax.distributed.initialize(cfg.coordinator, cfg.num_processes, cfg.process_id)
+    else:
+        jax.distributed.initialize()
 
 
 def global_array(local: np.ndarray, sharding) -> jax.Array:
@@ -276,8 +276,6 @@ def agreed_length(local_length: int) -> int:
     """The packed length T, the same on every process (the longest bucket of any)."""
     if jax.process_count() == 1:
         return local_length
-    from jax.experimental import multihost_utils
-
     return int(np.max(multihost_utils.process_allgather(np.int32(local_length))))
 
 
@@ -285,30 +283,253 @@ def process_mean(values: dict) -> dict:
     """The mean of each number over processes (rollout statistics are per process)."""
     if jax.process_count() == 1:
         return values
-    from jax.experimental import multihost_utils
-
     keys = sorted(k for k, v in values.items() if isinstance(v, int | float))
     stacked = multihost_utils.process_allgather(np.array([values[k] for k in keys], np.float64))
     return {**values, **dict(zip(keys, np.mean(stacked, axis=0).tolist(), strict=True))}
 
 
-def sampling_params(params, model_config, mesh):
-    """The policy's weights for this process's rollouts: cast to the compute dtype, one array
-    per layer (qwen.unstack_layers), and a whole copy on every device of ``mesh`` (this
-    process's devices, rollout.rollout_mesh). The copies are gathered device to device from
-    the sharded train state, across processes too; nothing passes through the host."""
-    cast = lambda p: jax.tree.map(
-        lambda x: x.astype(model_config.compute_dtype), qwen.unstack_layers(p)
+def broadcast_from_lead(x: np.ndarray) -> np.ndarray:
+    """Process 0's value of a small host array, on every process."""
+    if jax.process_count() == 1:
+        return x
+    return np.asarray(multihost_utils.broadcast_one_to_all(x))
+
+
+def gather_to_host(tree):
+    """A sharded pytree gathered whole on every process (for an export); as it is in a single
+    process, whose device_get reads it."""
+    if jax.process_count() == 1:
+        return tree
+    return multihost_utils.process_allgather(tree, tiled=True)
+
+
+def raise_if_any_failed(error: Exception | None) -> None:
+    """Raises when the rollout of any process failed: its own error, or a RetrievalError naming
+    the failing process on the others, so that all processes save and stop together."""
+    if jax.process_count() > 1:
+        failed = multihost_utils.process_allgather(np.int32(error is not None))
+        if error is None and failed.any():
+            process = int(np.argmax(failed))
+            error = retrieval.RetrievalError(f"retrieval failed on process {process}")
+    if error is not None:
+        raise error
+
+
+# ---------------------------------------------------------------------------------------------
+# Set-up: the memory plan before any weights, then mesh, model, optimizer, checkpoint.
+
+
+def device_capacity(cfg: Config) -> int:
+    """Bytes per device: what the backend reports (memory_stats' bytes_limit), else
+    --device-memory-gb (0: unknown, e.g. on CPU). --plan-devices plans for other devices."""
+    if not cfg.plan_devices:
+        stats = jax.local_devices()[0].memory_stats() or {}
+        if stats.get("bytes_limit"):
+            return int(stats["bytes_limit"])
+    return int(cfg.device_memory_gb * plan.GiB)
+
+
+def memory_plan(cfg: Config) -> plan.Plan:
+    """The run's memory plan (tspo_jax/plan.py), from config.json and the options alone, for
+    the devices present or, with --plan-devices, for a slice of that many (as many processes
+    as --num-processes says, else one). Raises ValueError("plan: ...") when nothing fits."""
+    devices = cfg.plan_devices or jax.device_count()
+    processes = (cfg.num_processes or 1) if cfg.plan_devices else jax.process_count()
+    local = devices // processes
+    data, fsdp = learner.mesh_shape(cfg.mesh_data, cfg.mesh_fsdp, devices)
+    micro = cfg.micro_batch or cfg.mini_batch
+    if micro % devices:
+        raise ValueError(
+            f"--micro-batch {micro} prompts must divide evenly over the {devices} devices "
+            "of the mesh (--mesh-data x --mesh-fsdp)"
+        )
+    if cfg.rollout_batch % local:
+        raise ValueError(
+            f"--rollout-batch {cfg.rollout_batch} must divide evenly over the {local} devices "
+            "of each process"
+        )
+    model_config = hf_io.read_config(cfg.model)
+    model_config = dataclasses.replace(model_config, dtype=cfg.compute_dtype)
+    memory = plan.make_plan(
+        model_config,
+        data=data,
+        fsdp=fsdp,
+        local_devices=local,
+        processes=processes,
+        capacity=device_capacity(cfg),
+        prompts_per_step=cfg.prompts_per_step,
+        micro_batch=micro,
+        group_size=cfg.group_size,
+        rollout_batch=cfg.rollout_batch,
+        max_context=cfg.agent.max_context,
+        max_obs_tokens=cfg.agent.max_obs_tokens,
+        kl=cfg.kl_coef > 0,
+        remat=cfg.remat,
+        attention_bytes=cfg.attention_mb << 20,
+        logits_bytes=cfg.logits_mb << 20,
     )
-    train_mesh = jax.tree.leaves(params)[0].sharding.mesh
-    whole = jax.jit(cast, out_shardings=NamedSharding(train_mesh, P()))(params)
-    local = NamedSharding(mesh, P())
-    return jax.tree.map(
-        lambda x: jax.make_array_from_single_device_arrays(
-            x.shape, local, [shard.data for shard in x.addressable_shards]
+    problem = plan.check(memory)
+    if problem:
+        raise ValueError(f"plan: {problem}")
+    return memory
+
+
+def plan_line(memory: plan.Plan) -> str:
+    """The last line of --plan-only."""
+    cap = f"{memory.capacity / plan.GiB:.1f} GiB" if memory.capacity else "an unknown capacity"
+    return (
+        f"plan: fits, peak {memory.peak / plan.GiB:.1f} GiB of {cap} per device, rollout-batch "
+        f"{memory.rollout_batch}, micro-batch {memory.micro_batch}"
+    )
+
+
+def embedded_default(cfg: Config, world_cfg=None, policy_cfg=None) -> Config:
+    """Builds (once) the toy world and its warm-started policy; points cfg at them.
+
+    world_cfg / policy_cfg: a toyworld.ToyWorldConfig / toyworld.WarmStartConfig other than the
+    defaults (tests shrink them); the world's demonstrations always use the run's template."""
+    from tspo_jax import toyworld
+
+    world_cfg = world_cfg or toyworld.ToyWorldConfig()
+    policy_cfg = policy_cfg or toyworld.WarmStartConfig()
+
+    root = Path(os.environ.get("TSPO_JAX_CACHE", Path.home() / ".cache" / "tspo_jax"))
+    world_cfg = dataclasses.replace(world_cfg, template=cfg.agent.template)  # the demos' prompt
+    world = toyworld.build(root / "toyworld", world_cfg)
+    model_dir = toyworld.warm_start(world, root / "toyworld-policy", policy_cfg)
+    retriever = cfg.retriever
+    if not (retriever.corpus or retriever.retriever_url):
+        retriever = dataclasses.replace(retriever, corpus=str(world.corpus))
+    return dataclasses.replace(
+        cfg,
+        model=str(model_dir),
+        data=cfg.data or str(world.train),
+        eval_data=cfg.eval_data or str(world.heldout),
+        retriever=retriever,
+    )
+
+
+class Run(NamedTuple):
+    """What every step uses, built once by ``setup``."""
+
+    cfg: Config
+    lead: bool  # process 0: writes logs, metrics and exports
+    out: epath.Path  # the run folder, local or a URL (gs://...)
+    mesh: jax.sharding.Mesh  # the update's (data, fsdp) mesh over all devices
+    rollout_mesh: jax.sharding.Mesh  # this process's devices, over which rollout rows split
+    memory: plan.Plan  # the memory plan: rollout_batch, and the numbers printed at start
+    options: qwen.ForwardOptions  # how the update's forward pass runs (remat, shardings, blocks)
+    model_config: Any  # qwen.QwenConfig, compute dtype included
+    tokenizer: Any
+    retriever: Any
+    train_set: list
+    eval_set: list
+    optimizer: Any  # optax.GradientTransformation
+    lr_fn: Any  # optimizer update -> learning rate
+    settings: learner.LossSettings
+    ref_params: Any  # frozen initial weights (compute dtype), or None when kl_coef = 0
+    manager: ocp.CheckpointManager
+
+
+def setup(cfg: Config) -> tuple[Run, learner.TrainState, int]:
+    """Memory plan (before any weights), mesh, model, reference, optimizer, checkpoint
+    (resumed or new), data and retriever."""
+    lead = jax.process_index() == 0
+    if cfg.plan_only:
+        return None, memory_plan(cfg if cfg.model else embedded_default(cfg)), 0
+    # Before anything slow; the log line goes above the progress bar.
+    server = rollout.connect(cfg.retriever, log=lambda line: tqdm.write(line, file=sys.stderr))
+    if not cfg.model:
+        cfg = embedded_default(cfg)
+    memory = memory_plan(cfg)
+    if not cfg.data:
+        raise ValueError("--data is required with --model (training questions)")
+    if not (cfg.retriever.corpus or cfg.retriever.retriever_url):
+        raise ValueError("give --corpus (embedded BM25) or --retriever-url (Search-R1 server)")
+    out = epath.Path(cfg.out_dir)
+    if lead:
+        out.mkdir(parents=True, exist_ok=True)
+        print(f"tspo_jax train: {jax.device_count()} {jax.devices()[0].platform} device(s)")
+        print(cli.describe(cfg))
+        print(memory.report(), flush=True)
+        (out / "config.json").write_text(json.dumps(cli.to_dict(cfg), indent=1) + "\n")
+    mesh = learner.make_mesh(
+        cfg.mesh_data, cfg.mesh_fsdp, dcn_data=cfg.mesh_dcn_data or learner.slice_count()
+    )
+    model_config = hf_io.read_config(cfg.model)
+    model_config = dataclasses.replace(model_config, dtype=cfg.compute_dtype)
+    _, params = hf_io.load_hf(
+        cfg.model, jnp.float32, sharding=learner.param_shardings(model_config, mesh, stacked=False)
+    )
+    params = learner.train_params(params, model_config, mesh)
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(cfg.model)
+    ref_params = None
+    if cfg.kl_coef > 0:
+        # A copy (jit outputs are new buffers): the policy's params are donated to each update.
+        cast = lambda p: jax.tree.map(lambda x: x.astype(model_config.compute_dtype), p)
+        ref_params = jax.jit(cast)(params)
+    updates_per_step = cfg.prompts_per_step // cfg.mini_batch * cfg.policy_epochs
+    optimizer, lr_fn = learner.make_optimizer(
+        lr=cfg.lr,
+        warmup_steps=cfg.warmup_steps,
+        total_steps=cfg.steps * updates_per_step,
+        schedule=cfg.lr_schedule,
+        weight_decay=cfg.weight_decay,
+        grad_clip=cfg.grad_clip,
+        b1=cfg.adam_b1,
+        b2=cfg.adam_b2,
+    )
+    state = learner.init_state(params, model_config, mesh, optimizer)
+    manager = checkpoint_manager(cfg)
+    start = 0
+    if cfg.resume:
+        state, start = restore_checkpoint(manager, state, cfg)
+        if lead:
+            print(f"resumed from the checkpoint of step {start}")
+    elif manager.latest_step() is not None:
+        raise ValueError(
+            f"{out / 'checkpoints'} already holds checkpoints: pass --resume, or another --out-dir"
+        )
+    settings = learner.LossSettings(
+        clip_low=cfg.clip_low,
+        clip_high=cfg.clip_high,
+        kl_coef=cfg.kl_coef,
+        loss_agg=cfg.loss_agg,
+        norm_length=cfg.agent.max_context,
+        clip_ratio_c=cfg.clip_ratio_c or None,
+        tis_cap=cfg.tis_cap or None,
+    )
+    retriever = server or retrieval.BM25Retriever(cfg.retriever.corpus)
+    train_set = data.load_examples(cfg.data)
+    eval_set = data.load_examples(cfg.eval_data) if cfg.eval_data else []
+    eval_set = eval_set[: cfg.eval_size or None]
+    run = Run(
+        cfg=cfg,
+        lead=lead,
+        out=out,
+        mesh=mesh,
+        rollout_mesh=rollout.rollout_mesh(),
+        memory=memory,
+        options=learner.forward_options(
+            mesh,
+            remat=cfg.remat,
+            attention_bytes=cfg.attention_mb << 20,
+            logits_bytes=cfg.logits_mb << 20,
         ),
-        whole,
+        model_config=model_config,
+        tokenizer=tokenizer,
+        retriever=retriever,
+        train_set=train_set,
+        eval_set=eval_set,
+        optimizer=optimizer,
+        lr_fn=lr_fn,
+        settings=settings,
+        ref_params=ref_params,
+        manager=manager,
     )
+    return run, state, start
 
 
 # ---------------------------------------------------------------------------------------------
@@ -397,22 +618,6 @@ def restore_checkpoint(manager, state: learner.TrainState, cfg: Config):
     return learner.TrainState(*restored), step
 
 
-def connect_retriever(cfg: Config) -> retrieval.HttpRetriever | None:
-    """The Search-R1 server of --retriever-url, checked with one small query before the model
-    loads (a server that is down, a wrong path, an answer of another shape); None without."""
-    if not cfg.retriever_url:
-        return None
-    server = retrieval.HttpRetriever(
-        cfg.retriever_url,
-        timeout=cfg.retriever_timeout,
-        retries=cfg.retriever_retries,
-        max_wait=cfg.retriever_max_wait,
-        log=lambda message: tqdm.write(message, file=sys.stderr),  # above the progress bar
-    )
-    server.check()
-    return server
-
-
 def watch_sigterm(cfg: Config):
     """(notice, previous handler). In a single process the first SIGTERM sets ``notice`` and the
     run stops after the step in progress (during set-up: after the first step); later ones are
@@ -440,35 +645,6 @@ def checkpoint_step(run, step: int, state, record: dict, notice: threading.Event
     if preempted or run.manager.should_save(step):
         save_checkpoint(run.manager, step, state, run.cfg, record)
     return preempted
-
-
-def eval_due(run, step: int) -> bool:
-    cfg = run.cfg
-    return bool(run.eval_set and cfg.eval_every) and (
-        step % cfg.eval_every == 0 or step == cfg.steps
-    )
-
-
-def export_due(cfg: Config, step: int) -> bool:
-    return bool(cfg.export_every and step % cfg.export_every == 0) or step == cfg.steps
-
-
-def export_dir(run, step: int) -> epath.Path:
-    return run.out / "hf" / f"step_{step}"
-
-
-def evaluate_step(run, step: int, state, record: dict, due: bool | None = None) -> None:
-    """Adds the evaluation of ``step`` to ``record`` when it is due (or ``due``)."""
-    with saved_on_failure(run, step, state, record):
-        if eval_due(run, step) if due is None else due:
-            record.update(evaluate(run, state.params))
-
-
-def export_step(run, step: int, state, record: dict, due: bool | None = None) -> None:
-    """The HF export of ``step`` when it is due (or ``due``)."""
-    with saved_on_failure(run, step, state, record):
-        if export_due(run.cfg, step) if due is None else due:
-            export(run, state.params, export_dir(run, step))
 
 
 @contextlib.contextmanager
@@ -502,18 +678,8 @@ def save_before_failing(run, step: int, state, record, error: Exception) -> None
     error.add_note(f"the state after step {step} is saved in {where}; resume with --resume")
 
 
-def raise_if_any_failed(error: Exception | None) -> None:
-    """Raises when the rollout of any process failed: its own error, or a RetrievalError naming
-    the failing process on the others, so that all processes save and stop together."""
-    if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-
-        failed = multihost_utils.process_allgather(np.int32(error is not None))
-        if error is None and failed.any():
-            process = int(np.argmax(failed))
-            error = retrieval.RetrievalError(f"retrieval failed on process {process}")
-    if error is not None:
-        raise error
+# ---------------------------------------------------------------------------------------------
+# Logs: metrics.jsonl and samples.jsonl, trimmed to the checkpoint on --resume.
 
 
 def write_jsonl(path: epath.Path, rows: list[dict], *, append: bool = False) -> None:
@@ -584,10 +750,7 @@ def resume_logs(run, state, step: int) -> list[dict]:
         done = np.array(["eval_em" in row, (export_dir(run, step) / "config.json").exists()])
         due &= ~done
         write_jsonl(run.out / "metrics.jsonl", rows)
-    if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-
-        due = np.asarray(multihost_utils.broadcast_one_to_all(due))
+    due = broadcast_from_lead(due)
     if not due.any():
         return []
     if run.lead:
@@ -601,229 +764,35 @@ def resume_logs(run, state, step: int) -> list[dict]:
 
 
 # ---------------------------------------------------------------------------------------------
-# Reporting
+# One step: rollouts and advantages (collect), updates (learn), its metrics row.
 
 
-def device_capacity(cfg: Config) -> int:
-    """Bytes per device: what the backend reports (memory_stats' bytes_limit), else
-    --device-memory-gb (0: unknown, e.g. on CPU). --plan-devices plans for other devices."""
-    if not cfg.plan_devices:
-        stats = jax.local_devices()[0].memory_stats() or {}
-        if stats.get("bytes_limit"):
-            return int(stats["bytes_limit"])
-    return int(cfg.device_memory_gb * plan.GiB)
-
-
-def memory_plan(cfg: Config) -> plan.Plan:
-    """The run's memory plan (tspo_jax/plan.py), from config.json and the options alone, for
-    the devices present or, with --plan-devices, for a slice of that many (as many processes
-    as --num-processes says, else one). Raises ValueError("plan: ...") when nothing fits."""
-    devices = cfg.plan_devices or jax.device_count()
-    processes = (cfg.num_processes or 1) if cfg.plan_devices else jax.process_count()
-    local = devices // processes
-    data, fsdp = learner.mesh_shape(cfg.mesh_data, cfg.mesh_fsdp, devices)
-    micro = cfg.micro_batch or cfg.mini_batch
-    if micro % devices:
-        raise ValueError(
-            f"--micro-batch {micro} prompts must divide evenly over the {devices} devices "
-            "of the mesh (--mesh-data x --mesh-fsdp)"
-        )
-    if cfg.rollout_batch % local:
-        raise ValueError(
-            f"--rollout-batch {cfg.rollout_batch} must divide evenly over the {local} devices "
-            "of each process"
-        )
-    model_config = hf_io.read_config(cfg.model)
-    model_config = dataclasses.replace(model_config, dtype=cfg.compute_dtype)
-    memory = plan.make_plan(
-        model_config,
-        data=data,
-        fsdp=fsdp,
-        local_devices=local,
-        processes=processes,
-        capacity=device_capacity(cfg),
-        prompts_per_step=cfg.prompts_per_step,
-        micro_batch=micro,
-        group_size=cfg.group_size,
-        rollout_batch=cfg.rollout_batch,
-        max_context=cfg.rollout.max_context,
-        max_obs_tokens=cfg.rollout.max_obs_tokens,
-        kl=cfg.kl_coef > 0,
-        remat=cfg.remat,
-        attention_bytes=cfg.attention_mb << 20,
-        logits_bytes=cfg.logits_mb << 20,
+def sampler_weights(params, model_config, mesh):
+    """The policy's weights for this process's rollouts: cast to the compute dtype, one array
+    per layer (qwen.unstack_layers), and a whole copy on every device of ``mesh`` (this
+    process's devices, rollout.rollout_mesh). The copies are gathered device to device from
+    the sharded train state, across processes too; nothing passes through the host."""
+    cast = lambda p: jax.tree.map(
+        lambda x: x.astype(model_config.compute_dtype), qwen.unstack_layers(p)
     )
-    problem = plan.check(memory)
-    if problem:
-        raise ValueError(f"plan: {problem}")
-    return memory
-
-
-# ---------------------------------------------------------------------------------------------
-# The run
-
-
-def embedded_default(cfg: Config, world_cfg=None, policy_cfg=None) -> Config:
-    """Builds (once) the toy world and its warm-started policy; points cfg at them.
-
-    world_cfg / policy_cfg: a toyworld.ToyWorldConfig / sft.WarmStartConfig other than the
-    defaults (tests shrink them); the world's demonstrations always use the run's template."""
-    from tspo_jax import sft, toyworld
-
-    world_cfg = world_cfg or toyworld.ToyWorldConfig()
-    policy_cfg = policy_cfg or sft.WarmStartConfig()
-
-    root = Path(os.environ.get("TSPO_JAX_CACHE", Path.home() / ".cache" / "tspo_jax"))
-    world_cfg = dataclasses.replace(world_cfg, template=cfg.rollout.template)  # the demos' prompt
-    world = toyworld.build(root / "toyworld", world_cfg)
-    model_dir = sft.warm_start(world, root / "toyworld-policy", policy_cfg)
-    return dataclasses.replace(
-        cfg,
-        model=str(model_dir),
-        data=cfg.data or str(world.train),
-        eval_data=cfg.eval_data or str(world.heldout),
-        corpus=cfg.corpus or ("" if cfg.retriever_url else str(world.corpus)),
-    )
-
-
-class Run(NamedTuple):
-    """What every step uses, built once by ``setup``."""
-
-    cfg: Config
-    lead: bool  # process 0: writes logs, metrics and exports
-    out: epath.Path  # the run folder, local or a URL (gs://...)
-    mesh: jax.sharding.Mesh  # the update's (data, fsdp) mesh over all devices
-    rollout_mesh: jax.sharding.Mesh  # this process's devices, over which rollout rows split
-    memory: plan.Plan  # the memory plan: rollout_batch, and the numbers printed at start
-    options: qwen.ForwardOptions  # how the update's forward pass runs (remat, shardings, blocks)
-    model_config: Any  # qwen.QwenConfig, compute dtype included
-    tokenizer: Any
-    retriever: Any
-    train_set: list
-    eval_set: list
-    optimizer: Any  # optax.GradientTransformation
-    lr_fn: Any  # optimizer update -> learning rate
-    settings: learner.LossSettings
-    ref_params: Any  # frozen initial weights (compute dtype), or None when kl_coef = 0
-    manager: ocp.CheckpointManager
-
-
-def plan_line(memory: plan.Plan) -> str:
-    """The last line of --plan-only."""
-    cap = f"{memory.capacity / plan.GiB:.1f} GiB" if memory.capacity else "an unknown capacity"
-    return (
-        f"plan: fits, peak {memory.peak / plan.GiB:.1f} GiB of {cap} per device, rollout-batch "
-        f"{memory.rollout_batch}, micro-batch {memory.micro_batch}"
-    )
-
-
-def setup(cfg: Config) -> tuple[Run, learner.TrainState, int]:
-    """Memory plan (before any weights), mesh, model, reference, optimizer, checkpoint
-    (resumed or new), data and retriever."""
-    lead = jax.process_index() == 0
-    if cfg.plan_only:
-        return None, memory_plan(cfg if cfg.model else embedded_default(cfg)), 0
-    server = connect_retriever(cfg)  # before anything slow
-    if not cfg.model:
-        cfg = embedded_default(cfg)
-    memory = memory_plan(cfg)
-    if not cfg.data:
-        raise ValueError("--data is required with --model (training questions)")
-    if not (cfg.corpus or cfg.retriever_url):
-        raise ValueError("give --corpus (embedded BM25) or --retriever-url (Search-R1 server)")
-    out = epath.Path(cfg.out_dir)
-    if lead:
-        out.mkdir(parents=True, exist_ok=True)
-        print(f"tspo_jax train: {jax.device_count()} {jax.devices()[0].platform} device(s)")
-        print(cli.describe(cfg))
-        print(memory.report(), flush=True)
-        (out / "config.json").write_text(json.dumps(cli.to_dict(cfg), indent=1) + "\n")
-    mesh = learner.make_mesh(
-        cfg.mesh_data, cfg.mesh_fsdp, dcn_data=cfg.mesh_dcn_data or learner.slice_count()
-    )
-    model_config = hf_io.read_config(cfg.model)
-    model_config = dataclasses.replace(model_config, dtype=cfg.compute_dtype)
-    _, params = hf_io.load_hf(
-        cfg.model, jnp.float32, sharding=learner.param_shardings(model_config, mesh, stacked=False)
-    )
-    params = learner.train_params(params, model_config, mesh)
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(cfg.model)
-    ref_params = None
-    if cfg.kl_coef > 0:
-        # A copy (jit outputs are new buffers): the policy's params are donated to each update.
-        cast = lambda p: jax.tree.map(lambda x: x.astype(model_config.compute_dtype), p)
-        ref_params = jax.jit(cast)(params)
-    updates_per_step = cfg.prompts_per_step // cfg.mini_batch * cfg.policy_epochs
-    optimizer, lr_fn = learner.make_optimizer(
-        lr=cfg.lr,
-        warmup_steps=cfg.warmup_steps,
-        total_steps=cfg.steps * updates_per_step,
-        schedule=cfg.lr_schedule,
-        weight_decay=cfg.weight_decay,
-        grad_clip=cfg.grad_clip,
-        b1=cfg.adam_b1,
-        b2=cfg.adam_b2,
-    )
-    state = learner.init_state(params, model_config, mesh, optimizer)
-    manager = checkpoint_manager(cfg)
-    start = 0
-    if cfg.resume:
-        state, start = restore_checkpoint(manager, state, cfg)
-        if lead:
-            print(f"resumed from the checkpoint of step {start}")
-    elif manager.latest_step() is not None:
-        raise ValueError(
-            f"{out / 'checkpoints'} already holds checkpoints: pass --resume, or another --out-dir"
-        )
-    settings = learner.LossSettings(
-        clip_low=cfg.clip_low,
-        clip_high=cfg.clip_high,
-        kl_coef=cfg.kl_coef,
-        loss_agg=cfg.loss_agg,
-        norm_length=cfg.rollout.max_context,
-        clip_ratio_c=cfg.clip_ratio_c or None,
-        tis_cap=cfg.tis_cap or None,
-    )
-    retriever = server or retrieval.make_retriever(corpus=cfg.corpus)
-    train_set = data.load_examples(cfg.data)
-    eval_set = data.load_examples(cfg.eval_data) if cfg.eval_data else []
-    eval_set = eval_set[: cfg.eval_size or None]
-    run = Run(
-        cfg=cfg,
-        lead=lead,
-        out=out,
-        mesh=mesh,
-        rollout_mesh=rollout.rollout_mesh(),
-        memory=memory,
-        options=learner.forward_options(
-            mesh,
-            remat=cfg.remat,
-            attention_bytes=cfg.attention_mb << 20,
-            logits_bytes=cfg.logits_mb << 20,
+    train_mesh = jax.tree.leaves(params)[0].sharding.mesh
+    whole = jax.jit(cast, out_shardings=NamedSharding(train_mesh, P()))(params)
+    local = NamedSharding(mesh, P())
+    return jax.tree.map(
+        lambda x: jax.make_array_from_single_device_arrays(
+            x.shape, local, [shard.data for shard in x.addressable_shards]
         ),
-        model_config=model_config,
-        tokenizer=tokenizer,
-        retriever=retriever,
-        train_set=train_set,
-        eval_set=eval_set,
-        optimizer=optimizer,
-        lr_fn=lr_fn,
-        settings=settings,
-        ref_params=ref_params,
-        manager=manager,
+        whole,
     )
-    return run, state, start
 
 
 def rollout_policy(run: Run, params, *, batch_rows: int) -> rollout.KVCachePolicy:
     """The sampler over this process's devices, with the policy's current weights."""
     return rollout.KVCachePolicy(
-        sampling_params(params, run.model_config, run.rollout_mesh),
+        sampler_weights(params, run.model_config, run.rollout_mesh),
         run.model_config,
         run.tokenizer,
-        run.cfg.rollout,
+        run.cfg.agent,
         mesh=run.rollout_mesh,
         attention_bytes=run.cfg.attention_mb << 20,
         batch_rows=batch_rows,
@@ -841,28 +810,28 @@ def collect(run: Run, state: learner.TrainState, step: int):
     prompts, positions = step_prompts(run.train_set, step, cfg)
     error = None
     try:
-        trajs, timing = rollout.rollout(
+        trajs, timing = rollout.run_episodes(
             rollout_policy(run, state.params, batch_rows=wave),
             run.tokenizer,
             run.retriever,
             prompts,
             group_size=cfg.group_size,
             key=jax.random.key(cfg.seed),
-            cfg=cfg.rollout,
+            cfg=cfg.agent,
             example_ids=positions,
             wave_rows=wave,
         )
     except retrieval.RetrievalError as e:
         error = e
     raise_if_any_failed(error)
-    longest = max(len(rollout.sequence(t)[0]) for t in trajs)
+    longest = max(map(rollout.sequence_length, trajs))
     T = agreed_length(sampling.bucket_length(longest))
     batch = rollout.pack(trajs, cfg.group_size, length=T, pad_id=run.tokenizer.pad_token_id or 0)
     reward_BGK = tspo.folr_turn_rewards(
         batch.outcome_BG,
         batch.first_hit_BG,
         batch.num_turns_BG,
-        max_turns=cfg.rollout.max_turns,
+        max_turns=cfg.agent.max_turns,
         latent_reward=cfg.alpha,
         folr_groups=cfg.folr_groups,
         folr_credit=cfg.folr_credit,
@@ -880,11 +849,9 @@ def collect(run: Run, state: learner.TrainState, step: int):
     return trajs, timing, batch, adv_BGK
 
 
-def learn(run: Run, state: learner.TrainState, batch: rollout.Batch, adv_BGK, compiled: dict):
-    """Old-policy and reference log-probs, then policy epochs x mini-batches of Eq. L updates.
-
-    ``compiled`` caches the update's executable per packed shape. Returns (state, metrics list).
-    """
+def learn(run: Run, state, batch: rollout.Batch, adv_BGK, *, report_memory: bool):
+    """Old-policy and reference log-probs, then policy epochs x mini-batches of Eq. L updates
+    (with ``report_memory``, XLA's memory report of the first). Returns (state, metrics)."""
     cfg = run.cfg
     micro = cfg.micro_batch or cfg.mini_batch
     M = cfg.prompts_per_step // micro  # micro-batches in the step, over all processes
@@ -917,28 +884,42 @@ def learn(run: Run, state: learner.TrainState, batch: rollout.Batch, adv_BGK, co
                 None if ref_logp is None else ref_logp[sl],
                 sampler_logp[sl] if cfg.tis_cap else None,
             )
-            shape = update_batch.tokens_MBGT.shape
-            if shape not in compiled:
-                compiled[shape] = learner.update.lower(
-                    state,
-                    update_batch,
-                    mesh=run.mesh,
-                    optimizer=run.optimizer,
-                    settings=run.settings,
-                    **static,
-                ).compile()
-                analysis = compiled[shape].memory_analysis()
-                if run.lead and len(compiled) == 1 and analysis is not None:
-                    print(
-                        "update temporaries per device: XLA "
-                        f"{analysis.temp_size_in_bytes / plan.GiB:.2f} GiB at {shape[2]} tokens, "
-                        f"planned {run.memory.update / plan.GiB:.2f} GiB at "
-                        f"{cfg.rollout.max_context}",
-                        flush=True,
-                    )
-            state, m = compiled[shape](state, update_batch)
+            if report_memory:  # jit reuses this compilation in the call below
+                report_memory = print_update_memory(run, state, update_batch)
+            state, m = learner.update(
+                state,
+                update_batch,
+                mesh=run.mesh,
+                optimizer=run.optimizer,
+                settings=run.settings,
+                **static,
+            )
             metrics.append({**m, **gap})
     return state, metrics
+
+
+def print_update_memory(run: Run, state, update_batch) -> bool:
+    """Prints XLA's temporaries of the compiled update next to the plan's estimate (the plan is
+    calibrated on XLA:CPU; on a TPU or GPU this line says how far off it is). Returns False."""
+    compiled = learner.update.lower(
+        state,
+        update_batch,
+        mesh=run.mesh,
+        optimizer=run.optimizer,
+        settings=run.settings,
+        config=run.model_config,
+        options=run.options,
+    ).compile()
+    analysis = compiled.memory_analysis()
+    if run.lead and analysis is not None:
+        tokens = update_batch.tokens_MBGT.shape[-1]
+        print(
+            f"update temporaries per device: XLA {analysis.temp_size_in_bytes / plan.GiB:.2f} "
+            f"GiB at {tokens} tokens, planned {run.memory.update / plan.GiB:.2f} GiB at "
+            f"{run.cfg.agent.max_context}",
+            flush=True,
+        )
+    return False
 
 
 @jax.jit
@@ -949,14 +930,140 @@ def logprob_gap(learner_logp, sampler_logp, loss_mask) -> dict:
     return {"logp_gap_mean": gap.sum() / jnp.maximum(loss_mask.sum(), 1), "logp_gap_max": gap.max()}
 
 
-def initialize_distributed(cfg: Config) -> None:
-    """jax.distributed.initialize: auto-detected on TPU pods / SLURM / MPI, else from the
-    --coordinator, --num-processes and --process-id options (e.g. several CPU processes)."""
-    jax.config.update("jax_cpu_collectives_implementation", "gloo")  # CPU processes only
-    if cfg.coordinator:
-        jax.distributed.initialize(cfg.coordinator, cfg.num_processes, cfg.process_id)
-    else:
-        jax.distributed.initialize()
+def step_record(run: Run, state, step, batch, adv_BGK, trajs, timing, update_metrics, seconds):
+    """The training half of step's metrics row (rollouts, advantages, updates, times), averaged
+    over processes."""
+    homog = jax.device_get(tspo.homogenization_stats(adv_BGK, batch.outcome_BG, batch.first_hit_BG))
+    summary = rollout.summarize(trajs)
+    return process_mean(
+        {
+            "step": step + 1,
+            "reward": float(np.mean(batch.outcome_BG)),
+            **{k: v for k, v in summary.items() if k != "first_hit_turns"},
+            **{k: float(v) for k, v in homog.items()},
+            **{k: float(np.mean([m[k] for m in update_metrics])) for k in update_metrics[0]},
+            "lr": float(run.lr_fn(max(int(state.step) - 1, 0))),
+            "time_rollout": timing.sample_s,
+            "time_retrieval": timing.retrieval_s,
+            "time_update": seconds["update"],
+            "time_step": seconds["step"],
+            "tokens_per_s": timing.sampled_tokens / max(timing.sample_s, 1e-9),
+        }
+    )
+
+
+def sample_rows(step: int, trajs, adv_BGK) -> list[dict]:
+    """samples.jsonl's rows of a step: each trajectory with its outcome and turn advantages."""
+    adv_rows = np.asarray(adv_BGK).reshape(len(trajs), -1)
+    return [
+        {"step": step, "outcome": t.outcome, "advantages": a[: len(t.turns)].tolist()}
+        | rollout.to_json(t)
+        for t, a in zip(trajs, adv_rows, strict=True)
+    ]
+
+
+# ---------------------------------------------------------------------------------------------
+# Evaluation, exports and the final report.
+
+
+def eval_due(run, step: int) -> bool:
+    cfg = run.cfg
+    return bool(run.eval_set and cfg.eval_every) and (
+        step % cfg.eval_every == 0 or step == cfg.steps
+    )
+
+
+def export_due(cfg: Config, step: int) -> bool:
+    return bool(cfg.export_every and step % cfg.export_every == 0) or step == cfg.steps
+
+
+def export_dir(run, step: int) -> epath.Path:
+    return run.out / "hf" / f"step_{step}"
+
+
+def evaluate_step(run, step: int, state, record: dict, due: bool | None = None) -> None:
+    """Adds the evaluation of ``step`` to ``record`` when it is due (or ``due``)."""
+    with saved_on_failure(run, step, state, record):
+        if eval_due(run, step) if due is None else due:
+            record.update(eval_metrics(run, state.params))
+
+
+def export_step(run, step: int, state, record: dict, due: bool | None = None) -> None:
+    """The HF export of ``step`` when it is due (or ``due``)."""
+    with saved_on_failure(run, step, state, record):
+        if export_due(run.cfg, step) if due is None else due:
+            export(run, state.params, export_dir(run, step))
+
+
+def eval_rollout_config(cfg: Config) -> rollout.RolloutConfig:
+    """The rollout settings of train.py's evaluation: the run's, greedy."""
+    return dataclasses.replace(cfg.agent, greedy=True)
+
+
+def eval_metrics(run: Run, params) -> dict:
+    """Greedy held-out evaluation through rollout.py, by process 0 ("eval_*" metrics)."""
+    policy = rollout_policy(run, params, batch_rows=run.cfg.eval_batch)  # all processes
+    if not run.lead:
+        return {}
+    summary, _ = rollout.evaluate(
+        policy.params,
+        run.model_config,
+        run.tokenizer,
+        run.retriever,
+        run.eval_set,
+        cfg=eval_rollout_config(run.cfg),
+        batch_size=run.cfg.eval_batch,
+        progress=False,
+        mesh=run.rollout_mesh,
+        attention_bytes=run.cfg.attention_mb << 20,
+    )
+    return {f"eval_{k}": v for k, v in summary.items()}
+
+
+def export(run: Run, params, path: epath.Path) -> None:
+    """Hugging Face safetensors + config + generation config + tokenizer that transformers and
+    vLLM load, in the source checkpoint's dtype unless --export-dtype says otherwise, and the
+    rollout settings of train.py's evaluation (rollout.SETTINGS_FILE), which rollout.py reads.
+    config.json comes last, so that it marks a complete export (a URL: written locally, then
+    copied)."""
+    params = gather_to_host(qwen.unstack_layers(params))
+    if run.lead:
+        cfg = run.cfg
+        source = cfg.export_dtype == "source"
+        dtype = hf_io.checkpoint_dtype(cfg.model) if source else cfg.export_dtype
+        with hf_io.staged(path) as local:
+            run.tokenizer.save_pretrained(local)
+            hf_io.save_generation_config(local, run.model_config, source=cfg.model)
+            rollout.save_settings(
+                local, eval_rollout_config(cfg), batch_size=cfg.eval_batch, dtype=cfg.compute_dtype
+            )
+            hf_io.save_hf(local, run.model_config, jax.device_get(params), dtype=dtype)
+
+
+def final_report(history: list[dict], out: epath.Path, seconds: float) -> str:
+    """What a run ends by printing: held-out metrics at the first and last evaluation, the last
+    step's training metrics, and where the outputs are."""
+    lines = [f"done: {history[-1]['step']} steps in {seconds:.0f} s; outputs in {out}/"]
+    evals = [r for r in history if "eval_em" in r]
+    if evals:
+        first, last = evals[0], evals[-1]
+        lines.append(f"held-out, greedy    step {first['step']:>4}  step {last['step']:>4}")
+        for key in ("em", "f1", "turns", "searches", "answer_rate", "folr_hit_rate"):
+            a, b = first[f"eval_{key}"], last[f"eval_{key}"]
+            lines.append(f"  {key:<17} {a:>9.3f}  {b:>9.3f}")
+    train_rows = [r for r in history if "reward" in r]
+    if train_rows:
+        r = train_rows[-1]
+        lines.append(
+            f"last step: reward {r['reward']:.3f}, zero-advantage groups "
+            f"{r['zero_adv_group_frac']:.2f}, FOLR hits {r['folr_hit_rate']:.2f}, "
+            f"turns {r['turns']:.2f}"
+        )
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------
+# The loop.
 
 
 def main(argv=None) -> dict:
@@ -977,7 +1084,7 @@ def main(argv=None) -> dict:
         print(plan_line(state))
         return {"plan": state}
     cfg = run.cfg
-    history, compiled, bad_in_a_row, preempted = [], {}, 0, False
+    history, bad_in_a_row, preempted = [], 0, False
     if cfg.resume:
         history += resume_logs(run, state, start)
     elif run.lead:
@@ -985,7 +1092,7 @@ def main(argv=None) -> dict:
     metrics = run.out / "metrics.jsonl"
     bar = tqdm(total=cfg.steps, initial=start, desc="train", disable=not run.lead, file=sys.stderr)
     if start == 0 and run.eval_set and cfg.eval_every:
-        history.append({"step": 0, **evaluate(run, state.params)})
+        history.append({"step": 0, **eval_metrics(run, state.params)})
         if run.lead:
             write_jsonl(metrics, history[-1:], append=True)
     for step in range(start, cfg.steps):
@@ -993,41 +1100,18 @@ def main(argv=None) -> dict:
         with saved_on_failure(run, step, state, history[-1] if history else None, agreed=True):
             trajs, timing, batch, adv_BGK = collect(run, state, step)  # e.g. retrieval down
         t1 = time.perf_counter()
-        state, update_metrics = learn(run, state, batch, adv_BGK, compiled)
+        report = step == start
+        state, update_metrics = learn(run, state, batch, adv_BGK, report_memory=report)
         update_metrics = jax.device_get(update_metrics)
         t2 = time.perf_counter()
-        homog = jax.device_get(
-            tspo.homogenization_stats(adv_BGK, batch.outcome_BG, batch.first_hit_BG)
-        )
-        summary = rollout.summarize(trajs)
-        record = process_mean(
-            {
-                "step": step + 1,
-                "reward": float(np.mean(batch.outcome_BG)),
-                **{k: v for k, v in summary.items() if k != "first_hit_turns"},
-                **{k: float(v) for k, v in homog.items()},
-                **{k: float(np.mean([m[k] for m in update_metrics])) for k in update_metrics[0]},
-                "lr": float(run.lr_fn(max(int(state.step) - 1, 0))),
-                "time_rollout": timing.sample_s,
-                "time_retrieval": timing.retrieval_s,
-                "time_update": t2 - t1,
-                "time_step": t2 - t0,
-                "tokens_per_s": timing.sampled_tokens / max(timing.sample_s, 1e-9),
-            }
+        seconds = {"update": t2 - t1, "step": t2 - t0}
+        record = step_record(
+            run, state, step, batch, adv_BGK, trajs, timing, update_metrics, seconds
         )
         skipped = sum(m["skipped"] for m in update_metrics)
         bad_in_a_row = bad_in_a_row + 1 if skipped else 0
         if run.lead and cfg.log_samples and (step + 1) % cfg.log_samples == 0:
-            adv_rows = np.asarray(adv_BGK).reshape(len(trajs), -1)
-            rows = [
-                {
-                    "step": step + 1,
-                    "outcome": t.outcome,
-                    "advantages": a[: len(t.turns)].tolist(),
-                    **rollout.to_json(t),
-                }
-                for t, a in zip(trajs, adv_rows, strict=True)
-            ]
+            rows = sample_rows(step + 1, trajs, adv_BGK)
             write_jsonl(run.out / "samples.jsonl", rows, append=True)
         # The checkpoint first: neither the evaluation nor the export can lose the step.
         preempted = checkpoint_step(run, step + 1, state, record, notice)
@@ -1066,77 +1150,6 @@ def main(argv=None) -> dict:
         earlier = [r for r in earlier if r["step"] <= start]
         print(final_report(earlier + history, run.out, time.perf_counter() - t_start))
     return {"history": history, "state": state, "config": cfg}
-
-
-def final_report(history: list[dict], out: epath.Path, seconds: float) -> str:
-    """What a run ends by printing: held-out metrics at the first and last evaluation, the last
-    step's training metrics, and where the outputs are."""
-    lines = [f"done: {history[-1]['step']} steps in {seconds:.0f} s; outputs in {out}/"]
-    evals = [r for r in history if "eval_em" in r]
-    if evals:
-        first, last = evals[0], evals[-1]
-        lines.append(f"held-out, greedy    step {first['step']:>4}  step {last['step']:>4}")
-        for key in ("em", "f1", "turns", "searches", "answer_rate", "folr_hit_rate"):
-            a, b = first[f"eval_{key}"], last[f"eval_{key}"]
-            lines.append(f"  {key:<17} {a:>9.3f}  {b:>9.3f}")
-    train_rows = [r for r in history if "reward" in r]
-    if train_rows:
-        r = train_rows[-1]
-        lines.append(
-            f"last step: reward {r['reward']:.3f}, zero-advantage groups "
-            f"{r['zero_adv_group_frac']:.2f}, FOLR hits {r['folr_hit_rate']:.2f}, "
-            f"turns {r['turns']:.2f}"
-        )
-    return "\n".join(lines)
-
-
-def eval_rollout_config(cfg: Config) -> RolloutConfig:
-    """The rollout settings of train.py's evaluation: the run's, greedy."""
-    return dataclasses.replace(cfg.rollout, greedy=True)
-
-
-def evaluate(run: Run, params) -> dict:
-    """Greedy held-out evaluation through rollout.py, by process 0 ("eval_*" metrics)."""
-    policy = rollout_policy(run, params, batch_rows=run.cfg.eval_batch)  # all processes
-    if not run.lead:
-        return {}
-    summary, _ = rollout.evaluate(
-        policy.params,
-        run.model_config,
-        run.tokenizer,
-        run.retriever,
-        run.eval_set,
-        cfg=eval_rollout_config(run.cfg),
-        batch_size=run.cfg.eval_batch,
-        progress=False,
-        mesh=run.rollout_mesh,
-        attention_bytes=run.cfg.attention_mb << 20,
-    )
-    return {f"eval_{k}": v for k, v in summary.items()}
-
-
-def export(run: Run, params, path: epath.Path) -> None:
-    """Hugging Face safetensors + config + generation config + tokenizer that transformers and
-    vLLM load, in the source checkpoint's dtype unless --export-dtype says otherwise, and the
-    rollout settings of train.py's evaluation (rollout.SETTINGS_FILE), which rollout.py reads.
-    config.json comes last, so that it marks a complete export (a URL: written locally, then
-    copied)."""
-    params = qwen.unstack_layers(params)
-    if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-
-        params = multihost_utils.process_allgather(params, tiled=True)
-    if run.lead:
-        cfg = run.cfg
-        source = cfg.export_dtype == "source"
-        dtype = hf_io.checkpoint_dtype(cfg.model) if source else cfg.export_dtype
-        with hf_io.staged(path) as local:
-            run.tokenizer.save_pretrained(local)
-            hf_io.save_generation_config(local, run.model_config, source=cfg.model)
-            rollout.save_settings(
-                local, eval_rollout_config(cfg), batch_size=cfg.eval_batch, dtype=cfg.compute_dtype
-            )
-            hf_io.save_hf(local, run.model_config, jax.device_get(params), dtype=dtype)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """Compile time and memory of the real update at Qwen2.5 widths, on fake CPU devices.
 
-    python bench/compile.py --config qwen2.5-3b --layers 4 --devices 8 --micro-batches 1 32
+    python -m bench.compile --config qwen2.5-3b --layers 4 --devices 8 --micro-batches 1 32
 
 Compiles ``learner.update`` ahead of time for abstract shapes (no weights: the train state and
 the batch are ShapeDtypeStructs laid out as train.py lays them out), on a (1, devices) fsdp
@@ -14,7 +14,6 @@ largest M / at the smallest (the micro-batch loop is a lax.scan, so this stays n
 
 import argparse
 import os
-import sys
 import time
 from pathlib import Path
 
@@ -40,7 +39,6 @@ def main():
     flag = f"--xla_force_host_platform_device_count={args.devices}"
     os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {flag}".strip()
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
-    sys.path.insert(0, str(ROOT))
 
     import dataclasses
 

@@ -10,9 +10,9 @@ generate(max_new_tokens=1) (N - 1 steps). The floor is the bytes read per decode
 an untied embedding contributes only B rows; plus the KV cache) over the memory read bandwidth
 measured here by a 512 MiB multithreaded sum.
 
-    python bench/decode.py --config tiny --batch 8
-    python bench/decode.py --config qwen2.5-0.5b --batch 8
-    python bench/decode.py --config qwen2.5-0.5b --batch 1
+    python -m bench.decode --config tiny --batch 8
+    python -m bench.decode --config qwen2.5-0.5b --batch 8
+    python -m bench.decode --config qwen2.5-0.5b --batch 1
 
 The last line is ``ratio: X``: our decode tokens/s over transformers'.
 """
@@ -21,7 +21,6 @@ import argparse
 import dataclasses
 import os
 import statistics
-import sys
 import tempfile
 import time
 
@@ -31,7 +30,6 @@ import numpy as np
 import torch
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from tspo_jax import hf_io, sampling
 
 SHAPES = {
@@ -144,12 +142,17 @@ def main(args: Args) -> None:
     length_B = np.full((B,), P, np.int32)
 
     def ours():
-        state = sampling.init_state(config, B, P + N)
+        state = sampling.init_cache(config, B, P + N)
         state = sampling.append(params, config, state, prompt_BP, length_B)
         state.logits_BV.block_until_ready()
         t0 = time.perf_counter()
         state, gen = sampling.generate(
-            params, config, state, jax.random.key(0), max_new_tokens=N, eos_ids=(), greedy=True
+            params,
+            config,
+            state,
+            jax.random.key(0),
+            max_new_tokens=N,
+            sampling_params=sampling.SamplingParams(eos_ids=(), greedy=True),
         )
         gen.tokens_BN.block_until_ready()
         return time.perf_counter() - t0, np.asarray(gen.tokens_BN)

@@ -1,6 +1,6 @@
 """Rollout speed: the KV cache kept across turns vs re-prefilling the whole context every turn.
 
-    python bench/rollout.py [--config tiny] [--prompts 16] [--group 5] [--runs 3]
+    python -m bench.rollout [--config tiny] [--prompts 16] [--group 5] [--runs 3]
 
 Search-R1 re-tokenizes and re-prefills each row's whole context (prompt, turns, observations)
 before every turn; rollout.py appends each observation to the cache and keeps decoding. Both
@@ -15,20 +15,17 @@ and last `ratio: X` (re-prefill time / kept-cache time: how much faster keeping 
 import argparse
 import os
 import statistics
-import sys
 import time
 from pathlib import Path
 
 import jax
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 import rollout
-from tspo_jax import data, retrieval, sampling, sft, toyworld
+from tspo_jax import data, retrieval, sampling, toyworld
 
 SHAPES = {
     # The tiny shape of bench/decode.py (its vocabulary is the toy world tokenizer's here).
-    "tiny": sft.WarmStartConfig(
+    "tiny": toyworld.WarmStartConfig(
         hidden_size=256,
         num_layers=4,
         num_heads=4,
@@ -54,7 +51,7 @@ class ReprefillPolicy(rollout.KVCachePolicy):
     def sample(self, key, live, stop_strings, max_new_tokens, limit_B):
         longest = max(map(len, self.context))
         slots = sampling.bucket_length(longest) + max_new_tokens
-        self.state = sampling.init_state(self.model_config, len(self.context), slots)
+        self.state = sampling.init_cache(self.model_config, len(self.context), slots)
         self.rows = len(self.context)
         super().extend(self.context)
         samples = super().sample(key, live, stop_strings, max_new_tokens, limit_B)
@@ -73,7 +70,8 @@ def main():
 
     root = Path(os.environ.get("TSPO_JAX_CACHE", Path.home() / ".cache" / "tspo_jax"))
     world = toyworld.build(root / "bench-rollout-world")  # not train.py's (another template)
-    model_dir = sft.warm_start(world, root / f"bench-rollout-{args.config}", SHAPES[args.config])
+    policy_dir = root / f"bench-rollout-{args.config}"
+    model_dir = toyworld.warm_start(world, policy_dir, SHAPES[args.config])
     model_config, params, tokenizer = rollout.load_policy(str(model_dir))
     retriever = retrieval.BM25Retriever(world.corpus)
     examples = data.load_examples(world.train)[: args.prompts]
@@ -90,7 +88,7 @@ def main():
         for run in range(args.runs + 1):
             policy = policy_cls(params, model_config, tokenizer, cfg)
             t0 = time.perf_counter()
-            trajs, timing = rollout.rollout(
+            trajs, timing = rollout.run_episodes(
                 policy, tokenizer, retriever, examples, group_size=args.group,
                 key=jax.random.key(0), cfg=cfg,
             )  # fmt: skip

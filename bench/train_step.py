@@ -1,7 +1,7 @@
 """One policy update (forward + backward of Eq. L, AdamW step) vs the same in PyTorch.
 
-    python bench/train_step.py --config tiny
-    python bench/train_step.py --config qwen2.5-0.5b
+    python -m bench.train_step --config tiny
+    python -m bench.train_step --config qwen2.5-0.5b
 
 Both sides get the same random Qwen2 checkpoint (built with transformers, saved, then loaded by
 each) and the same batch of R sequences x T tokens (random tokens, a loss mask on the last
@@ -103,7 +103,6 @@ def run_jax(path, rows, length, steps):
     import jax.numpy as jnp
     import optax
 
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     from tspo_jax import hf_io, learner
 
     mesh = learner.make_mesh(-1, 1)
@@ -118,7 +117,7 @@ def run_jax(path, rows, length, steps):
     )  # fmt: skip
     optimizer = optax.adamw(1e-6)
     state = learner.init_state(params, config, mesh, optimizer)
-    settings = learner.LossSettings(clip_low=CLIP, clip_high=CLIP)
+    settings = learner.LossSettings(kl_coef=0.0, clip_low=CLIP, clip_high=CLIP)
     # No remat and no attention blocks: the same computation as PyTorch's (which keeps
     # every activation); log-prob chunks of 128 positions x rows, as before.
     options = learner.forward_options(
@@ -190,9 +189,11 @@ def main():
         make_checkpoint(args.config, tmp)
         results = {}
         for side in ("torch", "jax"):
+            command = [sys.executable, "-m", "bench.train_step", *sys.argv[1:]]
             out = subprocess.run(
-                [sys.executable, __file__, *sys.argv[1:], "--side", side, "--checkpoint", tmp],
+                [*command, "--side", side, "--checkpoint", tmp],
                 check=True, capture_output=True, text=True, env={**os.environ, "XLA_FLAGS": ""},
+                cwd=Path(__file__).resolve().parents[1],
             )  # fmt: skip
             results[side] = json.loads(out.stdout.strip().splitlines()[-1])
     print(f"{args.config}: {args.rows} sequences x {args.length} tokens, fp32, AdamW step")

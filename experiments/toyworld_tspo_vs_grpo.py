@@ -1,8 +1,8 @@
 """TSPO vs GRPO on the embedded default: five arms, five seeds, paired intervals.
 
-    python experiments/toyworld_tspo_vs_grpo.py                # 25 runs, then figure + table
-    python experiments/toyworld_tspo_vs_grpo.py --report-only  # figure + table from the runs
-    python experiments/toyworld_tspo_vs_grpo.py --arms grpo tspo --seeds 0 --steps 2  # smoke
+    python -m experiments.toyworld_tspo_vs_grpo                # 25 runs, then figure + table
+    python -m experiments.toyworld_tspo_vs_grpo --report-only  # figure + table from the runs
+    python -m experiments.toyworld_tspo_vs_grpo --arms grpo tspo --seeds 0 --steps 2  # smoke
 
 Arms (each passes every option it depends on, so that a change of train.py's defaults does not
 change what an arm is):
@@ -57,7 +57,6 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 from tspo_jax.plots import read_metrics  # noqa: E402
 

@@ -87,7 +87,8 @@ def small_world(tmp_path_factory):
 @pytest.fixture(scope="session")
 def small_policy(small_world, tmp_path_factory):
     """Folder of a tiny Qwen2 warm-started for a few seconds on the small world's demos."""
-    from tspo_jax import sft
+    from tspo_jax import toyworld
 
     out = tmp_path_factory.mktemp("policy") / "policy"
-    return sft.warm_start(small_world, out, sft.WarmStartConfig(**SMALL_POLICY), log=lambda _: None)
+    policy = toyworld.WarmStartConfig(**SMALL_POLICY)
+    return toyworld.warm_start(small_world, out, policy, log=lambda _: None)

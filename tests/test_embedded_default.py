@@ -16,7 +16,9 @@ import pytest
 
 import rollout
 import train
-from tspo_jax import data, hf_io, protocol, qwen, retrieval, sft, toyworld
+from tspo_jax import data, hf_io, protocol, qwen, retrieval, toyworld
+from tspo_jax.toyworld.demonstrations import load_demonstrations
+from tspo_jax.toyworld.world import QUESTION_RELATIONS
 
 TINY_WORLD = toyworld.ToyWorldConfig(
     countries=4,
@@ -30,7 +32,7 @@ TINY_WORLD = toyworld.ToyWorldConfig(
     demo_questions=480,
     heldout_questions=24,
 )
-TINY_POLICY = sft.WarmStartConfig(
+TINY_POLICY = toyworld.WarmStartConfig(
     hidden_size=64,
     num_layers=2,
     num_heads=2,
@@ -66,13 +68,13 @@ def test_default_run_goes_end_to_end(default_run):
     assert cfg.model == str(cache / "toyworld-policy")
     assert cfg.data == str(cache / "toyworld" / "train.jsonl")
     assert cfg.eval_data == str(cache / "toyworld" / "heldout.jsonl")
-    assert cfg.corpus == str(cache / "toyworld" / "corpus.jsonl")
-    flat = {**dataclasses.asdict(cfg), **dataclasses.asdict(cfg.rollout)}
+    assert cfg.retriever.corpus == str(cache / "toyworld" / "corpus.jsonl")
+    flat = {**dataclasses.asdict(cfg), **dataclasses.asdict(cfg.agent)}
     for name, value in train.TOYWORLD_PRESET.items():
         assert flat[name] == SHORT.get(name, value) or name == "out_dir", name
     # The demonstrations were written in the run's prompt template.
-    demos = toyworld.load_demonstrations(cache / "toyworld" / "demos.jsonl")
-    prompt = protocol.build_prompt(demos[0].question, template=cfg.rollout.template)
+    demos = load_demonstrations(cache / "toyworld" / "demos.jsonl")
+    prompt = protocol.build_prompt(demos[0].question, template=cfg.agent.template)
     assert demos[0].segments[0] == (prompt, False)
     # Metrics: the warm start's evaluation at step 0, then one row a step with an evaluation.
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
@@ -118,9 +120,9 @@ def test_warm_start_loads_and_follows_the_tag_protocol(default_run):
         rollout.evaluate,
         model_config=model_config,
         tokenizer=tokenizer,
-        retriever=retrieval.BM25Retriever(cfg.corpus),
+        retriever=retrieval.BM25Retriever(cfg.retriever.corpus),
         examples=examples,
-        cfg=dataclasses.replace(cfg.rollout, greedy=True),
+        cfg=dataclasses.replace(cfg.agent, greedy=True),
         batch_size=len(examples),
         progress=False,
     )
@@ -129,7 +131,7 @@ def test_warm_start_loads_and_follows_the_tag_protocol(default_run):
     assert summary["invalid_rate"] <= 0.1 and summary["answer_rate"] >= 0.9
     first = [t.turns[0].action for t in trajectories]
     assert np.mean([a.kind == "search" for a in first]) >= 0.75
-    relations = set(toyworld.QUESTION_RELATIONS)
+    relations = set(QUESTION_RELATIONS)
     queries = [a.content.split() for a in first if a.kind == "search"]
     assert np.mean([len(q) == 2 and q[1] in relations for q in queries]) >= 0.8
     # A random policy of the same shape does none of this.
@@ -146,7 +148,7 @@ def test_rollout_cli_on_the_export_reproduces_the_runs_evaluation(default_run, t
     summary = rollout.main(
         [
             *("--model", str(out / "hf" / "step_2"), "--data", cfg.eval_data),
-            *("--corpus", cfg.corpus, "--limit", str(cfg.eval_size)),
+            *("--corpus", cfg.retriever.corpus, "--limit", str(cfg.eval_size)),
         ]
     )
     last = result["history"][-1]

@@ -46,11 +46,11 @@ def params():
     return qwen.init_params(CONFIG, jax.random.key(0))
 
 
-def test_sequence_logprobs_align_with_logits(params):
+def test_logprobs_of_groups_align_with_logits(params):
     batch = make_batch()
     tokens, mask = batch.tokens_MBGT[0], batch.mask_MBGT[0]
     options = qwen.ForwardOptions(logits_bytes=7 * 2 * CONFIG.vocab_size * 4)  # 7 positions
-    logp = learner.sequence_logprobs(params, CONFIG, tokens, mask, options=options)
+    logp = qwen.token_logprobs(params, CONFIG, tokens, mask, options)  # [B, G, T]
     logits = qwen.logits(params, CONFIG, tokens.reshape(B * G, T), mask.reshape(B * G, T))
     full = jax.nn.log_softmax(logits, axis=-1).reshape(B, G, T, -1)
     # logp[t] scores token t from the logits at t - 1.
@@ -257,9 +257,7 @@ def test_loss_fn_passes_dual_clip_and_tis_to_the_loss(params):
         options(mesh),
         jax.device_put(micro, learner.batch_sharding(mesh, 3)),
     )
-    logp = learner.sequence_logprobs(
-        params, CONFIG, micro.tokens_MBGT, micro.mask_MBGT, options=qwen.PLAIN
-    )
+    logp = qwen.token_logprobs(params, CONFIG, micro.tokens_MBGT, micro.mask_MBGT)
     args = (logp, micro.old_logp_MBGT, micro.adv_MBGT, micro.loss_mask_MBGT, micro.ref_logp_MBGT)
     kw = dict(clip_low=0.2, clip_high=0.28, kl_coef=0.05)
     expected, _ = tspo.policy_loss(

@@ -72,7 +72,7 @@ def test_decode_temporaries_match_xla():
     spec = lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s)
     params = jax.eval_shape(lambda: qwen.init_params(SMALL, jax.random.key(0)))
     params = jax.tree.map(lambda x: spec(x, whole), params)
-    state = jax.eval_shape(lambda: sampling.init_state(SMALL, 64, 2048))
+    state = jax.eval_shape(lambda: sampling.init_cache(SMALL, 64, 2048))
     state = jax.tree.map(lambda x: spec(x, options.batch_sharding), state)
     tokens = jax.ShapeDtypeStruct((64, 512), jnp.int32, sharding=options.batch_sharding)
     n = jax.ShapeDtypeStruct((64,), jnp.int32, sharding=options.batch_sharding)

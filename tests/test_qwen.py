@@ -111,13 +111,13 @@ def test_hidden_states_lm_head_and_token_logprobs(tiny_checkpoints, name):
     np.testing.assert_allclose(
         np.asarray(qwen.head_logits(x, qwen.lm_head(params, config))), full, rtol=0, atol=1e-6
     )
-    # logp[b, t] = log_softmax(logits[b, t])[tokens[b, t + 1]] where t + 1 is a real token.
+    # logp[b, t] = log_softmax(logits[b, t - 1])[tokens[b, t]] where t is a real token, t > 0.
     logp_ref = np.zeros(tokens.shape, np.float32)
     log_softmax = np.asarray(jax.nn.log_softmax(full, axis=-1))
     for b in range(2):
-        for t in range(tokens.shape[1] - 1):
-            if mask[b, t + 1]:
-                logp_ref[b, t] = log_softmax[b, t, tokens[b, t + 1]]
+        for t in range(1, tokens.shape[1]):
+            if mask[b, t]:
+                logp_ref[b, t] = log_softmax[b, t - 1, tokens[b, t]]
     V = config.vocab_size
     logp_fn = jax.jit(qwen.token_logprobs, static_argnums=(1, 4))
     # Chunks of 2 rows x 4 positions (T = 11: padded), then of 1 row x 1 position; queries in
@@ -135,13 +135,11 @@ def test_hidden_states_lm_head_and_token_logprobs(tiny_checkpoints, name):
     # the plain computation, with a different weight on every position so each chunk's
     # cotangent is tested.
     weight = rng.normal(size=tokens.shape).astype(np.float32)
-    next_tokens = np.concatenate([tokens[:, 1:], np.zeros((2, 1), np.int32)], axis=1)
-    next_mask = np.concatenate([mask[:, 1:], np.zeros((2, 1), bool)], axis=1)
 
     def plain(p):
-        logp_BTV = jax.nn.log_softmax(qwen.logits(p, config, tokens, mask), axis=-1)
-        picked = jnp.take_along_axis(logp_BTV, next_tokens[..., None], axis=-1)[..., 0]
-        return jnp.sum(weight * jnp.where(next_mask, picked, 0.0))
+        logp_BTV = jax.nn.log_softmax(qwen.logits(p, config, tokens, mask), axis=-1)[:, :-1]
+        picked = jnp.take_along_axis(logp_BTV, tokens[:, 1:, None], axis=-1)[..., 0]
+        return jnp.sum(weight[:, 1:] * jnp.where(mask[:, 1:], picked, 0.0))
 
     g_plain = jax.grad(plain)(params)
     for options in variants:

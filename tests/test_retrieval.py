@@ -20,7 +20,6 @@ from tspo_jax.retrieval import (
     Passage,
     RetrievalError,
     load_corpus,
-    make_retriever,
 )
 
 
@@ -181,16 +180,11 @@ def test_bm25_unreadable_cache_is_rebuilt(tmp_path):
     assert BM25Retriever(path).from_cache
 
 
-def test_bm25_indexes_10k_passages_quickly(tmp_path):
+def test_bm25_indexes_10k_passages(tmp_path):
     path = write_corpus(tmp_path / "c.jsonl", distractors(10_000))
-    start = time.perf_counter()
-    retriever = BM25Retriever(path)
-    built = time.perf_counter() - start
-    results = retriever.search([f"w{i} river" for i in range(100)], k=3)
-    searched = time.perf_counter() - start - built
+    results = BM25Retriever(path).search([f"w{i} river" for i in range(100)], k=3)
     assert len(results) == 100 and all(len(r) == 3 for r in results)
-    # About 0.5 s to read, tokenize, index and cache here; generous bounds for a shared machine.
-    assert built < 4.0 and searched < 2.0, (built, searched)
+    assert BM25Retriever(path).search([f"w{i} river" for i in range(100)], k=3) == results
 
 
 # --- HTTP -------------------------------------------------------------------------------------
@@ -358,15 +352,3 @@ def test_http_check_says_what_is_wrong(server):
     url = closed_port_url()
     with pytest.raises(RetrievalError, match=unreachable(url, 1, ".*refused")):
         HttpRetriever(url, max_wait=0).check()
-
-
-def test_make_retriever(tmp_path, server):
-    path = write_corpus(tmp_path / "c.jsonl", TINY)
-    assert isinstance(make_retriever(corpus=path), BM25Retriever)
-    http = make_retriever(url=server.url, timeout=5.0, retries=1, max_wait=9.0, backoff=0.5)
-    assert isinstance(http, HttpRetriever)
-    got = (http.url, http.timeout, http.retries, http.max_wait, http.backoff)
-    assert got == (server.url, 5.0, 1, 9.0, 0.5)
-    for kwargs in ({}, {"corpus": path, "url": server.url}):
-        with pytest.raises(ValueError, match="exactly one of corpus"):
-            make_retriever(**kwargs)

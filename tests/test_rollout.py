@@ -11,8 +11,9 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import rollout
-from tspo_jax import cli, data, learner, protocol, qwen, retrieval, sampling, toyworld
+from tspo_jax import cli, data, protocol, qwen, retrieval, sampling
 from tspo_jax.protocol import INVALID_ACTION_OBSERVATION
+from tspo_jax.toyworld.tokenizer import train_tokenizer
 
 CORPUS = [
     ("p0", "Paris", "Paris is the capital of France."),
@@ -77,7 +78,7 @@ class ScriptedPolicy:
 
 @pytest.fixture(scope="module")
 def toy_tokenizer():
-    return toyworld.train_tokenizer()
+    return train_tokenizer()
 
 
 @pytest.fixture(scope="module")
@@ -93,7 +94,7 @@ def test_scripted_policy_through_the_loop(toy_tokenizer, small_corpus):
     cfg = rollout.RolloutConfig(max_turns=3, passages=2, max_new_tokens=64, max_context=1024)
     policy = ScriptedPolicy(toy_tokenizer, SCRIPT)
     retriever = retrieval.BM25Retriever(small_corpus)
-    trajs, timing = rollout.rollout(
+    trajs, timing = rollout.run_episodes(
         policy, toy_tokenizer, retriever, QUESTIONS, group_size=2, key=jax.random.key(0), cfg=cfg
     )
     # Hand-computed: answer, outcome, first_hit, num_turns, finish, actions.
@@ -158,7 +159,7 @@ def test_force_answer_and_context_budget(toy_tokenizer, small_corpus):
     """force_answer puts an untrained "<answer>" before the last turn; max_context holds."""
     script = [[("<search> capital France </search>", "stop"), (" Paris </answer>", "stop")]] * 2
     cfg = rollout.RolloutConfig(max_turns=2, passages=2, max_context=1024, force_answer=True)
-    trajs, _ = rollout.rollout(
+    trajs, _ = rollout.run_episodes(
         ScriptedPolicy(toy_tokenizer, script),
         toy_tokenizer,
         retrieval.BM25Retriever(small_corpus),
@@ -179,7 +180,7 @@ def test_force_answer_and_context_budget(toy_tokenizer, small_corpus):
     # A budget that the prompt plus the first turn and its observation overflow.
     prompt = len(trajs[0].prompt_tokens)
     tight = rollout.RolloutConfig(max_turns=2, passages=2, max_context=prompt + 12)
-    trajs, _ = rollout.rollout(
+    trajs, _ = rollout.run_episodes(
         ScriptedPolicy(toy_tokenizer, script),
         toy_tokenizer,
         retrieval.BM25Retriever(small_corpus),
@@ -190,7 +191,7 @@ def test_force_answer_and_context_budget(toy_tokenizer, small_corpus):
     )
     for t in trajs:
         assert t.finish == "context"
-        assert len(rollout.sequence(t)[0]) <= tight.max_context
+        assert len(rollout.sequence(t)[0]) == rollout.sequence_length(t) <= tight.max_context
 
 
 def test_kv_cache_logprobs_equal_full_forward(small_world, small_policy):
@@ -199,7 +200,7 @@ def test_kv_cache_logprobs_equal_full_forward(small_world, small_policy):
     model_config, params, tokenizer = rollout.load_policy(str(small_policy))
     cfg = rollout.RolloutConfig(max_turns=3, max_new_tokens=12, max_obs_tokens=80)
     examples = data.load_examples(small_world.train)[:3]
-    trajs, _ = rollout.rollout(
+    trajs, _ = rollout.run_episodes(
         rollout.KVCachePolicy(params, model_config, tokenizer, cfg),
         tokenizer,
         retrieval.BM25Retriever(small_world.corpus),
@@ -210,9 +211,7 @@ def test_kv_cache_logprobs_equal_full_forward(small_world, small_policy):
     )
     assert max(len(t.turns) for t in trajs) >= 2  # observations were appended mid-sequence
     batch = rollout.pack(trajs, 2)
-    logp = learner.sequence_logprobs(
-        params, model_config, batch.tokens_BGT, batch.mask_BGT, options=qwen.PLAIN
-    )
+    logp = qwen.token_logprobs(params, model_config, batch.tokens_BGT, batch.mask_BGT)
     on = batch.loss_mask_BGT
     assert on.sum() > 50
     np.testing.assert_allclose(np.asarray(logp)[on], batch.logp_BGT[on], atol=2e-4, rtol=1e-4)
@@ -225,7 +224,7 @@ def _kv_rollout(policy_parts, examples, cfg, *, devices, wave_rows=None, key=3):
     policy = rollout.KVCachePolicy(
         replicated, model_config, tokenizer, cfg, mesh=mesh, batch_rows=wave_rows or 1
     )
-    trajs, _ = rollout.rollout(
+    trajs, _ = rollout.run_episodes(
         policy,
         tokenizer,
         retriever,
@@ -319,7 +318,7 @@ def test_eos_without_an_answer_has_its_own_rate(toy_tokenizer, small_corpus):
         [("no tag here", "length"), ("<answer> Paris </answer>", "stop")],
     ]
     cfg = rollout.RolloutConfig(max_turns=3, passages=2, max_context=1024)
-    trajs, _ = rollout.rollout(
+    trajs, _ = rollout.run_episodes(
         ScriptedPolicy(toy_tokenizer, script),
         toy_tokenizer,
         retrieval.BM25Retriever(small_corpus),
@@ -376,8 +375,8 @@ def test_evaluation_defaults_greedy_and_takes_an_exports_settings(tmp_path, caps
     in --help); an export's tspo_rollout.json overrides the defaults, the command line both."""
     base = ["--model", str(tmp_path), "--data", "q.jsonl", "--corpus", "c.jsonl"]
     cfg = cli.parse(rollout.EvalConfig, base)
-    assert cfg.rollout.greedy is True and cfg.rollout.max_turns == 4
-    assert cli.parse(rollout.EvalConfig, [*base, "--greedy", "false"]).rollout.greedy is False
+    assert cfg.agent.greedy is True and cfg.agent.max_turns == 4
+    assert cli.parse(rollout.EvalConfig, [*base, "--greedy", "false"]).agent.greedy is False
     with pytest.raises(SystemExit):
         cli.parse(rollout.EvalConfig, ["--help"])
     help_text = " ".join(capsys.readouterr().out.split())  # argparse wraps to the terminal
@@ -386,7 +385,7 @@ def test_evaluation_defaults_greedy_and_takes_an_exports_settings(tmp_path, caps
     rollout.save_settings(str(tmp_path), settings, batch_size=7, dtype="bfloat16")
     defaults = lambda given: rollout.load_settings(given["model"])
     cfg = cli.parse(rollout.EvalConfig, base, defaults=defaults)
-    assert (cfg.rollout.max_turns, cfg.rollout.chat, cfg.batch_size, cfg.dtype) == (
+    assert (cfg.agent.max_turns, cfg.agent.chat, cfg.batch_size, cfg.dtype) == (
         2,
         True,
         7,
@@ -395,7 +394,7 @@ def test_evaluation_defaults_greedy_and_takes_an_exports_settings(tmp_path, caps
     cfg = cli.parse(
         rollout.EvalConfig, [*base, "--chat", "false", "--max-turns", "3"], defaults=defaults
     )
-    assert (cfg.rollout.max_turns, cfg.rollout.chat, cfg.batch_size) == (3, False, 7)
+    assert (cfg.agent.max_turns, cfg.agent.chat, cfg.batch_size) == (3, False, 7)
     (tmp_path / rollout.SETTINGS_FILE).write_text('{"max_turns": 2, "beam": 4}')
     with pytest.raises(ValueError, match="unknown rollout settings \\['beam'\\]"):
         rollout.load_settings(str(tmp_path))

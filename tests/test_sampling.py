@@ -39,7 +39,7 @@ def test_cache_matches_full_forward_through_appends_and_generation(model):
     _, config, params = model
     rng = np.random.default_rng(0)
     rows = [rng.integers(0, config.vocab_size, n).tolist() for n in (9, 3, 14)]
-    state = sp.init_state(config, B, S)
+    state = sp.init_cache(config, B, S)
     state = sp.append(params, config, state, *sp.pad_chunk(rows, buckets=(16,)))
     np.testing.assert_allclose(state.logits_BV, last_logits(params, config, rows), atol=2e-5)
     # One token at a time, row 1 sitting out the second step (keeps its logits).
@@ -57,7 +57,12 @@ def test_cache_matches_full_forward_through_appends_and_generation(model):
     assert state.length_B.tolist() == [len(r) for r in rows]
     # Greedy generation: every step's token and log-prob against the full forward pass.
     state, gen = sp.generate(
-        params, config, state, jax.random.key(0), max_new_tokens=N, eos_ids=(), greedy=True
+        params,
+        config,
+        state,
+        jax.random.key(0),
+        max_new_tokens=N,
+        sampling_params=sp.SamplingParams(eos_ids=(), greedy=True),
     )
     tokens = np.asarray(gen.tokens_BN)
     assert gen.length_B.tolist() == [N] * B and gen.stop_B.tolist() == [sp.LENGTH] * B
@@ -96,10 +101,15 @@ def test_greedy_matches_transformers_generate(model):
         return out[:, tokens.shape[1] :].numpy()
 
     def ours(eos):
-        state = sp.init_state(config, B, S)
+        state = sp.init_cache(config, B, S)
         state = sp.append(params, config, state, *sp.pad_chunk(prompts, buckets=(16,)))
         _, gen = sp.generate(
-            params, config, state, jax.random.key(0), max_new_tokens=N, eos_ids=eos, greedy=True
+            params,
+            config,
+            state,
+            jax.random.key(0),
+            max_new_tokens=N,
+            sampling_params=sp.SamplingParams(eos_ids=eos, greedy=True),
         )
         return np.asarray(gen.tokens_BN), np.asarray(gen.length_B), np.asarray(gen.stop_B)
 
@@ -128,7 +138,7 @@ def test_sampled_logprobs_are_log_softmax_of_the_full_forward(model):
     rows = [rng.integers(0, config.vocab_size, n).tolist() for n in (5, 11, 8)]
     temperature, top_k = 0.7, 20
     for kwargs in (dict(top_k=top_k, top_p=0.9), dict(top_p=0.8), dict()):
-        state = sp.init_state(config, B, S)
+        state = sp.init_cache(config, B, S)
         state = sp.append(params, config, state, *sp.pad_chunk(rows, buckets=(16,)))
         _, gen = sp.generate(
             params,
@@ -136,9 +146,7 @@ def test_sampled_logprobs_are_log_softmax_of_the_full_forward(model):
             state,
             jax.random.key(3),
             max_new_tokens=N,
-            eos_ids=(),
-            temperature=temperature,
-            **kwargs,
+            sampling_params=sp.SamplingParams(eos_ids=(), temperature=temperature, **kwargs),
         )
         tokens = np.asarray(gen.tokens_BN)
         full, T = step_logits(
@@ -156,10 +164,15 @@ def test_rewind_cuts_rows_and_the_cache_continues(model):
     _, config, params = model
     rng = np.random.default_rng(4)
     rows = [rng.integers(0, config.vocab_size, n).tolist() for n in (6, 10, 2)]
-    state = sp.init_state(config, B, S)
+    state = sp.init_cache(config, B, S)
     state = sp.append(params, config, state, *sp.pad_chunk(rows, buckets=(16,)))
     state, gen = sp.generate(
-        params, config, state, jax.random.key(5), max_new_tokens=N, eos_ids=(), temperature=1.0
+        params,
+        config,
+        state,
+        jax.random.key(5),
+        max_new_tokens=N,
+        sampling_params=sp.SamplingParams(eos_ids=()),
     )
     tokens = np.asarray(gen.tokens_BN)
     keep = np.array([3, N, 1])  # cut row 0 after 3 tokens, keep row 1, cut row 2 to 1 token
@@ -177,14 +190,21 @@ def test_rewind_cuts_rows_and_the_cache_continues(model):
 
 def test_the_cache_refuses_to_overflow(model):
     _, config, params = model
-    state = sp.init_state(config, B, 16)
+    state = sp.init_cache(config, B, 16)
     state = sp.append(params, config, state, *sp.pad_chunk([[1, 2]] * B, buckets=(16,)))
     state = sp.append(params, config, state, *sp.pad_chunk([[1] * 14, [], []], buckets=(16,)))
     with pytest.raises(ValueError, match="a row of 17 tokens does not fit in the cache of 16"):
         sp.append(params, config, state, np.ones((B, 1), np.int32), np.ones((B,), np.int32))
-    state = sp.init_state(config, B, 16)
+    state = sp.init_cache(config, B, 16)
     with pytest.raises(ValueError, match="does not fit in the cache"):
-        sp.generate(params, config, state, jax.random.key(0), max_new_tokens=17, greedy=True)
+        sp.generate(
+            params,
+            config,
+            state,
+            jax.random.key(0),
+            max_new_tokens=17,
+            sampling_params=sp.SamplingParams(greedy=True),
+        )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -342,10 +362,12 @@ def test_stop_strings_end_rows_independently(qwen_tok):
     active = [True, True, True, True, False]
 
     def prefilled():  # the cache after the prompts; a fresh one per call (the state is donated)
-        state = sp.init_state(config, 5, 64)
+        state = sp.init_cache(config, 5, 64)
         return sp.append(params, config, state, *sp.pad_chunk(prompts, buckets=(16,)))
 
-    turn_args = dict(max_new_tokens=10, active_B=active, stop_table=table, greedy=True)
+    greedy = sp.SamplingParams(greedy=True).with_stops(tok, ("</search>", "</answer>"))
+    np.testing.assert_array_equal(greedy.stop_table, table)
+    turn_args = dict(max_new_tokens=10, active_B=active, sampling_params=greedy)
     # Inside the loop: row 0 stops on the split stop string, row 2's merged one is not seen.
     _, gen = sp.generate(params, config, prefilled(), jax.random.key(0), **turn_args)
     assert gen.stop_B.tolist() == [sp.STOP_STRING, sp.EOS, sp.LENGTH, sp.LENGTH, sp.INACTIVE]
@@ -377,8 +399,8 @@ def test_stop_strings_end_rows_independently(qwen_tok):
         jax.random.key(1),
         tok,
         max_new_tokens=10,
+        sampling_params=greedy,
         active_B=[True, False, False, False, False],
-        greedy=True,
     )
     assert turn2[0].text == " The answer<|im_end|>" and turn2[0].stop == "eos"
     assert [t.stop for t in turn2[1:]] == ["inactive"] * 4

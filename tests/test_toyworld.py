@@ -1,4 +1,4 @@
-"""The toy world (tspo_jax/toyworld.py): determinism, answerability by search, held-out
+"""The toy world (tspo_jax/toyworld/): determinism, answerability by search, held-out
 isolation, the tokenizer, the demonstrations and the build cache.
 
 Most tests use a small world built once per module (about a second); the tokenizer-coverage
@@ -15,35 +15,30 @@ from collections import Counter
 import pytest
 from transformers import AutoTokenizer
 
-from tspo_jax import toyworld
 from tspo_jax.data import load_examples
 from tspo_jax.protocol import (
+    TAGS,
     build_prompt,
     exact_match,
-    first_hit,
     format_observation,
     parse_action,
     split_title,
 )
 from tspo_jax.retrieval import BM25Retriever, Passage, load_corpus
-from tspo_jax.toyworld import (
+from tspo_jax.toyworld import files
+from tspo_jax.toyworld.demonstrations import demo_stop, load_demonstrations, run_scripts
+from tspo_jax.toyworld.files import build
+from tspo_jax.toyworld.tokenizer import train_tokenizer
+from tspo_jax.toyworld.world import (
     KIND_INITIALS,
     NAME_SYLLABLES,
     QUESTIONS,
     RELATIONS,
     SYLLABLES,
-    TAG_TOKENS,
-    Script,
+    Question,
     ToyWorldConfig,
-    build,
-    demo_script,
-    first_search_script,
-    load_demonstrations,
     make_world,
-    oracle_script,
-    run_scripts,
     syllables,
-    train_tokenizer,
 )
 
 SMALL = ToyWorldConfig(
@@ -59,8 +54,6 @@ SMALL = ToyWorldConfig(
     demo_questions=60,
     heldout_questions=40,
     early_answer=(0.0, 0.3, 0.5),
-    wrong_entity_rate=0.15,
-    wrong_passage_rate=0.25,
     template="Question: {question}\n",
 )
 NAME_RE = re.compile(r"\b[A-Z][a-z]+\b")
@@ -199,12 +192,13 @@ def test_every_hop_is_found_by_searching_entity_and_relation(built):
         assert [r[0].id for r in results] == [h.passage_id for h in picked]  # ranked first
 
 
-def run_everywhere(built, questions, script):
-    """run_scripts against each question's own corpus; episodes in question order."""
+def run_everywhere(built, questions, stop):
+    """run_scripts against each question's own corpus, answering after the search of hop
+    stop(q); episodes in question order."""
     episodes = [None] * len(questions)
     for facts, retriever, positions in by_corpus(built, questions):
         qs = [questions[i] for i in positions]
-        played = run_scripts(qs, [script(q) for q in qs], facts, retriever, k=3)
+        played = run_scripts(qs, [stop(q) for q in qs], facts, retriever, k=3)
         for i, episode in zip(positions, played, strict=True):
             episodes[i] = episode
     return episodes
@@ -213,11 +207,11 @@ def run_everywhere(built, questions, script):
 def test_oracle_answers_everything_and_first_search_only_one_hop(built):
     _, world, _, _ = built
     questions = all_questions(world)
-    oracle = run_everywhere(built, questions, oracle_script)
+    oracle = run_everywhere(built, questions, lambda q: len(q.chain) - 1)
     assert [e.answer for e in oracle] == [q.answer for q in questions]
     assert [len(e.turns) for e in oracle] == [len(q.chain) + 1 for q in questions]
     assert all(e.flaw == "" for e in oracle)
-    shortcut = run_everywhere(built, questions, first_search_script)
+    shortcut = run_everywhere(built, questions, lambda q: 0)
     em = [exact_match(e.answer, [q.answer]) for e, q in zip(shortcut, questions, strict=True)]
     # The first search's answer is of the wrong kind (a person or a city for a country).
     assert em == [float(len(q.chain) == 1) for q in questions]
@@ -280,7 +274,7 @@ def test_tokenizer_folder_reloads_with_single_token_tags(built):
         "<think>", "Ġborn", "Ġ", "</think>", "Ċ", "<search>", "ĠVas", "fol", "Ġborn", "Ġ",
         "</search>", "<answer>", "ĠBo", "Ġ", "</answer>",
     ]  # fmt: skip
-    for tag in TAG_TOKENS:
+    for tag in TAGS:
         (tag_id,) = tok.encode(tag, add_special_tokens=False)
         assert tok.decode([tag_id], skip_special_tokens=True) == tag  # decodes as text
     assert tok.decode(ids) == text
@@ -354,33 +348,26 @@ def test_demonstrations_are_rollout_text(built):
         ]
         assert observations == expected
         em = exact_match(actions[-1].content, demo.golden_answers)
-        hit = first_hit(observations, demo.golden_answers)
         searched = [a.content.rsplit(" ", 1)[0] for a in actions[:-1]]
         if demo.flaw == "":
             assert em == 1.0 and searched == [h.entity for h in q.chain]
-        elif demo.flaw == "early_answer":
-            assert em == 0.0 and len(searched) == len(q.chain) - 1
-        elif demo.flaw == "wrong_passage":  # a near-miss: the gold answer was shown
-            assert em == 0.0 and hit == len(q.chain) - 1
-            assert searched == [h.entity for h in q.chain]
         else:
-            assert demo.flaw == "wrong_entity"
-            assert searched != [h.entity for h in q.chain] and len(searched) == len(q.chain)
-    assert set(d.flaw for d in demos) == {"", "early_answer", "wrong_entity", "wrong_passage"}
+            assert demo.flaw == "early_answer"
+            assert em == 0.0 and len(searched) == len(q.chain) - 1
+            # It read every hop right and answered with what it found one hop short.
+            assert searched == [h.entity for h in q.chain[:-1]]
+            assert actions[-1].content == q.chain[-2].answer
+    assert set(d.flaw for d in demos) == {"", "early_answer"}
 
 
-def test_demo_flaw_rates_follow_the_config():
+def test_demo_early_answer_rates_follow_the_config():
     cfg = SMALL
     rng = random.Random(0)
     for hops in (1, 2, 3):
-        q = toyworld.Question("q", "a", "train", (None,) * hops)
-        scripts = Counter(demo_script(q, cfg, rng) for _ in range(20000))
-        early = sum(n for s, n in scripts.items() if s.stop == hops - 2) / 20000
-        entity = sum(n for s, n in scripts.items() if 0 <= s.misread < hops - 1) / 20000
-        passage = scripts[Script(hops - 1, hops - 1)] / 20000
-        assert early == pytest.approx(cfg.early_answer[hops - 1], abs=0.015)
-        assert entity == pytest.approx(cfg.wrong_entity_rate * (hops > 1), abs=0.015)
-        assert passage == pytest.approx(cfg.wrong_passage_rate, abs=0.015)
+        q = Question("q", "a", "train", (None,) * hops)
+        stops = Counter(demo_stop(q, cfg, rng) for _ in range(20000))
+        assert set(stops) <= {hops - 2, hops - 1}
+        assert stops[hops - 2] / 20000 == pytest.approx(cfg.early_answer[hops - 1], abs=0.015)
 
 
 # --- build cache ------------------------------------------------------------------------------
@@ -405,7 +392,7 @@ def test_build_is_cached_and_rebuilt_when_settings_change(tmp_path):
     other = dataclasses.replace(cfg, world_seed=7)
     assert build(tmp_path / "w", other) == paths
     info = json.loads(paths.info.read_text())
-    assert info["fingerprint"] == toyworld.fingerprint(other) != toyworld.fingerprint(cfg)
+    assert info["fingerprint"] == files.world_fingerprint(other) != files.world_fingerprint(cfg)
     assert info["config"]["world_seed"] == 7
     assert [q.question for q in make_world(other).heldout] == [
         e.question for e in load_examples(paths.heldout)
@@ -416,11 +403,11 @@ def test_build_is_cached_and_rebuilt_when_settings_change(tmp_path):
 def test_killed_build_leaves_no_half_written_world(tmp_path, monkeypatch):
     cfg = dataclasses.replace(SMALL, train_questions=10, demo_questions=10, heldout_questions=10)
 
-    def dies_midway(root, cfg, key):
+    def dies_midway(root, cfg):
         (root / "corpus.jsonl").write_text("{}\n")
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(toyworld, "_write_world", dies_midway)
+    monkeypatch.setattr(files, "_write_world", dies_midway)
     with pytest.raises(KeyboardInterrupt):
         build(tmp_path / "w", cfg)
     assert list(tmp_path.iterdir()) == []
@@ -433,7 +420,7 @@ def test_killed_build_leaves_no_half_written_world(tmp_path, monkeypatch):
     "change",
     [
         {"early_answer": (0.1, 0.2, 0.3)},
-        {"wrong_passage_rate": 0.5, "early_answer": (0.0, 0.3, 0.6)},
+        {"early_answer": (0.0, 0.3, 1.5)},
         {"hop_mix": (0.0, 0.0, 0.0)},
         {"cities": 2},
         {"people": 10},

@@ -1,9 +1,9 @@
 """Command-line parsing for the frozen config dataclasses of train.py and rollout.py.
 
 A field is declared with ``option(default, "one-line help")``; a field whose type is itself such a
-dataclass contributes its fields at the top level (``--max-turns``, not ``--rollout.max-turns``),
+dataclass contributes its fields at the top level (``--max-turns``, not ``--agent.max-turns``),
 so one flat command line fills a nested config (field names are unique across the nesting).
-A nested field's default instance is honoured: ``rollout: RolloutConfig = RolloutConfig(greedy=
+A nested field's default instance is honoured: ``agent: RolloutConfig = RolloutConfig(greedy=
 True)`` makes ``--greedy`` default to true, in the help and in the parsed config.
 Validation stays in each dataclass's ``__post_init__``, whose ValueError is reported as a usage
 error naming the option.

@@ -207,37 +207,23 @@ class UpdateBatch(NamedTuple):
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class LossSettings:
-    """The static options of tspo.policy_loss."""
+    """The static options of tspo.policy_loss. ``kl_coef`` has no default here: the run's is
+    train.Config's (Search-R1's 0.001); the others are policy_loss's own."""
 
+    kl_coef: float
     clip_low: float = 0.2
     clip_high: float = 0.2
-    kl_coef: float = 0.0
     loss_agg: str = "token-mean"
     norm_length: int | None = None
     clip_ratio_c: float | None = None  # dual-clip bound (None: off)
     tis_cap: float | None = None  # truncated importance sampling cap (None: off)
 
 
-def sequence_logprobs(params, config: qwen.QwenConfig, tokens_BGT, mask_BGT, *, options):
-    """logp_BGT[b, g, t] = log p(token t | tokens before it); 0 at t = 0 and on padding.
-
-    The log-softmax runs over chunks of rows x positions (qwen.token_logprobs), so no
-    [B, T, V] float32 logits are held for the whole batch.
-    """
-    B, G, T = tokens_BGT.shape
-    next_BT = qwen.token_logprobs(
-        params, config, tokens_BGT.reshape(B * G, T), mask_BGT.reshape(B * G, T), options
-    )
-    logp_BT = jnp.concatenate([jnp.zeros((B * G, 1), next_BT.dtype), next_BT[:, :-1]], axis=1)
-    return logp_BT.reshape(B, G, T)
-
-
 @functools.partial(jax.jit, static_argnames=("config", "options"))
 def batch_logprobs(params, tokens_MBGT, mask_MBGT, *, config, options):
-    """sequence_logprobs over micro-batches (old-policy and reference log-probs)."""
+    """qwen.token_logprobs over micro-batches (old-policy and reference log-probs)."""
     return jax.lax.map(
-        lambda xs: sequence_logprobs(params, config, *xs, options=options),
-        (tokens_MBGT, mask_MBGT),
+        lambda xs: qwen.token_logprobs(params, config, *xs, options), (tokens_MBGT, mask_MBGT)
     )
 
 
@@ -245,7 +231,7 @@ def loss_fn(params, config, mesh: Mesh, settings: LossSettings, options, micro):
     """Eq. L on one micro-batch: log-probs by the jit-partitioned forward, then the loss under
     shard_map over the batch axes. ``micro`` holds one micro-batch of UpdateBatch's fields."""
     tokens, mask, loss_mask, adv, old_logp, ref_logp, sampler_logp = micro
-    logp_BGT = sequence_logprobs(params, config, tokens, mask, options=options)
+    logp_BGT = qwen.token_logprobs(params, config, tokens, mask, options)
     spec = P(BATCH_AXES)
     optional = (ref_logp, sampler_logp)  # either may be None (no reference, no TIS)
 

@@ -40,7 +40,13 @@ INVALID_ACTION_OBSERVATION = (
 
 MAX_QUERY_CHARS = 500
 
-_TAGS = ("<search>", "</search>", "<answer>", "</answer>")
+# The protocol's tags, here and nowhere else. A turn ends where the policy closes an action:
+# STOP_STRINGS are what the sampler stops on (ANSWER_STOP when only an answer may follow).
+ACTION_TAGS = ("<search>", "</search>", "<answer>", "</answer>")
+TAGS = ("<think>", "</think>", *ACTION_TAGS, "<information>", "</information>")
+STOP_STRINGS = ("</search>", "</answer>")
+ANSWER_STOP = ("</answer>",)
+FORCED_ANSWER_PREFIX = "<answer>"  # what the last turn starts with under force_answer
 _ANSWER_RE = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
 _PUNCTUATION = str.maketrans("", "", string.punctuation)
 _ARTICLES_RE = re.compile(r"\b(a|an|the)\b")
@@ -96,7 +102,7 @@ def parse_action(text: str, *, max_query_chars: int = MAX_QUERY_CHARS) -> Action
     stripping) or exactly one `<answer>a</answer>` (a non-empty), and no tag of the other kind.
     Anything else is invalid, with the reason in `error`. Never raises.
     """
-    count = {tag: text.count(tag) for tag in _TAGS}
+    count = {tag: text.count(tag) for tag in ACTION_TAGS}
     has_search = count["<search>"] + count["</search>"] > 0
     has_answer = count["<answer>"] + count["</answer>"] > 0
     if has_search and has_answer:

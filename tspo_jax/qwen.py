@@ -275,9 +275,14 @@ def apply_rope(x_BTNH: jax.Array, cos_BTH: jax.Array, sin_BTH: jax.Array) -> jax
     return out_BTNH.astype(x_BTNH.dtype)
 
 
-# Up to this many tokens, dense() multiplies weight-stationary: w [F, D] @ x.T [D, M], then
-# transposes the small [F, M] result. On XLA:CPU that streams the weights at close to memory
+# ---------------------------------------------------------------------------------------------
+# XLA:CPU workaround: weight-stationary matmuls for decoding.
+# Up to WEIGHT_STATIONARY_MAX_TOKENS tokens, dense() computes w [F, D] @ x.T [D, M] and
+# transposes the small [F, M] result: on XLA:CPU that streams the weights at close to memory
 # bandwidth, where x @ w.T with few rows M reaches about 2/3 of it (decoding is memory bound).
+# The plain version, all a TPU or GPU needs: dense(x, w) = jnp.einsum("...d,fd->...f", x, w).
+# (Decoding also runs the layers as a Python loop over one weight array per layer rather than
+# hidden_states' scan over stacked weights: 1.6x faster on XLA:CPU; a scan serves elsewhere.)
 WEIGHT_STATIONARY_MAX_TOKENS = 64
 
 
@@ -302,6 +307,10 @@ def dense(x_MD: jax.Array, w_FD: jax.Array, preferred_element_type=None) -> jax.
             x2_MD, w2_FD, contract, preferred_element_type=preferred_element_type
         )
     return y_MF.reshape(*lead, *out)
+
+
+# ---------------------------------------------------------------------------------------------
+# Attention, the cache, the layers
 
 
 def attend(q_BTNH, k_BKSH, v_BKSH, mask_BTS, *, q_block: int = 0, options=PLAIN) -> jax.Array:
@@ -669,8 +678,10 @@ def logits_chunks(rows: int, length: int, vocab: int, max_bytes: int) -> tuple[i
 
 
 def token_logprobs(params: Params, config: QwenConfig, tokens_BT, mask_BT, options=PLAIN):
-    """logp_BT[b, t] = log p(tokens[b, t+1] | tokens[b, :t+1]), 0 where mask[b, t+1] = 0 and at
-    t = T-1.
+    """logp_BT[b, t] = log p(tokens[b, t] | tokens[b, :t]): the log-prob of each token given the
+    ones before it, 0 at t = 0 and on padding. Leading axes other than one of rows (e.g.
+    prompts x samples) are flattened into rows. The one log-prob function of the project (the
+    update, old-policy and reference log-probs, the toy world's warm start).
 
     The log-softmax runs over chunks of rows x positions (``logits_chunks``: under
     options.logits_bytes per device) in a rematerialized loop, so neither the forward nor the
@@ -680,8 +691,11 @@ def token_logprobs(params: Params, config: QwenConfig, tokens_BT, mask_BT, optio
     log-sum-exp and the picked logit are sums over the slices. No device ever holds the whole
     [V, D] head or its gradient.
     """
-    tokens_BT = jnp.asarray(tokens_BT, jnp.int32)
-    B, T = tokens_BT.shape
+    lead = tokens_BT.shape[:-1]  # any leading axes (prompts x samples) are rows
+    T = tokens_BT.shape[-1]
+    tokens_BT = jnp.asarray(tokens_BT, jnp.int32).reshape(-1, T)
+    mask_BT = mask_BT.reshape(-1, T)
+    B = tokens_BT.shape[0]
     x_BTD = hidden_states(params, config, tokens_BT, mask_BT, options)
     D = x_BTD.shape[-1]
     head_VD = options.constrain(lm_head(params, config).astype(x_BTD.dtype), 0)
@@ -707,5 +721,7 @@ def token_logprobs(params: Params, config: QwenConfig, tokens_BT, mask_BT, optio
     logp_Nbc = jax.lax.map(lambda xs: chunk_logp(*xs), (x_NbcD, next_Nbc))
     logp_Nbc = options.constrain(logp_Nbc, 1)
     logp_bRJc = logp_Nbc.reshape(R, J, B // R, c).transpose(2, 0, 1, 3)
-    logp_BT = logp_bRJc.reshape(B, J * c)[:, :T]
-    return jnp.where(next_mask_BT.astype(bool), logp_BT, 0.0)
+    next_logp_BT = logp_bRJc.reshape(B, J * c)[:, :T]  # of token t + 1, at t
+    next_logp_BT = jnp.where(next_mask_BT.astype(bool), next_logp_BT, 0.0)
+    logp_BT = jnp.concatenate([jnp.zeros((B, 1), next_logp_BT.dtype), next_logp_BT[:, :-1]], 1)
+    return logp_BT.reshape(*lead, T)

@@ -16,9 +16,7 @@ import json
 import logging
 import os
 import re
-import shutil
 import sys
-import tempfile
 import time
 import urllib.error
 import urllib.parse
@@ -29,6 +27,7 @@ from typing import NamedTuple, Protocol
 
 import numpy as np
 
+from tspo_jax import cache
 from tspo_jax.data import jsonl_rows
 from tspo_jax.protocol import split_title
 
@@ -46,7 +45,8 @@ def _bm25s():
 
 
 # Bump when the tokenization or the bm25s parameters change, so old caches are rebuilt.
-_INDEX_VERSION = 1
+_INDEX_VERSION = 2
+_STAMP = "key.json"
 
 
 class Passage(NamedTuple):
@@ -86,48 +86,35 @@ def tokenize(text: str) -> list[str]:
 
 
 class BM25Retriever:
-    """bm25s over a JSONL corpus. The index is cached in `<corpus>.bm25s/` and rebuilt when the
-    corpus's size or modification time changes. It is written to a temporary directory and
-    renamed into place, so a crash mid-write leaves no half-written cache behind."""
+    """bm25s over a JSONL corpus. The index is cached in `<corpus>.bm25s/` (tspo_jax/cache.py:
+    written whole or not at all) and rebuilt when the corpus's size or modification time
+    changes; where the cache cannot be written, the index is used uncached."""
 
     def __init__(self, corpus_path: str | os.PathLike):
         self.corpus_path = Path(corpus_path)
         self.passages = load_corpus(self.corpus_path)
         self.cache_dir = self.corpus_path.with_name(self.corpus_path.name + ".bm25s")
         stat = self.corpus_path.stat()
-        key = {"version": _INDEX_VERSION, "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
-        self.index = self._load_cache(key)
-        self.from_cache = self.index is not None
+        key = cache.fingerprint(_INDEX_VERSION, stat.st_size, stat.st_mtime_ns)
+        self.index, self.from_cache = None, cache.is_current(self.cache_dir, key, _STAMP)
+        if self.from_cache:
+            try:
+                self.index = _bm25s().BM25.load(
+                    str(self.cache_dir), show_progress=False, verbosity=0
+                )
+            except Exception:  # an unreadable cache: unstamped, then rebuilt below
+                (self.cache_dir / _STAMP).unlink(missing_ok=True)
+                self.from_cache = False
         if self.index is None:
             self.index = _bm25s().BM25()
             self.index.index(
                 [tokenize(f"{p.title}\n{p.text}") for p in self.passages], show_progress=False
             )
-            self._save_cache(key)
-
-    def _load_cache(self, key: dict):
-        try:
-            if json.loads((self.cache_dir / "key.json").read_text()) != key:
-                return None
-            return _bm25s().BM25.load(str(self.cache_dir), show_progress=False, verbosity=0)
-        except Exception:  # no cache, a stale one, or an unreadable one: rebuild
-            return None
-
-    def _save_cache(self, key: dict) -> None:
-        try:
-            tmp = tempfile.mkdtemp(prefix=self.cache_dir.name + ".tmp-", dir=self.cache_dir.parent)
-        except OSError as e:
-            warnings.warn(f"not caching the BM25 index: {e}", stacklevel=3)
-            return
-        try:
-            self.index.save(tmp, show_progress=False)
-            Path(tmp, "key.json").write_text(json.dumps(key))  # written last: marks it complete
-            shutil.rmtree(self.cache_dir, ignore_errors=True)
-            os.rename(tmp, self.cache_dir)
-        except OSError as e:  # disk full, or another process renamed its cache in first
-            warnings.warn(f"not caching the BM25 index in {self.cache_dir}: {e}", stacklevel=3)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+            try:
+                save = lambda tmp: self.index.save(str(tmp), show_progress=False)
+                cache.build_folder(self.cache_dir, key, save, stamp=_STAMP)
+            except OSError as e:  # a read-only corpus folder, a full disk
+                warnings.warn(f"not caching the BM25 index in {self.cache_dir}: {e}", stacklevel=2)
 
     def search(self, queries: list[str], k: int) -> list[list[Passage]]:
         """Top-k passages per query by BM25 score; passages sharing no word with the query
@@ -157,7 +144,7 @@ class BM25Retriever:
 DEFAULT_TIMEOUT, DEFAULT_RETRIES, DEFAULT_MAX_WAIT, MAX_BACKOFF = 60.0, 30, 600.0, 30.0
 
 
-def _stderr(message: str) -> None:
+def log_to_stderr(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
@@ -176,7 +163,7 @@ class HttpRetriever:
         retries: int = DEFAULT_RETRIES,
         max_wait: float = DEFAULT_MAX_WAIT,
         backoff: float = 1.0,
-        log=_stderr,
+        log=log_to_stderr,
     ):
         if retries < 0 or timeout <= 0 or max_wait < 0 or backoff < 0:
             raise ValueError(
@@ -270,24 +257,3 @@ class HttpRetriever:
                 f"retrieval server {self.url} gave an answer not in Search-R1's shape ({detail}); "
                 f"it starts {body[:200]!r}"
             ) from None
-
-
-def make_retriever(
-    corpus: str | os.PathLike | None = None,
-    url: str | None = None,
-    *,
-    timeout: float = DEFAULT_TIMEOUT,
-    retries: int = DEFAULT_RETRIES,
-    max_wait: float = DEFAULT_MAX_WAIT,
-    backoff: float = 1.0,
-) -> Retriever:
-    """BM25 over `corpus` or the server at `url`: exactly one of the two (the server's retry
-    budget as HttpRetriever's)."""
-    if (corpus is None) == (url is None):
-        raise ValueError(
-            "give exactly one of corpus (a JSONL file, for BM25) and url (a "
-            f"Search-R1 retrieval server); got {corpus=}, {url=}"
-        )
-    if corpus is not None:
-        return BM25Retriever(corpus)
-    return HttpRetriever(url, timeout=timeout, retries=retries, max_wait=max_wait, backoff=backoff)

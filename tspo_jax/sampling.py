@@ -2,7 +2,7 @@
 continuation of the same cache across turns (a rollout appends each observation and goes on).
 
 A rollout:
-    state = init_state(config, batch, slots)
+    state = init_cache(config, batch, slots)
     state = append(params, config, state, *pad_chunk(prompts))       # prefill
     state, turn = sample_turn(params, config, state, key, tokenizer, max_new_tokens=500, ...)
     state = append(params, config, state, *pad_chunk(observations))  # no re-prefill
@@ -18,11 +18,11 @@ row's end back. (B, K) lead the layout because they are the batch axes of the at
 matmuls: any other order makes XLA transpose the whole cache at every step.
 
 Sharding: ``options.batch_sharding`` (qwen.ForwardOptions) splits the rows over the devices of
-a mesh; the cache is created split (``init_state``) and every call keeps it so, with the
+a mesh; the cache is created split (``init_cache``) and every call keeps it so, with the
 weights replicated. Rows never interact, so no device waits for another's rows.
 
 Compiled shapes (each distinct value compiles once; keep them to a few): batch B and cache slots
-S (``init_state``, ``grow``), chunk length C (``append``; pad with ``pad_chunk`` to length
+S (``init_cache``, ``grow``), chunk length C (``append``; pad with ``pad_chunk`` to length
 buckets), ``max_new_tokens`` N, the stop table [M, J] and the number of EOS ids E
 (``generate``), and the flags greedy, top_k and (top_p < 1). Temperature, the top_p value and
 the per-row limits are traced, not static.
@@ -49,8 +49,24 @@ STOP_STRING = 2  # its last tokens matched a row of the stop table (or, on the h
 INACTIVE = 3  # not active in this call (generated nothing)
 STOP_NAMES = ("length", "eos", "stop", "inactive")
 
-DEFAULT_STOP_STRINGS = ("</search>", "</answer>")
 BUCKETS = (16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
+
+
+class SamplingParams(NamedTuple):
+    """How tokens are drawn and where a turn ends: one value for generate and sample_turn."""
+
+    temperature: float = 1.0
+    top_p: float = 1.0  # nucleus mass (1: off)
+    top_k: int = 0  # sample among the k most likely tokens (0: off)
+    greedy: bool = False  # argmax instead of sampling
+    eos_ids: tuple[int, ...] | None = None  # None: config.eos_token_ids; (): no EOS
+    stop_strings: tuple[str, ...] = ()  # a turn ends after the first of these it writes
+    stop_table: np.ndarray | None = None  # their token ids (make_stop_table); None: none
+
+    def with_stops(self, tokenizer, stop_strings: Sequence[str]) -> "SamplingParams":
+        """These params, stopping at ``stop_strings`` (their table built once, here)."""
+        table = make_stop_table(tokenizer, stop_strings)
+        return self._replace(stop_strings=tuple(stop_strings), stop_table=table)
 
 
 class DecodeState(NamedTuple):
@@ -82,7 +98,7 @@ class TurnSample(NamedTuple):
     stop_string: str | None  # which stop string ended the turn, if one did
 
 
-def init_state(config: qwen.QwenConfig, batch: int, slots: int, *, sharding=None) -> DecodeState:
+def init_cache(config: qwen.QwenConfig, batch: int, slots: int, *, sharding=None) -> DecodeState:
     """An empty cache of ``slots`` slots per row, in the compute dtype. ``sharding``: a
     NamedSharding that splits the leading (row) axis, e.g. ForwardOptions.batch_sharding;
     the cache is then created split, never whole on one device."""
@@ -170,7 +186,7 @@ def _check_room(state: DecodeState, needed_B, what: str) -> None:
     if longest > slots(state):
         raise ValueError(
             f"{what}: a row of {longest} tokens does not fit in the cache of {slots(state)} "
-            "slots; make init_state's slots larger (or grow the state first)"
+            "slots; make init_cache's slots larger (or grow the state first)"
         )
 
 
@@ -195,6 +211,14 @@ def append(
     _check_room(state, n_B, "append")
     tokens_BC, n_B = _rows(tokens_BC, options), _rows(n_B, options)
     return _append_jit(params, config, state, tokens_BC, n_B, options)
+
+
+# ---------------------------------------------------------------------------------------------
+# XLA:CPU workarounds: argmax, top-p and sampling without sorts or Gumbel noise over [B, V].
+# Each is exact, and each is several times faster than the plain version on XLA:CPU, which is
+# what a TPU or GPU should use: first_index_of_max(x) = jnp.argmax(x, -1); nucleus_threshold by
+# a sort of the probabilities and a cumsum; sample_weights(key, w) =
+# jax.random.categorical(key, jnp.log(w)). (Keys and the per-row draws stay as they are.)
 
 
 def first_index_of_max(x_BV, max_B1):
@@ -265,6 +289,10 @@ def sample_weights(key, weight_BV, block: int = 1024):
     picked_B = jnp.take_along_axis(weight_BV, tok_B[:, None], axis=1)[:, 0]
     mode_B = first_index_of_max(weight_BV, jnp.max(weight_BV, axis=-1, keepdims=True))
     return jnp.where(picked_B > 0, tok_B, mode_B).astype(jnp.int32)
+
+
+# ---------------------------------------------------------------------------------------------
+# Decoding
 
 
 def sample_logits(logits_BV, key, temperature, top_p, *, top_k: int, use_top_p: bool, greedy: bool):
@@ -375,36 +403,32 @@ def generate(
     key: jax.Array,
     *,
     max_new_tokens: int,
+    sampling_params: SamplingParams,
     active_B=None,
     limit_B=None,
-    stop_table=None,
-    eos_ids: Sequence[int] | None = None,
-    temperature: float = 1.0,
-    top_p: float = 1.0,
-    top_k: int = 0,
-    greedy: bool = False,
     options: qwen.ForwardOptions = qwen.PLAIN,
 ) -> tuple[DecodeState, Generation]:
     """Samples up to max_new_tokens per row in one lax.while_loop; ``state`` is donated.
 
     Each step samples from every live row's logits, writes the tokens at the rows' ends and
     runs the model on them. A row stops on an EOS id, when its last tokens equal a row of
-    ``stop_table`` (``make_stop_table``), or after limit_B[b] tokens (default max_new_tokens);
+    the stop table (``SamplingParams.with_stops``), or after limit_B[b] tokens (default
+    max_new_tokens);
     its stopping token is kept, both in the output and in the cache, and the state's logits
     then predict the token after it, so the cache can continue. The loop ends when no row is
     live. Rows with active_B False (or limit 0) generate nothing.
     key: one key, or a [B] array of per-row keys so that each row's tokens depend only on its
     own key and context, not on the rest of the batch (what multi-process rollouts need).
-    eos_ids: default config.eos_token_ids; () disables EOS.
     """
+    sp = sampling_params
     B = state.length_B.shape[0]
     active_B = np.ones((B,), bool) if active_B is None else np.asarray(active_B, bool)
     limit_B = np.full((B,), max_new_tokens) if limit_B is None else np.asarray(limit_B)
     limit_B = np.where(active_B, np.clip(limit_B, 0, max_new_tokens), 0).astype(np.int32)
     _check_room(state, limit_B, "generate")
-    table_MJ = np.full((0, 1), -1, np.int32) if stop_table is None else np.asarray(stop_table)
-    eos_E = np.asarray(config.eos_token_ids if eos_ids is None else eos_ids, np.int32).reshape(-1)
-    if not greedy and not temperature > 0:
+    table_MJ = np.full((0, 1), -1, np.int32) if sp.stop_table is None else sp.stop_table
+    eos_ids = config.eos_token_ids if sp.eos_ids is None else sp.eos_ids
+    if not sp.greedy and not sp.temperature > 0:
         raise ValueError("generate: temperature must be > 0 (use greedy=True for argmax)")
     if key.ndim not in (0, 1) or (key.ndim == 1 and key.shape[0] != B):
         raise ValueError(f"generate: key must be one key or {B} per-row keys, got {key.shape}")
@@ -414,14 +438,14 @@ def generate(
         state,
         key if key.ndim == 0 else _rows(key, options),
         _rows(limit_B, options),
-        table_MJ.astype(np.int32),
-        eos_E,
-        jnp.float32(temperature),
-        jnp.float32(top_p),
+        np.asarray(table_MJ, np.int32),
+        np.asarray(eos_ids, np.int32).reshape(-1),
+        jnp.float32(sp.temperature),
+        jnp.float32(sp.top_p),
         max_new_tokens=max_new_tokens,
-        top_k=0 if greedy else int(top_k),
-        use_top_p=bool(not greedy and top_p < 1.0),
-        greedy=bool(greedy),
+        top_k=0 if sp.greedy else int(sp.top_k),
+        use_top_p=bool(not sp.greedy and sp.top_p < 1.0),
+        greedy=bool(sp.greedy),
         options=options,
     )
 
@@ -459,7 +483,7 @@ def rewind(
     return _rewind(params, config, state, *args, options)
 
 
-def make_stop_table(tokenizer, stop_strings: Sequence[str] = DEFAULT_STOP_STRINGS) -> np.ndarray:
+def make_stop_table(tokenizer, stop_strings: Sequence[str]) -> np.ndarray:
     """Token-id sequences of the stop strings, right-aligned in an int32 [M, J] table padded
     with -1 on the left. Each string is tokenized alone and after a space (" </search>" starts
     with the token " </"); a stop string that the model emits merged into a larger token
@@ -508,38 +532,28 @@ def sample_turn(
     tokenizer,
     *,
     max_new_tokens: int,
+    sampling_params: SamplingParams,
     active_B=None,
     limit_B=None,
-    stop_strings: Sequence[str] = DEFAULT_STOP_STRINGS,
-    stop_table=None,
-    eos_ids: Sequence[int] | None = None,
-    temperature: float = 1.0,
-    top_p: float = 1.0,
-    top_k: int = 0,
-    greedy: bool = False,
     options: qwen.ForwardOptions = qwen.PLAIN,
 ) -> tuple[DecodeState, list[TurnSample]]:
     """One turn for every active row: generate, then cut each row after the token that
     completes its first stop string in the decoded text (a stop string merged into a larger
-    token, which the in-loop table cannot see), and rewind the cache to match.
-    ``stop_table`` defaults to make_stop_table(tokenizer, stop_strings); pass it to reuse one.
+    token, which the in-loop table cannot see), and rewind the cache to match. Build
+    ``sampling_params`` with ``with_stops`` once and reuse it: its table is made there.
     """
-    if stop_table is None:
-        stop_table = make_stop_table(tokenizer, stop_strings)
+    stop_strings = sampling_params.stop_strings
+    if sampling_params.stop_table is None and stop_strings:
+        sampling_params = sampling_params.with_stops(tokenizer, stop_strings)
     state, gen = generate(
         params,
         config,
         state,
         key,
         max_new_tokens=max_new_tokens,
+        sampling_params=sampling_params,
         active_B=active_B,
         limit_B=limit_B,
-        stop_table=stop_table,
-        eos_ids=eos_ids,
-        temperature=temperature,
-        top_p=top_p,
-        top_k=top_k,
-        greedy=greedy,
         options=options,
     )
     tokens_BN, logp_BN, length_B, stop_B = jax.device_get(

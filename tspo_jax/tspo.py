@@ -256,7 +256,7 @@ def policy_loss(
     *,
     clip_low=0.2,
     clip_high=0.2,
-    kl_coef=0.0,
+    kl_coef=None,
     loss_agg="token-mean",
     axis_name=None,
     norm_length=None,
@@ -271,7 +271,7 @@ def policy_loss(
         pg = w * pg,  w = min(exp(old_logp - sampler_logp), C), a constant (no gradient)
     kl = exp(d) - d - 1 with d = ref - logp clamped to [-20, 20] first, then kl clamped to
     [-10, 10];  l = pg + kl_coef * kl,  aggregated per ``loss_agg`` over the whole batch (summed
-    across ``axis_name`` when set).
+    across ``axis_name`` when set). ``kl_coef`` None or 0: no reference term.
 
     ``old_logp`` is the learner's recomputation of the sampling policy's log-probs;
     ``sampler_logp`` what the sampler recorded for the same tokens (needed with ``tis_cap``).
@@ -286,6 +286,7 @@ def policy_loss(
         raise ValueError(f"loss_mask_BGT has shape {loss_mask_BGT.shape}, logp_BGT has {shape}")
     if loss_agg not in LOSS_AGGS:
         raise ValueError(f"loss_agg must be one of {LOSS_AGGS}, got {loss_agg!r}")
+    kl_coef = kl_coef or 0.0  # None: no reference term (train.py's default is Search-R1's)
     if kl_coef < 0:
         raise ValueError(f"kl_coef must be >= 0, got {kl_coef}")
     if kl_coef > 0 and ref_logp_BGT is None:

@@ -1,30 +1,22 @@
-"""Supervised warm start on demonstrations in the tag protocol (the embedded default's policy).
+"""The toy world's policy: a small random Qwen2, warm-started by SFT on the demonstrations.
 
-A demonstration is a list of (text, trained) segments: the prompt, then the policy's turns and the
-host's observations. Segments are tokenized one by one, as a rollout does. The loss is the mean
-negative log-likelihood of the policy's text, plus, with weight ``observation_weight``, that of
-the observations: a reading exercise, as every passage repeats its title and the search named
-the entity it is about, so predicting an observation is mostly copying names from the context,
-the skill the policy needs to search and answer with names it has never seen. (The policy never
-writes an observation in a rollout: the host appends it after ``</search>``.)
+A demonstration is a list of (text, trained) segments: the prompt, then the policy's turns and
+the host's observations. Segments are tokenized one by one, as a rollout does, and the loss is
+the mean negative log-likelihood of the policy's text (turns only: the host appends the
+observations). Two passes over demonstrations from demo worlds of their own names, so that
+copying names from the observations is the only way to lower the loss.
 
-``warm_start`` builds the toy world's policy: a small random Qwen2, two passes of SFT over
-``toyworld``'s demonstrations (each from a demo world of its own names, so copying is the only
-way to lower the loss), saved as a Hugging Face folder, so that training starts from exactly the
-code path of a real Qwen2.5 checkpoint. It is cached by a fingerprint of its settings and of the
-world, and written atomically (temporary folder, then rename).
+``warm_start`` saves the result as a Hugging Face folder, so that training starts from exactly
+the code path of a real Qwen2.5 checkpoint; it is built once per fingerprint of its settings and
+of the world (tspo_jax/cache.py).
 
-Shape letters: B sequences, T tokens, V vocabulary.
+Shape letters: B sequences, T tokens.
 """
 
 import dataclasses
 import functools
-import hashlib
 import json
-import os
-import shutil
 import sys
-import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -34,10 +26,12 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from tqdm import tqdm
+from transformers import AutoTokenizer
 
-from tspo_jax import hf_io, qwen
-from tspo_jax.cli import option
+from tspo_jax import cache, hf_io, qwen
+from tspo_jax.toyworld.demonstrations import load_demonstrations
 
+STAMP = "warm_start.json"
 PAD_MULTIPLE = 32  # batches are padded to a multiple of this many tokens: few shapes to compile
 
 
@@ -45,42 +39,38 @@ PAD_MULTIPLE = 32  # batches are padded to a multiple of this many tokens: few s
 class WarmStartConfig:
     """The toy policy's shape and its supervised warm start."""
 
-    hidden_size: int = option(128, "model width D")
-    num_layers: int = option(2, "decoder layers")
-    num_heads: int = option(4, "query heads")
-    num_kv_heads: int = option(2, "key/value heads")
-    intermediate_size: int = option(256, "SwiGLU hidden width")
-    epochs: int = option(2, "passes over the demonstrations")
-    batch_size: int = option(16, "demonstrations per update")
-    lr: float = option(1e-3, "peak AdamW learning rate (cosine decay after 30 warm-up updates)")
-    observation_weight: float = option(0.0, "loss weight of observation tokens (0: turns only)")
-    seed: int = option(0, "initialization and shuffling seed")
+    hidden_size: int = 128  # model width D
+    num_layers: int = 2  # decoder layers
+    num_heads: int = 4  # query heads
+    num_kv_heads: int = 2  # key/value heads
+    intermediate_size: int = 256  # SwiGLU hidden width
+    epochs: int = 2  # passes over the demonstrations
+    batch_size: int = 16  # demonstrations per update
+    lr: float = 1e-3  # peak AdamW learning rate (cosine decay after 30 warm-up updates)
+    seed: int = 0  # initialization and shuffling seed
 
     def __post_init__(self):
         if min(self.epochs, self.batch_size, self.num_layers) < 1 or self.lr <= 0:
             raise ValueError("need epochs, batch_size, num_layers >= 1 and lr > 0")
-        if self.observation_weight < 0:
-            raise ValueError(f"observation_weight must be >= 0, got {self.observation_weight}")
 
 
-def tokenize_demonstrations(demos, tokenizer, observation_weight: float) -> list[tuple]:
+def tokenize_demonstrations(demos, tokenizer) -> list[tuple]:
     """(token ids, loss weights) per demonstration, each segment tokenized on its own: weight 1
-    on the policy's text, observation_weight on observations, 0 on the prompt."""
+    on the policy's text, 0 on the prompt and the observations."""
     texts = [text for d in demos for text, _ in d.segments]
     ids = iter(tokenizer(texts, add_special_tokens=False)["input_ids"])
     rows = []
     for d in demos:
         tokens, weights = [], []
-        for k, (_, trained) in enumerate(d.segments):
+        for _, trained in d.segments:
             piece = next(ids)
             tokens += piece
-            weight = 1.0 if trained else (observation_weight if k else 0.0)
-            weights += [weight] * len(piece)
+            weights += [float(trained)] * len(piece)
         rows.append((tokens, weights))
     return rows
 
 
-def pack(rows: Sequence[tuple[list, list]], pad_id: int) -> tuple[np.ndarray, ...]:
+def pad_rows(rows: Sequence[tuple[list, list]], pad_id: int) -> tuple[np.ndarray, ...]:
     """(tokens_BT, mask_BT, weight_BT), right-padded to a multiple of PAD_MULTIPLE."""
     T = -(-max(len(t) for t, _ in rows) // PAD_MULTIPLE) * PAD_MULTIPLE
     tokens_BT = np.full((len(rows), T), pad_id, np.int32)
@@ -113,11 +103,8 @@ def batches(lengths: Sequence[int], batch_size: int, rng: np.random.Generator) -
 
 def nll(params, config, tokens_BT, mask_BT, weight_BT):
     """Weighted mean negative log-likelihood of each token given the ones before it."""
-    logits_BTV = qwen.logits(params, config, tokens_BT, mask_BT)[:, :-1]
-    logp_BTV = jax.nn.log_softmax(logits_BTV.astype(jnp.float32), axis=-1)
-    logp_BT = jnp.take_along_axis(logp_BTV, tokens_BT[:, 1:, None], axis=-1)[..., 0]
-    w_BT = weight_BT[:, 1:]
-    return -jnp.sum(w_BT * logp_BT) / jnp.maximum(jnp.sum(w_BT), 1.0)
+    logp_BT = qwen.token_logprobs(params, config, tokens_BT, mask_BT)
+    return -jnp.sum(weight_BT * logp_BT) / jnp.maximum(jnp.sum(weight_BT), 1.0)
 
 
 @functools.partial(jax.jit, static_argnames=("config", "optimizer"), donate_argnums=(0, 1))
@@ -141,7 +128,7 @@ def train(params, config, rows, cfg: WarmStartConfig, pad_id: int, log=print):
     losses = []
     bar = tqdm(plan, desc="warm start", file=sys.stderr)
     for i, picked in enumerate(bar):
-        batch = pack([rows[j] for j in picked], pad_id)
+        batch = pad_rows([rows[j] for j in picked], pad_id)
         params, opt_state, loss = sft_step(
             params, opt_state, *batch, config=config, optimizer=optimizer
         )
@@ -153,28 +140,22 @@ def train(params, config, rows, cfg: WarmStartConfig, pad_id: int, log=print):
     return params, losses
 
 
-def fingerprint(world, cfg: WarmStartConfig) -> str:
-    """Changes with the settings and with the world (its own fingerprint)."""
-    world_key = json.loads(Path(world.info).read_text())["fingerprint"]
-    key = json.dumps([dataclasses.asdict(cfg), world_key], sort_keys=True)
-    return hashlib.sha256(key.encode()).hexdigest()[:16]
-
-
-def warm_start(world, out_dir, cfg: WarmStartConfig = WarmStartConfig(), log=print) -> Path:
+def warm_start(world, out_dir, cfg: WarmStartConfig | None = None, log=print) -> Path:
     """The toy world's warm-started policy as a Hugging Face folder (built once, then cached).
 
-    ``world`` is the ``toyworld.ToyWorldPaths`` of a built world.
+    ``world`` is the ``ToyWorldPaths`` of a built world; cfg defaults to WarmStartConfig().
     """
-    from transformers import AutoTokenizer
+    cfg = cfg or WarmStartConfig()
+    world_key = json.loads(Path(world.info).read_text())["fingerprint"]
+    key = cache.fingerprint(dataclasses.asdict(cfg), world_key)
+    if not cache.is_current(out_dir, key, STAMP):
+        log(f"warm start: training the toy policy into {out_dir} (once; cached afterwards)")
+    write = lambda tmp: _train_policy(world, tmp, cfg, log)
+    return cache.build_folder(out_dir, key, write, stamp=STAMP)
 
-    from tspo_jax import toyworld
 
-    out = Path(out_dir)
-    key = fingerprint(world, cfg)
-    stamp = out / "warm_start.json"
-    if stamp.exists() and json.loads(stamp.read_text()).get("fingerprint") == key:
-        return out
-    log(f"warm start: training the toy policy into {out} (once; cached afterwards)")
+def _train_policy(world, out: Path, cfg: WarmStartConfig, log) -> dict:
+    """Trains the policy into the folder ``out``; returns its stamp's contents."""
     t0 = time.perf_counter()
     tokenizer = AutoTokenizer.from_pretrained(world.tokenizer)
     config = qwen.QwenConfig(
@@ -191,26 +172,14 @@ def warm_start(world, out_dir, cfg: WarmStartConfig = WarmStartConfig(), log=pri
         bos_token_id=tokenizer.eos_token_id,
         eos_token_ids=(tokenizer.eos_token_id,),
     )
-    demos = toyworld.load_demonstrations(world.demos)
-    rows = tokenize_demonstrations(demos, tokenizer, cfg.observation_weight)
+    rows = tokenize_demonstrations(load_demonstrations(world.demos), tokenizer)
     params = qwen.init_params(config, jax.random.key(cfg.seed))
     params, losses = train(params, config, rows, cfg, tokenizer.pad_token_id or 0, log)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
-        hf_io.save_hf(str(tmp), config, jax.device_get(params))
-        tokenizer.save_pretrained(str(tmp))
-        info = {
-            "fingerprint": key,
-            "config": dataclasses.asdict(cfg),
-            "updates": len(losses),
-            "final_loss": float(np.mean(losses[-20:])),
-            "seconds": round(time.perf_counter() - t0, 1),
-        }
-        (tmp / "warm_start.json").write_text(json.dumps(info, indent=1) + "\n")
-        if out.exists():
-            shutil.rmtree(out)
-        os.rename(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return out
+    hf_io.save_hf(str(out), config, jax.device_get(params))
+    tokenizer.save_pretrained(str(out))
+    return {
+        "config": dataclasses.asdict(cfg),
+        "updates": len(losses),
+        "final_loss": float(np.mean(losses[-20:])),
+        "seconds": round(time.perf_counter() - t0, 1),
+    }
