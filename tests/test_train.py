@@ -313,7 +313,7 @@ def test_resume_is_exact_after_kills_preemption_and_outages(
 
 
 def fake_evaluate(em):
-    """A stand-in for train.evaluate: the eval_* metrics with every value ``em``."""
+    """A stand-in for train.eval_metrics: the eval_* metrics with every value ``em``."""
     keys = ("em", "f1", "turns", "searches", "answer_rate", "folr_hit_rate")
     return lambda run, params: {f"eval_{k}": em for k in keys}
 
@@ -337,7 +337,7 @@ def test_a_failed_evaluation_or_export_loses_no_step(
             raise FileNotFoundError("heldout.jsonl: no such file")
         return fake_evaluate(0.5)(run, params)
 
-    monkeypatch.setattr(train, "evaluate", vanished)
+    monkeypatch.setattr(train, "eval_metrics", vanished)
     with pytest.raises(FileNotFoundError) as error:
         train.main(argv)
     resume = f"the state after step 1 is saved in {out / 'checkpoints'}; resume with --resume"
@@ -347,7 +347,7 @@ def test_a_failed_evaluation_or_export_loses_no_step(
     def disk_full(*args, **kwargs):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(train, "evaluate", fake_evaluate(0.5))
+    monkeypatch.setattr(train, "eval_metrics", fake_evaluate(0.5))
     monkeypatch.setattr(hf_io, "save_hf", disk_full)
     with pytest.raises(OSError, match="No space left") as error:
         train.main([*argv, "--resume"])
@@ -356,7 +356,7 @@ def test_a_failed_evaluation_or_export_loses_no_step(
     assert not (out / "hf" / "step_2" / "config.json").exists()  # an incomplete export
 
     monkeypatch.undo()
-    monkeypatch.setattr(train, "evaluate", fake_evaluate(0.75))  # must not be called
+    monkeypatch.setattr(train, "eval_metrics", fake_evaluate(0.75))  # must not be called
     train.main([*argv, "--resume"])
     assert (out / "hf" / "step_2" / "config.json").exists()
     rows = _rows(out)
