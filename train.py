@@ -884,8 +884,8 @@ def learn(run: Run, state, batch: rollout.Batch, adv_BGK, *, report_memory: bool
                 None if ref_logp is None else ref_logp[sl],
                 sampler_logp[sl] if cfg.tis_cap else None,
             )
-            if report_memory:  # jit reuses this compilation in the call below
-                report_memory = print_update_memory(run, state, update_batch)
+            if report_memory and not metrics:  # jit reuses this compilation below
+                print_update_memory(run, state, update_batch)
             state, m = learner.update(
                 state,
                 update_batch,
@@ -898,9 +898,9 @@ def learn(run: Run, state, batch: rollout.Batch, adv_BGK, *, report_memory: bool
     return state, metrics
 
 
-def print_update_memory(run: Run, state, update_batch) -> bool:
+def print_update_memory(run: Run, state, update_batch) -> None:
     """Prints XLA's temporaries of the compiled update next to the plan's estimate (the plan is
-    calibrated on XLA:CPU; on a TPU or GPU this line says how far off it is). Returns False."""
+    calibrated on XLA:CPU; on a TPU or GPU this line says how far off it is)."""
     compiled = learner.update.lower(
         state,
         update_batch,
@@ -919,7 +919,6 @@ def print_update_memory(run: Run, state, update_batch) -> bool:
             f"{run.cfg.agent.max_context}",
             flush=True,
         )
-    return False
 
 
 @jax.jit
@@ -1100,8 +1099,8 @@ def main(argv=None) -> dict:
         with saved_on_failure(run, step, state, history[-1] if history else None, agreed=True):
             trajs, timing, batch, adv_BGK = collect(run, state, step)  # e.g. retrieval down
         t1 = time.perf_counter()
-        report = step == start
-        state, update_metrics = learn(run, state, batch, adv_BGK, report_memory=report)
+        first = step == start
+        state, update_metrics = learn(run, state, batch, adv_BGK, report_memory=first)
         update_metrics = jax.device_get(update_metrics)
         t2 = time.perf_counter()
         seconds = {"update": t2 - t1, "step": t2 - t0}
