@@ -26,7 +26,7 @@ from tspo_jax.protocol import (
 )
 from tspo_jax.retrieval import BM25Retriever, Passage, load_corpus
 from tspo_jax.toyworld import files
-from tspo_jax.toyworld.demonstrations import demo_stop, load_demonstrations, run_scripts
+from tspo_jax.toyworld.demonstrations import demo_stop, load_demonstrations, play
 from tspo_jax.toyworld.files import build
 from tspo_jax.toyworld.tokenizer import train_tokenizer
 from tspo_jax.toyworld.world import (
@@ -193,12 +193,13 @@ def test_every_hop_is_found_by_searching_entity_and_relation(built):
 
 
 def run_everywhere(built, questions, stop):
-    """run_scripts against each question's own corpus, answering after the search of hop
-    stop(q); episodes in question order."""
+    """The scripted policy through the turn loop against each question's own corpus, answering
+    after the search of hop stop(q); trajectories in question order."""
     episodes = [None] * len(questions)
+    tokenizer = AutoTokenizer.from_pretrained(built[0].tokenizer)
     for facts, retriever, positions in by_corpus(built, questions):
         qs = [questions[i] for i in positions]
-        played = run_scripts(qs, [stop(q) for q in qs], facts, retriever, k=3)
+        played = play(qs, [stop(q) for q in qs], facts, retriever, tokenizer, k=3)
         for i, episode in zip(positions, played, strict=True):
             episodes[i] = episode
     return episodes
@@ -210,7 +211,7 @@ def test_oracle_answers_everything_and_first_search_only_one_hop(built):
     oracle = run_everywhere(built, questions, lambda q: len(q.chain) - 1)
     assert [e.answer for e in oracle] == [q.answer for q in questions]
     assert [len(e.turns) for e in oracle] == [len(q.chain) + 1 for q in questions]
-    assert all(e.flaw == "" for e in oracle)
+    assert all(e.finish == "answer" for e in oracle)
     shortcut = run_everywhere(built, questions, lambda q: 0)
     em = [exact_match(e.answer, [q.answer]) for e, q in zip(shortcut, questions, strict=True)]
     # The first search's answer is of the wrong kind (a person or a city for a country).

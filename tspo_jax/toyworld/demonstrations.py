@@ -1,12 +1,11 @@
 """Demonstrations for the warm start: trajectories of a scripted policy, some flawed on purpose.
 
-Each is in the exact text a rollout produces: the prompt of
-`protocol.build_prompt(question, template=cfg.template)`, then per turn the policy's text,
-`<search> entity relation </search>` or `<answer> name </answer>` (no <think> content, to keep
-sequences short; no eos, as the episode ends at </answer>), and after each search the
-observation `protocol.format_observation` of the real BM25 top-k of its demo world. Each is a
-list of (text, trained) segments, to be tokenized one by one as a rollout does (tests check the
-text against the protocol's functions).
+Each is a trajectory of `rollout.run_episodes`, the turn loop of RL and evaluation, with a
+scripted policy in place of the model: the prompt of `RolloutConfig.template`, then per turn the
+policy's text, `<search> entity relation </search>` or `<answer> name </answer>` (no <think>
+content, to keep sequences short; no eos, as the episode ends at </answer>), and after each
+search the loop's observation of the real BM25 top-k of its demo world. It is kept as a list of
+(text, trained) segments, to be tokenized one by one as a rollout does.
 
 The one flaw is one of decision, answering too early: `early_answer` answers one hop before the
 last, with the entity it just found (by default in 60% of multi-hop demonstrations: more than
@@ -19,28 +18,18 @@ copy the right one far less often (on held-out names, 0.16 against 0.95).
 import json
 import os
 import random
+import re
 from collections.abc import Sequence
 from typing import NamedTuple
 
-from tspo_jax.protocol import (
-    DEFAULT_TEMPLATE,
-    build_prompt,
-    exact_match,
-    first_hit,
-    format_observation,
-)
-from tspo_jax.retrieval import Passage, Retriever
+import jax
+
+import rollout
+from tspo_jax.data import Example
+from tspo_jax.protocol import DEFAULT_TEMPLATE
+from tspo_jax.retrieval import Retriever
+from tspo_jax.sampling import TurnSample
 from tspo_jax.toyworld.world import RELATIONS, Fact, Hop, Question, ToyWorldConfig, World
-
-
-class Episode(NamedTuple):
-    """What a scripted policy did for one question."""
-
-    question: Question
-    flaw: str  # "early_answer", or "" for a run that followed the whole chain
-    turns: tuple[str, ...]  # the policy's text, one string a turn
-    observations: tuple[str, ...]  # the observation after each search turn
-    answer: str
 
 
 class Demonstration(NamedTuple):
@@ -52,14 +41,57 @@ class Demonstration(NamedTuple):
 
 # ---------------------------------------------------------------------------------------------
 # Scripted policies: a script is the hop after whose search it answers (len(chain) - 1: the
-# whole chain, the oracle; 0: answer what the first search finds, the shortcut baseline).
+# whole chain, the oracle; 0: answer what the first search finds, the shortcut baseline). They
+# play through rollout.run_episodes, the turn loop of RL and evaluation, so that a demonstration
+# is the text a rollout produces by construction.
+
+_PASSAGE_TEXT = re.compile(r"Doc \d+\(Title: .*?\) (.*?)(?:</information>)?$", re.MULTILINE)
 
 
-def _read(passages: list[Passage], facts: Sequence[Fact], hop: Hop, entity: str) -> str:
+class ScriptedReader:
+    """A policy for rollout.run_episodes (``start``, ``extend``, ``sample``, as KVCachePolicy)
+    that plays row b's question ``questions[b]``: it searches "<entity> <relation>" hop by hop,
+    reads each hop's answer out of the observation the loop appended (`_read`), and answers
+    after the search of hop ``stops[b]``. ``facts`` are the passages its retriever searches."""
+
+    def __init__(self, tokenizer, questions: Sequence[Question], stops: Sequence[int], facts):
+        self.tokenizer, self.questions, self.stops = tokenizer, questions, stops
+        self.facts = {f.text: f for f in facts}  # a fact's text names its subject and object
+
+    def start(self, prompts):
+        self.hop = [0] * len(prompts)
+        self.entity = [q.chain[0].entity for q in self.questions]
+        self.seen = [""] * len(prompts)  # the text appended after the row's last turn
+
+    def extend(self, rows):
+        for b, ids in enumerate(rows):
+            self.seen[b] = self.tokenizer.decode(ids)
+
+    def sample(self, key, live, stop_strings, max_new_tokens, limit_B):
+        out = []
+        for b, q in enumerate(self.questions):
+            if not live[b]:
+                out.append(TurnSample([], [], "", "inactive", None))
+                continue
+            hop = self.hop[b]
+            if hop:  # read the results of the last search
+                shown = [self.facts[t] for t in _PASSAGE_TEXT.findall(self.seen[b])]
+                self.entity[b] = _read(shown, q.chain[hop - 1], self.entity[b])
+            if hop > self.stops[b]:
+                tag, content = "answer", self.entity[b]
+            else:
+                tag, content = "search", f"{self.entity[b]} {q.chain[hop].relation}"
+            self.hop[b] += 1
+            text = f"<{tag}> {content} </{tag}>"
+            ids = self.tokenizer.encode(text, add_special_tokens=False)
+            out.append(TurnSample(ids, [0.0] * len(ids), text, "stop", f"</{tag}>"))
+        return out
+
+
+def _read(shown: Sequence[Fact], hop: Hop, entity: str) -> str:
     """The name a reader takes from the search results for (entity, hop.relation): the fact's
     object if it is among them, else the object of the best-ranked passage whose object is of
     the same kind, else the first passage's subject (the entity itself if nothing was found)."""
-    shown = [facts[int(p.id)] for p in passages]
     fact = next((f for f in shown if (f.relation, f.subject) == (hop.relation, entity)), None)
     if fact is not None:
         return fact.object
@@ -70,36 +102,27 @@ def _read(passages: list[Passage], facts: Sequence[Fact], hop: Hop, entity: str)
     return shown[0].subject if shown else entity
 
 
-def run_scripts(
+def play(
     questions: Sequence[Question],
     stops: Sequence[int],
     facts: Sequence[Fact],
     retriever: Retriever,
+    tokenizer,
     *,
     k: int,
-) -> list[Episode]:
-    """Plays each question, answering after the search of hop ``stops[i]``, against the
-    retriever, all questions in lockstep (one batched search a hop). Queries are
-    "<entity> <relation>"."""
-    n = len(questions)
-    entity = [q.chain[0].entity for q in questions]
-    turns = [[] for _ in range(n)]
-    observations = [[] for _ in range(n)]
-    answers: list[str | None] = [None] * n
-    for hop in range(max((len(q.chain) for q in questions), default=0)):
-        active = [i for i in range(n) if answers[i] is None]
-        queries = [f"{entity[i]} {questions[i].chain[hop].relation}" for i in active]
-        for i, query, passages in zip(active, queries, retriever.search(queries, k), strict=True):
-            turns[i].append(f"<search> {query} </search>")
-            observations[i].append(format_observation(passages))
-            entity[i] = _read(passages, facts, questions[i].chain[hop], entity[i])
-            if hop == stops[i]:
-                answers[i] = entity[i]
-                turns[i].append(f"<answer> {entity[i]} </answer>")
-    return [
-        Episode(q, "early_answer" if stop < len(q.chain) - 1 else "", tuple(t), tuple(o), a)
-        for q, stop, t, o, a in zip(questions, stops, turns, observations, answers, strict=True)
-    ]
+    template: str = DEFAULT_TEMPLATE,
+) -> list[rollout.Trajectory]:
+    """Each question played by `ScriptedReader` through the turn loop, against the retriever
+    over ``facts`` (top ``k``); trajectories in question order."""
+    cfg = rollout.RolloutConfig(
+        max_turns=max(len(q.chain) for q in questions) + 1, passages=k, template=template
+    )
+    examples = [Example(q.question, (q.answer,), "toyworld", i) for i, q in enumerate(questions)]
+    policy = ScriptedReader(tokenizer, questions, stops, facts)
+    key = jax.random.key(0)  # unused by the script
+    return rollout.run_episodes(
+        policy, tokenizer, retriever, examples, group_size=1, key=key, cfg=cfg
+    )[0]
 
 
 def demo_stop(q: Question, cfg: ToyWorldConfig, rng: random.Random) -> int:
@@ -108,25 +131,26 @@ def demo_stop(q: Question, cfg: ToyWorldConfig, rng: random.Random) -> int:
     return hops - 2 if rng.random() < cfg.early_answer[hops - 1] else hops - 1
 
 
-def episode_stats(episodes: Sequence[Episode]) -> dict:
+def episode_stats(questions: Sequence[Question], played: Sequence[rollout.Trajectory]) -> dict:
     """Exact match, near-miss rate (gold retrieved, answered wrong) and hit rate, overall and
     by number of hops."""
 
-    def summary(eps):
-        n = max(1, len(eps))
-        em = [exact_match(e.answer, [e.question.answer]) == 1.0 for e in eps]
-        hit = [first_hit(e.observations, [e.question.answer]) >= 0 for e in eps]
+    def summary(rows):
+        n = max(1, len(rows))
+        em = [t.em == 1.0 for t in rows]
+        hit = [t.first_hit >= 0 for t in rows]
         near_miss = [h and not m for h, m in zip(hit, em, strict=True)]
         return {
-            "n": len(eps),
+            "n": len(rows),
             "em": round(sum(em) / n, 4),
             "near_miss": round(sum(near_miss) / n, 4),
             "hit": round(sum(hit) / n, 4),
         }
 
-    out = {"all": summary(episodes)}
+    out = {"all": summary(played)}
     for hops in (1, 2, 3):
-        out[f"{hops}_hop"] = summary([e for e in episodes if len(e.question.chain) == hops])
+        rows = [t for q, t in zip(questions, played, strict=True) if len(q.chain) == hops]
+        out[f"{hops}_hop"] = summary(rows)
     return out
 
 
@@ -134,30 +158,35 @@ def episode_stats(episodes: Sequence[Episode]) -> dict:
 # Demonstrations
 
 
-def demonstration(episode: Episode, template: str = DEFAULT_TEMPLATE) -> Demonstration:
-    """The episode as the text a rollout produces: prompt, then turns and observations."""
-    segments = [(build_prompt(episode.question.question, template=template), False)]
-    for k, turn in enumerate(episode.turns):
-        segments.append((turn, True))
-        if k < len(episode.observations):
-            segments.append((episode.observations[k], False))
-    q = episode.question
-    return Demonstration(q.question, (q.answer,), episode.flaw, tuple(segments))
+def demonstration(traj: rollout.Trajectory, flaw: str) -> Demonstration:
+    """The trajectory's text as (text, trained) segments: prompt, then turns and observations."""
+    segments = [(traj.prompt, False)]
+    for turn in traj.turns:
+        segments.append((turn.text, True))
+        if turn.observation is not None:
+            segments.append((turn.observation, False))
+    return Demonstration(traj.question, traj.golds, flaw, tuple(segments))
 
 
 def make_demonstrations(
-    world: World, retrievers: Sequence[Retriever], cfg: ToyWorldConfig
-) -> tuple[list[Demonstration], list[Episode]]:
-    """Demonstrations for world.demo, early at the rates of cfg, and their episodes.
+    world: World, retrievers: Sequence[Retriever], tokenizer, cfg: ToyWorldConfig
+) -> tuple[list[Demonstration], dict]:
+    """Demonstrations for world.demo, early at the rates of cfg, and their `episode_stats`.
     `retrievers[i]` searches the corpus of demo world i (world.demo_facts[i])."""
     rng = random.Random(f"{cfg.world_seed}/demos")
     stops = [demo_stop(q, cfg, rng) for q in world.demo]
-    episodes = []
+    demos, questions, played = [], [], []
     for i, (facts, retriever) in enumerate(zip(world.demo_facts, retrievers, strict=True)):
         picked = [j for j, q in enumerate(world.demo) if q.split == f"demo{i}"]
-        questions, their_stops = [world.demo[j] for j in picked], [stops[j] for j in picked]
-        episodes += run_scripts(questions, their_stops, facts, retriever, k=cfg.demo_top_k)
-    return [demonstration(e, cfg.template) for e in episodes], episodes
+        qs, their_stops = [world.demo[j] for j in picked], [stops[j] for j in picked]
+        trajs = play(
+            qs, their_stops, facts, retriever, tokenizer, k=cfg.demo_top_k, template=cfg.template
+        )
+        for q, stop, traj in zip(qs, their_stops, trajs, strict=True):
+            demos.append(demonstration(traj, "early_answer" if stop < len(q.chain) - 1 else ""))
+        questions += qs
+        played += trajs
+    return demos, episode_stats(questions, played)
 
 
 def load_demonstrations(path: str | os.PathLike) -> list[Demonstration]:

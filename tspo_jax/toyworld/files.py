@@ -33,7 +33,7 @@ from tspo_jax.toyworld.demonstrations import (
     Demonstration,
     episode_stats,
     make_demonstrations,
-    run_scripts,
+    play,
 )
 from tspo_jax.toyworld.tokenizer import EOS_TOKEN, train_tokenizer
 from tspo_jax.toyworld.world import (
@@ -120,7 +120,7 @@ def _write_world(root: Path, cfg: ToyWorldConfig) -> dict:
     demo_retrievers = [
         BM25Retriever(paths.demo_corpora / f"{i}.jsonl") for i in range(cfg.demo_worlds)
     ]
-    demos, episodes = make_demonstrations(world, demo_retrievers, cfg)
+    demos, demo_stats = make_demonstrations(world, demo_retrievers, tokenizer, cfg)
     _write_jsonl(
         paths.demos,
         (
@@ -135,8 +135,10 @@ def _write_world(root: Path, cfg: ToyWorldConfig) -> dict:
     )
     heldout = list(world.heldout)
     whole_chain = [len(q.chain) - 1 for q in heldout]
-    oracle = run_scripts(heldout, whole_chain, world.facts, retriever, k=cfg.demo_top_k)
-    shortcut = run_scripts(heldout, [0] * len(heldout), world.facts, retriever, k=cfg.demo_top_k)
+    oracle = play(heldout, whole_chain, world.facts, retriever, tokenizer, k=cfg.demo_top_k)
+    shortcut = play(
+        heldout, [0] * len(heldout), world.facts, retriever, tokenizer, k=cfg.demo_top_k
+    )
     return {
         "config": dataclasses.asdict(cfg),
         "eos_token": EOS_TOKEN,
@@ -156,9 +158,9 @@ def _write_world(root: Path, cfg: ToyWorldConfig) -> dict:
             },
             "vocab_size": len(tokenizer),
             "demo_flaws": dict(sorted(Counter(d.flaw for d in demos).items())),
-            "demo_episodes": episode_stats(episodes),
-            "heldout_oracle": episode_stats(oracle),
-            "heldout_first_search": episode_stats(shortcut),
+            "demo_episodes": demo_stats,
+            "heldout_oracle": episode_stats(heldout, oracle),
+            "heldout_first_search": episode_stats(heldout, shortcut),
             "demo_tokens": _token_stats(tokenizer, demos),
         },
     }
