@@ -250,17 +250,16 @@ def policy_parts(small_world, small_policy):
     return model_config, params, tokenizer, retrieval.BM25Retriever(small_world.corpus)
 
 
-@pytest.mark.parametrize("greedy", [True, False])
-def test_rollouts_do_not_depend_on_devices_or_waves(small_world, policy_parts, greedy):
-    """The same prompts and keys give the same trajectories on 8 devices as on 1, and in
-    waves of one group (4 rows, padded to 8 over 8 devices) as in one wave of all 24 rows.
+def test_rollouts_do_not_depend_on_devices_or_waves(small_world, policy_parts):
+    """The same prompts and keys give the same sampled trajectories on 8 devices as on 1, and
+    in waves of one group (4 rows, padded to 8 over 8 devices) as in one wave of all 24 rows.
+    (Sampled, not greedy: each row draws from its own key, the harder case; greedy's argmax
+    is as row-local as the sampler's draw.)
 
     A row's cache holds only its own tokens, so nothing in its arithmetic depends on the
     other rows; the 8-device run splits the rows 3 to a device. Sampled log-probs may differ
     in the last bits (matmuls over a different number of rows); tokens must not."""
-    cfg = rollout.RolloutConfig(
-        max_turns=3, max_new_tokens=12, max_obs_tokens=80, greedy=greedy, max_context=400
-    )
+    cfg = rollout.RolloutConfig(max_turns=3, max_new_tokens=12, max_obs_tokens=80, max_context=400)
     examples = data.load_examples(small_world.train)[:6]
     one = _kv_rollout(policy_parts, examples, cfg, devices=1)
     eight = _kv_rollout(policy_parts, examples, cfg, devices=8)
