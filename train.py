@@ -865,6 +865,7 @@ def learn(run: Run, state, batch: rollout.Batch, adv_BGK, *, report_memory: bool
         to_device, (batch.tokens_BGT, batch.mask_BGT, batch.loss_mask_BGT, adv_BGT, batch.logp_BGT)
     )
     static = dict(config=run.model_config, options=run.options)
+    update = dict(mesh=run.mesh, optimizer=run.optimizer, settings=run.settings, **static)
     old_logp = learner.batch_logprobs(state.params, tokens, mask, **static)
     gap = logprob_gap(old_logp, sampler_logp, loss_mask)
     ref_logp = None
@@ -885,34 +886,19 @@ def learn(run: Run, state, batch: rollout.Batch, adv_BGK, *, report_memory: bool
                 sampler_logp[sl] if cfg.tis_cap else None,
             )
             if report_memory and not metrics:  # jit reuses this compilation below
-                print_update_memory(run, state, update_batch)
-            state, m = learner.update(
-                state,
-                update_batch,
-                mesh=run.mesh,
-                optimizer=run.optimizer,
-                settings=run.settings,
-                **static,
-            )
+                compiled = learner.update.lower(state, update_batch, **update).compile()
+                print_update_memory(run, compiled, update_batch.tokens_MBGT.shape[-1])
+            state, m = learner.update(state, update_batch, **update)
             metrics.append({**m, **gap})
     return state, metrics
 
 
-def print_update_memory(run: Run, state, update_batch) -> None:
-    """Prints XLA's temporaries of the compiled update next to the plan's estimate (the plan is
-    calibrated on XLA:CPU; on a TPU or GPU this line says how far off it is)."""
-    compiled = learner.update.lower(
-        state,
-        update_batch,
-        mesh=run.mesh,
-        optimizer=run.optimizer,
-        settings=run.settings,
-        config=run.model_config,
-        options=run.options,
-    ).compile()
+def print_update_memory(run: Run, compiled, tokens: int) -> None:
+    """Prints XLA's temporaries of the compiled update (of sequences of ``tokens``) next to the
+    plan's estimate (the plan is calibrated on XLA:CPU; on a TPU or GPU this line says how far
+    off it is)."""
     analysis = compiled.memory_analysis()
     if run.lead and analysis is not None:
-        tokens = update_batch.tokens_MBGT.shape[-1]
         print(
             f"update temporaries per device: XLA {analysis.temp_size_in_bytes / plan.GiB:.2f} "
             f"GiB at {tokens} tokens, planned {run.memory.update / plan.GiB:.2f} GiB at "

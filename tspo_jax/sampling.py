@@ -413,10 +413,9 @@ def generate(
     Each step samples from every live row's logits, writes the tokens at the rows' ends and
     runs the model on them. A row stops on an EOS id, when its last tokens equal a row of
     the stop table (``SamplingParams.with_stops``), or after limit_B[b] tokens (default
-    max_new_tokens);
-    its stopping token is kept, both in the output and in the cache, and the state's logits
-    then predict the token after it, so the cache can continue. The loop ends when no row is
-    live. Rows with active_B False (or limit 0) generate nothing.
+    max_new_tokens); its stopping token is kept, both in the output and in the cache, and the
+    state's logits then predict the token after it, so the cache can continue. The loop ends
+    when no row is live. Rows with active_B False (or limit 0) generate nothing.
     key: one key, or a [B] array of per-row keys so that each row's tokens depend only on its
     own key and context, not on the rest of the batch (what multi-process rollouts need).
     """
