@@ -115,6 +115,7 @@ def connect(cfg: RetrieverConfig, log=None) -> retrieval.HttpRetriever | None:
         retries=cfg.retriever_retries,
         max_wait=cfg.retriever_max_wait,
         log=log or retrieval.log_to_stderr,
+        wait_option="--retriever-max-wait",
     )
     server.check()
     return server

@@ -39,7 +39,7 @@ from jax.sharding import PartitionSpec as P
 from tqdm import tqdm
 
 import rollout
-from tspo_jax import cli, data, hf_io, learner, plan, plots, qwen, retrieval, sampling, tspo
+from tspo_jax import aot, cli, data, hf_io, learner, plan, plots, qwen, retrieval, sampling, tspo
 from tspo_jax.cli import option
 
 AUTO_ON_OFF = ("auto", "on", "off")
@@ -102,6 +102,7 @@ class Config:
     remat: str = option("full", "per-layer rematerialization", choices=tuple(qwen.REMAT_POLICIES))
     attention_mb: int = option(512, "MiB bound on one block of attention scores per device")
     logits_mb: int = option(256, "MiB bound on one chunk of log-softmax logits per device")
+    mlp_mb: int = option(128, "MiB bound on one chunk of MLP activations per device")
     mesh_data: int = option(-1, "data-parallel mesh axis (-1: devices / mesh_fsdp)")
     mesh_fsdp: int = option(1, "parameter-sharding (ZeRO-3) mesh axis")
     mesh_dcn_data: int = option(0, "slices the data axis spans (0: one per TPU slice)")
@@ -110,6 +111,11 @@ class Config:
     device_memory_gb: float = option(0.0, "GiB per device where the backend does not say")
     plan_only: bool = option(False, "print the memory plan from config.json and exit")
     plan_devices: int = option(0, "plan for a slice of N devices instead of those present")
+    plan_target: str = option(
+        "",
+        "with --plan-only: compile the run for this TPU slice (TPU compiler) and plan from it",
+        choices=("", *aot.TARGETS),
+    )
     distributed: bool = option(False, "multi-host: call jax.distributed.initialize() first")
     coordinator: str = option("", "host:port of process 0 ('': auto-detect, TPU / SLURM / MPI)")
     num_processes: int = option(0, "processes in all, with --coordinator")
@@ -164,8 +170,10 @@ class Config:
                 "and the policy stops learning; keep float32 master weights (the default) and "
                 "set --compute-dtype bfloat16 for bfloat16 matmuls"
             )
-        if self.attention_mb < 1 or self.logits_mb < 1:
-            raise ValueError("--attention-mb and --logits-mb must be >= 1")
+        if self.attention_mb < 1 or self.logits_mb < 1 or self.mlp_mb < 1:
+            raise ValueError("--attention-mb, --logits-mb and --mlp-mb must be >= 1")
+        if self.plan_target and not self.plan_only:
+            raise ValueError("--plan-target plans a run for other chips: give it with --plan-only")
         if self.rollout_batch < 0 or self.plan_devices < 0 or self.device_memory_gb < 0:
             raise ValueError("--rollout-batch, --plan-devices and --device-memory-gb must be >= 0")
         if self.rollout_batch % self.group_size:
@@ -214,6 +222,7 @@ RESUMABLE |= {"retriever_url", "retriever_timeout", "retriever_retries", "retrie
 RESUMABLE |= {"async_checkpoint"}
 # Trajectories do not depend on the wave size, nor the run on where it caches compilations.
 RESUMABLE |= {"rollout_batch", "device_memory_gb", "plan_only", "plan_devices", "compile_cache"}
+RESUMABLE |= {"plan_target"}
 
 
 def parse_config(argv=None) -> Config:
@@ -319,6 +328,43 @@ def raise_if_any_failed(error: Exception | None) -> None:
 # Set-up: the memory plan before any weights, then mesh, model, optimizer, checkpoint.
 
 
+def make_optimizer(cfg: Config):
+    """(AdamW of the run, its learning rate by optimizer update): learner.make_optimizer."""
+    updates_per_step = cfg.prompts_per_step // cfg.mini_batch * cfg.policy_epochs
+    return learner.make_optimizer(
+        lr=cfg.lr,
+        warmup_steps=cfg.warmup_steps,
+        total_steps=cfg.steps * updates_per_step,
+        schedule=cfg.lr_schedule,
+        weight_decay=cfg.weight_decay,
+        grad_clip=cfg.grad_clip,
+        b1=cfg.adam_b1,
+        b2=cfg.adam_b2,
+    )
+
+
+def loss_settings(cfg: Config) -> learner.LossSettings:
+    return learner.LossSettings(
+        clip_low=cfg.clip_low,
+        clip_high=cfg.clip_high,
+        kl_coef=cfg.kl_coef,
+        loss_agg=cfg.loss_agg,
+        norm_length=cfg.agent.max_context,
+        clip_ratio_c=cfg.clip_ratio_c or None,
+        tis_cap=cfg.tis_cap or None,
+    )
+
+
+def forward_options(cfg: Config) -> qwen.ForwardOptions:
+    """How the update's forward pass runs (its batch sharding is the mesh's, added in setup)."""
+    return qwen.ForwardOptions(
+        remat=cfg.remat,
+        attention_bytes=cfg.attention_mb << 20,
+        logits_bytes=cfg.logits_mb << 20,
+        mlp_bytes=cfg.mlp_mb << 20,
+    )
+
+
 def device_capacity(cfg: Config) -> int:
     """Bytes per device: what the backend reports (memory_stats' bytes_limit), else
     --device-memory-gb (0: unknown, e.g. on CPU). --plan-devices plans for other devices."""
@@ -329,10 +375,11 @@ def device_capacity(cfg: Config) -> int:
     return int(cfg.device_memory_gb * plan.GiB)
 
 
-def memory_plan(cfg: Config) -> plan.Plan:
+def memory_plan(cfg: Config, *, check: bool = True) -> plan.Plan:
     """The run's memory plan (tspo_jax/plan.py), from config.json and the options alone, for
     the devices present or, with --plan-devices, for a slice of that many (as many processes
-    as --num-processes says, else one). Raises ValueError("plan: ...") when nothing fits."""
+    as --num-processes says, else one). With ``check``, raises ValueError("plan: ...") when
+    nothing fits."""
     devices = cfg.plan_devices or jax.device_count()
     processes = (cfg.num_processes or 1) if cfg.plan_devices else jax.process_count()
     local = devices // processes
@@ -358,29 +405,157 @@ def memory_plan(cfg: Config) -> plan.Plan:
         processes=processes,
         capacity=device_capacity(cfg),
         prompts_per_step=cfg.prompts_per_step,
+        mini_batch=cfg.mini_batch,
         micro_batch=micro,
         group_size=cfg.group_size,
         rollout_batch=cfg.rollout_batch,
         max_context=cfg.agent.max_context,
         max_obs_tokens=cfg.agent.max_obs_tokens,
+        max_new_tokens=cfg.agent.max_new_tokens,
         kl=cfg.kl_coef > 0,
-        remat=cfg.remat,
-        attention_bytes=cfg.attention_mb << 20,
-        logits_bytes=cfg.logits_mb << 20,
+        options=forward_options(cfg),
     )
-    problem = plan.check(memory)
+    problem = plan.check(memory) if check else None
     if problem:
         raise ValueError(f"plan: {problem}")
     return memory
 
 
-def plan_line(memory: plan.Plan) -> str:
-    """The last line of --plan-only."""
-    cap = f"{memory.capacity / plan.GiB:.1f} GiB" if memory.capacity else "an unknown capacity"
+def plan_line(peak: int, capacity: int, wave: int, micro_batch: int) -> str:
+    """The last line of --plan-only (a contract that scripts read)."""
+    cap = f"{capacity / plan.GiB:.1f} GiB" if capacity else "an unknown capacity"
     return (
-        f"plan: fits, peak {memory.peak / plan.GiB:.1f} GiB of {cap} per device, rollout-batch "
-        f"{memory.rollout_batch}, micro-batch {memory.micro_batch}"
+        f"plan: fits, peak {peak / plan.GiB:.1f} GiB of {cap} per device, rollout-batch "
+        f"{wave}, micro-batch {micro_batch}"
     )
+
+
+def plan_only(cfg: Config) -> dict:
+    """--plan-only: the formula's plan (tspo_jax/plan.py) and, where the TPU compiler is at hand
+    (--plan-target, or TPU chips present), every program of the run compiled by it
+    (tspo_jax/aot.py), whose numbers decide. The last line says that the run fits, else
+    ValueError("plan: ...") what does not."""
+    cfg = cfg if cfg.model else embedded_default(cfg)
+    target = aot.TARGETS.get(cfg.plan_target)
+    if target:
+        cfg = dataclasses.replace(
+            cfg, plan_devices=target.devices, device_memory_gb=target.hbm_gib, num_processes=1
+        )
+    memory = memory_plan(cfg, check=False)
+    print(memory.report(), flush=True)
+    devices = None
+    if target and aot.compiler_missing():
+        print(
+            f"--plan-target {target.name}: the TPU compiler is not at hand "
+            f"({aot.compiler_missing()}); the plan is the formula's",
+            flush=True,
+        )
+    elif target:
+        devices, where = aot.target_devices(target.name), target.name
+    elif jax.default_backend() == "tpu" and not cfg.plan_devices:
+        devices = jax.local_devices()
+        where = f"the {len(devices)} {devices[0].device_kind} chips of this host"
+    if devices is None:
+        problem = plan.check(memory)
+        if problem:
+            raise ValueError(f"plan: {problem}")
+        print(plan_line(memory.peak, memory.capacity, memory.rollout_batch, memory.micro_batch))
+        return {"plan": memory}
+    compiled = compile_plan(cfg, devices, where=where, capacity=memory.capacity)
+    print(compiled.report(), flush=True)
+    if compiled.rollout:
+        print(compiled.line())
+    problem = compiled_problem(compiled, cfg)
+    if problem:
+        raise ValueError(f"plan: {problem}")
+    peak = max(compiled.update_peak, compiled.rollout_peak)
+    print(plan_line(peak, compiled.capacity, compiled.wave, compiled.micro_batch))
+    return {"plan": memory, "compiled": compiled}
+
+
+def compile_plan(cfg: Config, devices, *, where: str, capacity: int) -> aot.Compiled:
+    """The run's programs compiled for ``devices`` (one host's; a mesh over all of them), at
+    --micro-batch (else the largest smaller one that fits) and --rollout-batch (0: the largest
+    wave that fits WAVE_MARGIN of a chip)."""
+    model_config = hf_io.read_config(cfg.model)
+    model_config = dataclasses.replace(model_config, dtype=cfg.compute_dtype)
+    data, fsdp = learner.mesh_shape(cfg.mesh_data, cfg.mesh_fsdp, len(devices))
+    micro = cfg.micro_batch or cfg.mini_batch
+    smaller = [m for m in range(len(devices), micro, len(devices)) if cfg.mini_batch % m == 0]
+    unit = np.lcm(cfg.group_size, len(devices))
+    waves = (
+        [cfg.rollout_batch]
+        if cfg.rollout_batch
+        else list(range(unit, cfg.prompts_per_step * cfg.group_size + 1, unit))
+    )
+    optimizer, _ = make_optimizer(cfg)
+    agent = cfg.agent
+
+    def run_at(micro_batch: int, wave: int) -> aot.RunShape:
+        return aot.RunShape(
+            config=model_config,
+            data=data,
+            fsdp=fsdp,
+            prompts_per_step=cfg.prompts_per_step,
+            mini_batch=cfg.mini_batch,
+            micro_batch=micro_batch,
+            group_size=cfg.group_size,
+            max_context=agent.max_context,
+            max_obs_tokens=agent.max_obs_tokens,
+            max_new_tokens=agent.max_new_tokens,
+            wave=wave,
+            optimizer=optimizer,
+            settings=loss_settings(cfg),
+            options=forward_options(cfg),
+            sampling=sampling.SamplingParams(
+                temperature=agent.temperature, top_p=agent.top_p, top_k=agent.top_k,
+                greedy=agent.greedy,
+            ),
+        )  # fmt: skip
+
+    def formula(micro_batch: int, wave: int) -> plan.Plan:
+        return memory_plan(
+            dataclasses.replace(cfg, micro_batch=micro_batch, rollout_batch=wave), check=False
+        )
+
+    return aot.compile_plan(
+        run_at,
+        devices,
+        where=where,
+        capacity=capacity,
+        micro_batch=micro,
+        smaller_micro_batches=smaller,
+        waves=waves,
+        wave_margin=plan.WAVE_MARGIN,
+        update_estimate=lambda m: formula(m, waves[0]).update_peak,
+        rollout_estimate=lambda w: formula(micro, w).rollout_peak,
+    )
+
+
+def compiled_problem(compiled: aot.Compiled, cfg: Config) -> str | None:
+    """What does not fit by the TPU compiler's numbers, in one sentence (None: it fits)."""
+    gib = lambda b: f"{b / plan.GiB:.1f} GiB"
+    cap = compiled.capacity
+    over = lambda need: f"{gib(need)} per chip, {gib(need - cap)} over the {gib(cap)} of one"
+    asked = compiled.requested
+    if asked.peak > cap:
+        if compiled.update and compiled.update_peak <= cap:
+            fix = f"the largest that fits is {compiled.micro_batch}"
+        else:
+            offload = (
+                "" if cfg.remat == "offload" else "--remat offload (layer inputs in host memory), "
+            )
+            fix = f"none fits; try {offload}a smaller --max-context, or a larger slice"
+        by = "TPU compiler" if asked.compiled else "the formula's estimate, too far over to compile"
+        need = over(asked.peak)
+        return f"the update at --micro-batch {asked.micro_batch} needs {need} ({by}); {fix}"
+    if compiled.rollout_peak > cap:
+        fix = "lower --rollout-batch" if cfg.rollout_batch else "even the smallest wave does not"
+        return (
+            f"a rollout wave of {compiled.wave} rows per host needs {over(compiled.rollout_peak)} "
+            f"(TPU compiler); {fix}, or a smaller --max-context, or a larger slice"
+        )
+    return None
 
 
 def embedded_default(cfg: Config, world_cfg=None, policy_cfg=None) -> Config:
@@ -435,8 +610,6 @@ def setup(cfg: Config) -> tuple[Run, learner.TrainState, int]:
     """Memory plan (before any weights), mesh, model, reference, optimizer, checkpoint
     (resumed or new), data and retriever."""
     lead = jax.process_index() == 0
-    if cfg.plan_only:
-        return None, memory_plan(cfg if cfg.model else embedded_default(cfg)), 0
     # Before anything slow; the log line goes above the progress bar.
     server = rollout.connect(cfg.retriever, log=lambda line: tqdm.write(line, file=sys.stderr))
     if not cfg.model:
@@ -470,17 +643,7 @@ def setup(cfg: Config) -> tuple[Run, learner.TrainState, int]:
         # A copy (jit outputs are new buffers): the policy's params are donated to each update.
         cast = lambda p: jax.tree.map(lambda x: x.astype(model_config.compute_dtype), p)
         ref_params = jax.jit(cast)(params)
-    updates_per_step = cfg.prompts_per_step // cfg.mini_batch * cfg.policy_epochs
-    optimizer, lr_fn = learner.make_optimizer(
-        lr=cfg.lr,
-        warmup_steps=cfg.warmup_steps,
-        total_steps=cfg.steps * updates_per_step,
-        schedule=cfg.lr_schedule,
-        weight_decay=cfg.weight_decay,
-        grad_clip=cfg.grad_clip,
-        b1=cfg.adam_b1,
-        b2=cfg.adam_b2,
-    )
+    optimizer, lr_fn = make_optimizer(cfg)
     state = learner.init_state(params, model_config, mesh, optimizer)
     manager = checkpoint_manager(cfg)
     start = 0
@@ -492,15 +655,6 @@ def setup(cfg: Config) -> tuple[Run, learner.TrainState, int]:
         raise ValueError(
             f"{out / 'checkpoints'} already holds checkpoints: pass --resume, or another --out-dir"
         )
-    settings = learner.LossSettings(
-        clip_low=cfg.clip_low,
-        clip_high=cfg.clip_high,
-        kl_coef=cfg.kl_coef,
-        loss_agg=cfg.loss_agg,
-        norm_length=cfg.agent.max_context,
-        clip_ratio_c=cfg.clip_ratio_c or None,
-        tis_cap=cfg.tis_cap or None,
-    )
     retriever = server or retrieval.BM25Retriever(cfg.retriever.corpus)
     train_set = data.load_examples(cfg.data)
     eval_set = data.load_examples(cfg.eval_data) if cfg.eval_data else []
@@ -512,11 +666,8 @@ def setup(cfg: Config) -> tuple[Run, learner.TrainState, int]:
         mesh=mesh,
         rollout_mesh=rollout.rollout_mesh(),
         memory=memory,
-        options=learner.forward_options(
-            mesh,
-            remat=cfg.remat,
-            attention_bytes=cfg.attention_mb << 20,
-            logits_bytes=cfg.logits_mb << 20,
+        options=forward_options(cfg)._replace(
+            batch_sharding=NamedSharding(mesh, P(learner.BATCH_AXES))
         ),
         model_config=model_config,
         tokenizer=tokenizer,
@@ -525,7 +676,7 @@ def setup(cfg: Config) -> tuple[Run, learner.TrainState, int]:
         eval_set=eval_set,
         optimizer=optimizer,
         lr_fn=lr_fn,
-        settings=settings,
+        settings=loss_settings(cfg),
         ref_params=ref_params,
         manager=manager,
     )
@@ -618,16 +769,19 @@ def restore_checkpoint(manager, state: learner.TrainState, cfg: Config):
     return learner.TrainState(*restored), step
 
 
-def watch_sigterm(cfg: Config):
-    """(notice, previous handler). In a single process the first SIGTERM sets ``notice`` and the
-    run stops after the step in progress (during set-up: after the first step); later ones are
-    ignored, so that the save they would interrupt completes. ``main`` puts the previous handler
-    back when it returns. With --distributed, JAX's coordination service owns SIGTERM (its
+@contextlib.contextmanager
+def preemption_notice(cfg: Config):
+    """Yields ``notice``, set by the first SIGTERM: the run stops after the step in progress
+    (during set-up: after the first step). Later SIGTERMs are noted and ignored, so that the
+    save they would interrupt completes. The previous handler is put back on the way out (a
+    library caller gets its own back); train.py as a script ignores SIGTERM from then on (see
+    the end of this file). With --distributed, JAX's coordination service owns SIGTERM (its
     preemption notifier) and ``notice`` stays clear, as it does when main runs in another thread
     than Python's main thread (which alone may set signal handlers)."""
     notice = threading.Event()
     if cfg.distributed or threading.current_thread() is not threading.main_thread():
-        return notice, None
+        yield notice
+        return
 
     def on_sigterm(signum, frame):
         again = notice.is_set()
@@ -635,7 +789,11 @@ def watch_sigterm(cfg: Config):
         message = "still stopping" if again else "finishing the step in progress, then saving it"
         os.write(2, f"\nSIGTERM: {message}\n".encode())  # no buffered print in a handler
 
-    return notice, signal.signal(signal.SIGTERM, on_sigterm)
+    previous = signal.signal(signal.SIGTERM, on_sigterm)
+    try:
+        yield notice
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def checkpoint_step(run, step: int, state, record: dict, notice: threading.Event) -> bool:
@@ -772,11 +930,8 @@ def sampler_weights(params, model_config, mesh):
     per layer (qwen.unstack_layers), and a whole copy on every device of ``mesh`` (this
     process's devices, rollout.rollout_mesh). The copies are gathered device to device from
     the sharded train state, across processes too; nothing passes through the host."""
-    cast = lambda p: jax.tree.map(
-        lambda x: x.astype(model_config.compute_dtype), qwen.unstack_layers(p)
-    )
     train_mesh = jax.tree.leaves(params)[0].sharding.mesh
-    whole = jax.jit(cast, out_shardings=NamedSharding(train_mesh, P()))(params)
+    whole = learner.sampling_copy(params, dtype=model_config.compute_dtype, mesh=train_mesh)
     local = NamedSharding(mesh, P())
     return jax.tree.map(
         lambda x: jax.make_array_from_single_device_arrays(
@@ -1052,9 +1207,14 @@ def final_report(history: list[dict], out: epath.Path, seconds: float) -> str:
 
 
 def main(argv=None) -> dict:
-    t_start = time.perf_counter()
     cfg = parse_config(argv)
-    notice, previous_handler = watch_sigterm(cfg)
+    with preemption_notice(cfg) as notice:
+        return train_loop(cfg, notice)
+
+
+def train_loop(cfg: Config, notice: threading.Event) -> dict:
+    """setup, then the steps; ``notice`` set: stop after the step in progress (a preemption)."""
+    t_start = time.perf_counter()
     if cfg.distributed:
         initialize_distributed(cfg)
     if cfg.compile_cache != "off" and not cfg.plan_only:
@@ -1063,11 +1223,9 @@ def main(argv=None) -> dict:
             "jax_compilation_cache_dir",
             f"{cfg.out_dir.rstrip('/')}/jax_cache" if cache == "auto" else cache,
         )
-    run, state, start = setup(cfg)
     if cfg.plan_only:
-        print(state.report())
-        print(plan_line(state))
-        return {"plan": state}
+        return plan_only(cfg)
+    run, state, start = setup(cfg)
     cfg = run.cfg
     history, bad_in_a_row, preempted = [], 0, False
     if cfg.resume:
@@ -1117,8 +1275,6 @@ def main(argv=None) -> dict:
         export_step(run, step + 1, state, record)
     bar.close()
     run.manager.wait_until_finished()
-    if previous_handler is not None:
-        signal.signal(signal.SIGTERM, previous_handler)
     if preempted:
         if run.lead:
             print(
@@ -1127,15 +1283,21 @@ def main(argv=None) -> dict:
                 flush=True,
             )
         return {"history": history, "state": state, "config": cfg, "preempted": True}
-    if run.lead and cfg.plot and history:
+    # A resumed run reads the steps before the resume back (step 0's evaluation included); one
+    # resumed after its last step (to finish that step's evaluation or export) has only those.
+    earlier = plots.read_metrics(run.out / "metrics.jsonl") if start and run.lead else []
+    rows = [r for r in earlier if r["step"] <= start] + history
+    if run.lead and cfg.plot and rows:
         plots.plot_metrics(run.out / "metrics.jsonl", run.out / "metrics.png")
-    if run.lead and history:
-        # A resumed run reads the steps before the resume back (step 0's evaluation included).
-        earlier = plots.read_metrics(run.out / "metrics.jsonl") if start else []
-        earlier = [r for r in earlier if r["step"] <= start]
-        print(final_report(earlier + history, run.out, time.perf_counter() - t_start))
+    if run.lead and rows:
+        print(final_report(rows, run.out, time.perf_counter() - t_start))
     return {"history": history, "state": state, "config": cfg}
 
 
 if __name__ == "__main__":
+    # A script that has returned from main is on its way out: a SIGTERM now (a second
+    # preemption notice, a node drain, the shell's own) must not turn a preempted run's exit 0
+    # into -15. SIG_IGN is what main puts back, and unlike a Python handler it holds through the
+    # interpreter's own teardown.
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     cli.run(main)

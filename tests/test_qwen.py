@@ -121,10 +121,12 @@ def test_hidden_states_lm_head_and_token_logprobs(tiny_checkpoints, name):
     V = config.vocab_size
     logp_fn = jax.jit(qwen.token_logprobs, static_argnums=(1, 4))
     # Chunks of 2 rows x 4 positions (T = 11: padded), then of 1 row x 1 position; queries in
-    # blocks of 1 under per-layer remat: the same numbers as the plain computation.
+    # blocks of 1 under per-layer remat; then also the MLP one position at a time, with each
+    # layer's input kept in host memory: the same numbers as the plain computation.
     variants = [
         qwen.ForwardOptions(logits_bytes=2 * 4 * V * 4),
         qwen.ForwardOptions(logits_bytes=V * 4, remat="full", attention_bytes=1),
+        qwen.ForwardOptions(logits_bytes=V * 4, remat="offload", attention_bytes=1, mlp_bytes=1),
     ]
     assert qwen.logits_chunks(2, 11, V, variants[0].logits_bytes) == (1, 4)
     assert qwen.logits_chunks(2, 11, V, variants[1].logits_bytes) == (2, 1)

@@ -7,12 +7,14 @@ import random
 import re
 import socket
 import time
+import urllib.request
 from collections import Counter
 
 import bm25s
 import pytest
 from retrieval_testing import StandInServer
 
+from tspo_jax import retrieval
 from tspo_jax.protocol import format_observation
 from tspo_jax.retrieval import (
     BM25Retriever,
@@ -352,3 +354,47 @@ def test_http_check_says_what_is_wrong(server):
     url = closed_port_url()
     with pytest.raises(RetrievalError, match=unreachable(url, 1, ".*refused")):
         HttpRetriever(url, max_wait=0).check()
+
+
+def test_a_dead_server_at_start_up_says_how_long_and_how_to_wait_less():
+    """The first line of a server that does not answer names it, says for how long the run will
+    wait for it, and which option shortens the wait; the lines after it count the budget."""
+    import rollout
+
+    url, logs = closed_port_url(), []
+    cfg = rollout.RetrieverConfig(retriever_url=url, retriever_max_wait=0.5)
+    with pytest.raises(RetrievalError, match=unreachable(url, len(logs) + 2, ".*refused")):
+        rollout.connect(cfg, log=logs.append)  # backoff 1 s: one retry, cut to fit 0.5 s
+    (first,) = logs
+    assert re.fullmatch(
+        re.escape(f"retrieval server {url}: ")
+        + r".*Connection refused; retry 1 of 30 in 0\.5 s "
+        + re.escape("(waiting up to 0.5 s for it to answer; --retriever-max-wait N waits less)"),
+        first,
+    ), first
+
+
+def test_search_server_answers_as_search_r1_from_bm25(tmp_path):
+    """retrieval.SearchServer over BM25, read by the HTTP client: the same passages and scores as
+    BM25 in process, in Search-R1's shape with and without scores."""
+    corpus = write_corpus(tmp_path / "c.jsonl", [*distractors(200), ("p", "Paris", "capital")])
+    bm25 = BM25Retriever(corpus)
+    server = retrieval.SearchServer(bm25)
+    try:
+        queries = ["capital of paris", "w1 w2 river", "nothing matches zzz"]
+        assert HttpRetriever(server.url).search(queries, k=3) == bm25.search(queries, k=3)
+        bare = json.loads(
+            urllib.request.urlopen(
+                urllib.request.Request(
+                    server.url, data=json.dumps({"queries": ["paris"], "topk": 1}).encode()
+                )
+            ).read()
+        )
+        assert bare == {"result": [[{"id": "p", "contents": '"Paris"\ncapital'}]]}
+        server.down()
+        with pytest.raises(RetrievalError, match=r".*refused"):
+            HttpRetriever(server.url, max_wait=0).search(queries, k=3)
+        server.up()
+        assert HttpRetriever(server.url).search(queries, k=3) == bm25.search(queries, k=3)
+    finally:
+        server.close()

@@ -285,6 +285,75 @@ def test_greedy_sample_is_the_first_argmax_with_its_log_prob():
 
 
 # ---------------------------------------------------------------------------------------------
+# The XLA:CPU workarounds (qwen.plain_or_cpu) against the plain versions that a TPU or GPU runs
+
+
+def test_cpu_workarounds_equal_the_plain_versions():
+    """argmax (ties: the first), the nucleus threshold, the inverse-CDF draw and the decoding
+    matmul, each in its plain and its XLA:CPU form, on the same inputs."""
+    rng = np.random.default_rng(11)
+    logits = (rng.standard_normal((6, 5000)) * rng.uniform(0.5, 6, (6, 1))).astype(np.float32)
+    logits[0, [7, 4000]] = logits[0].max() + 1  # a tie: both give the first
+    weights = np.exp(logits - logits.max(-1, keepdims=True))
+    assert np.asarray(sp._cpu_argmax(logits)).tolist() == np.argmax(logits, -1).tolist()
+    for top_p in (0.1, 0.5, 0.9, 0.99):
+        plain = np.asarray(jax.jit(sp._sorted_threshold)(weights, top_p))
+        cpu = np.asarray(jax.jit(sp._cpu_threshold)(weights, top_p))
+        kept_plain, kept_cpu = (weights >= plain).sum(-1), (weights >= cpu).sum(-1)
+        assert np.abs(kept_plain - kept_cpu).max() <= 1  # float32 sums: a boundary token at most
+        assert (kept_plain == kept_cpu).mean() >= 5 / 6
+    u = rng.uniform(size=(6,)).astype(np.float32)
+    for w in (weights, np.where(weights > 0.01, weights, 0.0).astype(np.float32)):
+        plain, cpu = jax.jit(sp._inverse_cdf)(w, u), jax.jit(sp._cpu_inverse_cdf)(w, u)
+        assert np.asarray(plain).tolist() == np.asarray(cpu).tolist()
+        cum = np.cumsum(w.astype(np.float64), -1)  # a float64 reference: the first cum > u * sum
+        ref = [
+            int(np.searchsorted(c, x * c[-1], side="right")) for c, x in zip(cum, u, strict=True)
+        ]
+        assert np.asarray(plain).tolist() == ref
+    x, w = rng.standard_normal((5, 64)).astype(np.float32), rng.standard_normal((96, 64))
+    np.testing.assert_allclose(
+        qwen.weight_stationary(x, w.astype(np.float32)), x @ w.T, rtol=1e-5, atol=1e-5
+    )
+
+
+def test_generation_with_and_without_cpu_workarounds_is_the_same(model, monkeypatch):
+    """generate (greedy, top-k and top-p sampling) with the XLA:CPU workarounds and with the plain
+    versions, on XLA:CPU: the same tokens, the same log-probs to rounding."""
+    _, config, params = model
+    rng = np.random.default_rng(12)
+    rows = [rng.integers(0, config.vocab_size, n).tolist() for n in (5, 11, 8)]
+    cases = [dict(greedy=True), dict(temperature=0.8, top_k=20, top_p=0.9), dict(top_p=0.7)]
+
+    def run(workarounds):
+        monkeypatch.setattr(qwen, "CPU_WORKAROUNDS", workarounds)
+        jax.clear_caches()  # jit keys do not see the switch: trace again
+        out = []
+        for kwargs in cases:
+            state = sp.init_cache(config, B, S)
+            state = sp.append(params, config, state, *sp.pad_chunk(rows, buckets=(16,)))
+            _, gen = sp.generate(
+                params,
+                config,
+                state,
+                jax.random.split(jax.random.key(5), B),
+                max_new_tokens=N,
+                sampling_params=sp.SamplingParams(eos_ids=(), **kwargs),
+            )
+            out.append((np.asarray(gen.tokens_BN), np.asarray(gen.logp_BN)))
+        return out
+
+    try:
+        cpu, plain = run(True), run(False)
+    finally:
+        jax.clear_caches()
+    for (tok_cpu, logp_cpu), (tok_plain, logp_plain) in zip(cpu, plain, strict=True):
+        assert tok_cpu.tolist() == tok_plain.tolist()
+        np.testing.assert_allclose(logp_cpu, logp_plain, atol=1e-5)
+    assert len({tuple(t.ravel()) for t, _ in cpu}) == 3  # the three cases sampled differently
+
+
+# ---------------------------------------------------------------------------------------------
 # Stop strings with Qwen2's real tokenizer, on a scripted model
 
 

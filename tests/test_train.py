@@ -3,7 +3,6 @@ retrieval outages, failures that lose no step, a gs:// run folder, two processes
 
 import json
 import os
-import random
 import re
 import signal
 import socket
@@ -155,27 +154,38 @@ def _weights(folder):
     return load_file(str(Path(folder) / "model.safetensors"))
 
 
-# Run under a `python -c`: train.py with orbax's commit of the checkpoint of step 2 (the rename of
-# its temporary folder) made to hang, as a slow or stuck write to storage would; argv[1] is a file
-# it creates when the hang begins.
-HANG_AT_SAVE_2 = """
-import asyncio, pathlib, sys
+# Run under a `python -c`: train.py as a script (its `__main__` block), with holds that let a test
+# act at exact moments, as a slow or stuck write to storage, or a slow exit, would let things
+# happen. argv[1] is a folder of marker files: orbax's commit of the checkpoint of step N (the
+# rename of its temporary folder) touches "saving-N" and waits for "save-N"; once the script has
+# returned, the process touches "returned" and waits for "exit" before it exits.
+HOLD_SAVE_AND_EXIT = """
+import asyncio, pathlib, runpy, sys, time
 from orbax.checkpoint._src.path import atomicity
 
-commit, marker = atomicity.AtomicRenameTemporaryPath.finalize, pathlib.Path(sys.argv[1])
+commit, marks = atomicity.AtomicRenameTemporaryPath.finalize, pathlib.Path(sys.argv[1])
 
-async def hang_at_step_2(self, *args, **kwargs):
-    if self.get_final().name == "2":
-        marker.touch()
-        await asyncio.sleep(3600)
+def hold(name, go):
+    (marks / name).touch()
+    while not (marks / go).exists():
+        time.sleep(0.05)
+
+async def held_commit(self, *args, **kwargs):
+    step = self.get_final().name  # a step's folder, or one of its items'
+    if step.isdigit():
+        hold(f"saving-{step}", f"save-{step}")
     return await commit(self, *args, **kwargs)
 
-atomicity.AtomicRenameTemporaryPath.finalize = hang_at_step_2
+atomicity.AtomicRenameTemporaryPath.finalize = held_commit
 sys.argv = ["train.py", *sys.argv[2:]]
-import train
-from tspo_jax import cli
-cli.run(train.main)
+try:
+    runpy.run_path(sys.argv[0], run_name="__main__")
+finally:
+    hold("returned", "exit")
 """
+
+
+_STARTED = []  # processes of _start, killed after each test if still there (they ignore SIGTERM)
 
 
 def _start(argv, log, cache, code=None):
@@ -184,13 +194,26 @@ def _start(argv, log, cache, code=None):
     env = {**os.environ, "XLA_FLAGS": "", "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
     command = ["-c", code] if code else [str(ROOT / "train.py")]
     with open(log, "w") as f:
-        return subprocess.Popen(
-            [sys.executable, *command, *argv, "--compile-cache", str(cache)],
-            cwd=ROOT,
-            env=env,
-            stdout=f,
-            stderr=subprocess.STDOUT,
+        _STARTED.append(
+            subprocess.Popen(
+                [sys.executable, *command, *argv, "--compile-cache", str(cache)],
+                cwd=ROOT,
+                env=env,
+                stdout=f,
+                stderr=subprocess.STDOUT,
+            )
         )
+    return _STARTED[-1]
+
+
+@pytest.fixture(autouse=True)
+def _no_process_left():
+    yield
+    while _STARTED:
+        process = _STARTED.pop()
+        if process.poll() is None:
+            process.kill()
+            process.wait()
 
 
 def _wait_for(condition, process, what):
@@ -214,8 +237,9 @@ def test_resume_is_exact_after_kills_preemption_and_outages(
         the checkpoint of step 1 stays the latest;
     b2  --resume; the server goes down for good in step 3's rollout: the run saves the state of
         the step it completed, and ends with one line saying how to resume;
-    b3  --resume, the server back; SIGTERM (twice) at a random moment: the step in progress
-        finishes, is saved, and the run exits 0 with one line;
+    b3  --resume, the server back; SIGTERM during a rollout, again during the save, and again
+        once train.py has returned: the step in progress finishes, is saved, and the process
+        exits 0 with one line;
     b4  --resume: the rest.
     Parameters equal bit for bit; metrics.jsonl has each step once, with a's values.
     """
@@ -234,10 +258,13 @@ def test_resume_is_exact_after_kills_preemption_and_outages(
 
         # b1: an outage it rides out, then SIGKILL with the save of step 2 in flight.
         server.requests, server.outages = [], {2: 1.5}
-        hang = tmp_path / "save-2-hangs"
+        marks = tmp_path / "marks"
+        marks.mkdir()
+        (marks / "save-1").touch()  # step 1 commits, step 2 hangs
         b1 = run_b("--checkpoint-every", "1", "--async-checkpoint", "on")
-        killed = _start([str(hang), *b1], log("b1"), cache, code=HANG_AT_SAVE_2)
-        rows_ahead = lambda: hang.exists() and len(_rows(out)) >= 2  # row 2 is written
+        killed = _start([str(marks), *b1], log("b1"), cache, code=HOLD_SAVE_AND_EXIT)
+        saving = marks / "saving-2"
+        rows_ahead = lambda: saving.exists() and len(_rows(out)) >= 2  # row 2 is written
         _wait_for(rows_ahead, killed, "save of step 2")
         killed.send_signal(signal.SIGKILL)
         killed.wait()
@@ -270,26 +297,31 @@ def test_resume_is_exact_after_kills_preemption_and_outages(
         assert saved >= 2 and (out / "checkpoints" / str(saved)).is_dir()
         assert [r["step"] for r in _rows(out)] == list(range(1, saved + 1))
 
-        # b3: SIGTERM, then another, at a random moment of the first step after the resume.
-        server.outages = {}
+        # b3: SIGTERM during the rollout of the first step after the resume, another during
+        # the save of that step, a third after the run has said it was preempted.
+        server.outages, server.requests = {}, []
         server.up()
-        preempted = _start(run_b("--resume"), log("b3"), cache)
-        _wait_for(lambda: "resumed from" in log("b3").read_text(), preempted, "resume")
-        delay = random.uniform(0, 3)
-        time.sleep(delay)
+        step = saved + 1
+        preempted = _start([str(marks), *run_b("--resume")], log("b3"), cache, HOLD_SAVE_AND_EXIT)
+        searching = lambda: len(server.requests) >= 2  # the start-up check, then a search
+        _wait_for(searching, preempted, "the first search")
         preempted.send_signal(signal.SIGTERM)
-        time.sleep(0.5)
+        _wait_for((marks / f"saving-{step}").exists, preempted, f"the save of step {step}")
         preempted.send_signal(signal.SIGTERM)
+        _wait_for(lambda: "still stopping" in log("b3").read_text(), preempted, "2nd notice")
+        (marks / f"save-{step}").touch()
+        _wait_for((marks / "returned").exists, preempted, "the end of train.py")
+        preempted.send_signal(signal.SIGTERM)
+        time.sleep(0.2)  # time for a signal to kill it
+        (marks / "exit").touch()
         assert preempted.wait(timeout=600) == 0, log("b3").read_text()
         text = log("b3").read_text()
-        assert "SIGTERM: still stopping" in text and "Traceback" not in text, (delay, text)
-        last = text.strip().splitlines()[-1]
-        step = int(re.fullmatch(r"preempted at step (\d+) of 4: .*", last).group(1))
-        assert last == (
+        assert "Traceback" not in text, text
+        assert text.strip().splitlines()[-1] == (
             f"preempted at step {step} of 4: its checkpoint is saved in {out / 'checkpoints'}; "
             "continue with --resume"
         )
-        assert step == saved + 1 and (out / "checkpoints" / str(step)).is_dir()
+        assert (out / "checkpoints" / str(step)).is_dir()
 
         # b4: the rest, to the export of step 4.
         resumed = _start(run_b("--resume"), log("b4"), cache)
@@ -310,6 +342,27 @@ def test_resume_is_exact_after_kills_preemption_and_outages(
     for ra, rb in zip(rows_a, rows_b, strict=True):
         same = lambda r: {k: v for k, v in r.items() if not k.startswith(("time_", "tokens_"))}
         assert same(ra) == same(rb)
+
+
+def test_chaos_soak_with_a_fixed_seed_loses_nothing(
+    small_world, small_policy, questions, tmp_path, capsys, monkeypatch
+):
+    """bench.chaos on the small config: 3 faults (kills, preemptions, outages of the retrieval
+    server) at random moments of a 4-step run, each survived; the last step's parameters and
+    every metrics row are the straight run's."""
+    from bench import chaos
+
+    monkeypatch.setenv("XLA_FLAGS", "")  # train.py's subprocesses: one device, as a user's
+    train_argv = args(small_world, small_policy, questions, tmp_path / "unused", "--lr", "1e-3")
+    budget = ("--retry-budget", "2", "--out", str(tmp_path / "chaos"))
+    code = chaos.main(["--seed", "0", "--faults", "3", "--steps", "4", *budget, "--", *train_argv])
+    out = capsys.readouterr().out
+    assert re.fullmatch(
+        r"chaos: 3 faults \(\d kills, \d terms, \d outages\), final params identical: yes, "
+        r"metrics rows once each: yes, lost steps: 0",
+        out.strip().splitlines()[-1],
+    ), out
+    assert code == 0, out
 
 
 def fake_evaluate(em):
@@ -444,11 +497,11 @@ def test_retriever_checked_before_the_model_loads(small_world, questions, tmp_pa
 
 
 @pytest.fixture(autouse=True)
-def _keep_sigterm_handler():
-    """train.main installs a SIGTERM handler; one that ends in an error leaves it in place."""
+def _sigterm_handler_put_back():
+    """train.main puts back the SIGTERM handler it found, whether it returns or raises."""
     handler = signal.getsignal(signal.SIGTERM)
     yield
-    signal.signal(signal.SIGTERM, handler)
+    assert signal.getsignal(signal.SIGTERM) is handler
 
 
 def _free_port():

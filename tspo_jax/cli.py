@@ -11,6 +11,8 @@ error naming the option.
 
 import argparse
 import dataclasses
+import glob
+import importlib.util
 import json
 import os
 import sys
@@ -152,7 +154,9 @@ INPUT_ERRORS = (
 def run(main, argv=None):
     """Runs a command's ``main``: an input error prints ``<prog>: error: <message>`` (and its
     notes, e.g. how to resume, after "; ") and exits with status 2 (set TSPO_JAX_TRACEBACK=1 to
-    see the traceback)."""
+    see the traceback). A command run where libtpu is installed but no accelerator is present
+    runs on the CPU (``leave_out_absent_tpu``)."""
+    leave_out_absent_tpu()
     try:
         return main(argv)
     except INPUT_ERRORS as e:
@@ -163,3 +167,25 @@ def run(main, argv=None):
         message = "; ".join([str(e), *getattr(e, "__notes__", ())])
         print(f"{Path(sys.argv[0]).name}: error: {message}", file=sys.stderr)
         raise SystemExit(2) from None
+
+
+def leave_out_absent_tpu() -> None:
+    """Where libtpu is installed (jax[tpu], which is also how train.py --plan-target compiles for
+    TPU chips on any host) but no TPU chip or GPU is present, JAX would still load libtpu at
+    start-up: seconds of probing, a screen of warnings, and a lock (/tmp/libtpu_lockfile) that
+    keeps other processes from compiling for a TPU topology. Unless JAX_PLATFORMS says
+    otherwise, the CPU is then the only backend."""
+    if os.environ.get("JAX_PLATFORMS") or importlib.util.find_spec("libtpu") is None:
+        return
+    if tpu_chips_present() or glob.glob("/dev/nvidia[0-9]*"):
+        return
+    import jax
+
+    jax.config.update("jax_platforms", "cpu")
+
+
+def tpu_chips_present() -> bool:
+    """Whether this host has TPU chips: PCI devices of Google's (vendor 0x1ae0), as JAX itself
+    looks for them."""
+    vendors = [Path(p).read_text().strip() for p in glob.glob("/sys/bus/pci/devices/*/vendor")]
+    return "0x1ae0" in vendors

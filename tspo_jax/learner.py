@@ -105,13 +105,16 @@ def slice_count(devices=None) -> int:
     return len({getattr(d, "slice_index", 0) for d in devices})
 
 
-def forward_options(mesh: Mesh, *, remat: str, attention_bytes: int, logits_bytes: int):
+def forward_options(
+    mesh: Mesh, *, remat: str, attention_bytes: int, logits_bytes: int, mlp_bytes: int = 0
+):
     """The update's qwen.ForwardOptions: activations split over the batch axes of ``mesh``."""
     return qwen.ForwardOptions(
         remat=remat,
         batch_sharding=NamedSharding(mesh, P(BATCH_AXES)),
         attention_bytes=attention_bytes,
         logits_bytes=logits_bytes,
+        mlp_bytes=mlp_bytes,
     )
 
 
@@ -161,6 +164,40 @@ def make_optimizer(*, lr, warmup_steps, total_steps, schedule, weight_decay, gra
         optax.adamw(lr_fn, b1=b1, b2=b2, eps=1e-8, weight_decay=weight_decay),
     )
     return opt, lr_fn
+
+
+def sampling_copy(params, *, dtype, mesh: Mesh):
+    """The policy as the sampler reads it: ``dtype``, one array per layer (qwen.unstack_layers),
+    and whole on every device of ``mesh`` (the train state's), gathered device to device.
+
+    One gather per layer (``gather_layer``) and one for the rest (``gather_whole``), so that a
+    device holds the copy it builds plus one layer in flight: one program for all of it
+    gathers the stacked layers whole first and slices them after (XLA combines the per-layer
+    gathers), twice the copy at its peak (the TPU compiler's memory_analysis)."""
+    L = jax.tree.leaves(params["layers"])[0].shape[0]
+    rest = gather_whole({k: v for k, v in params.items() if k != "layers"}, dtype, mesh)
+    layers = [gather_layer(params["layers"], i, dtype, mesh) for i in range(L)]
+    return {**rest, "layers": layers}
+
+
+def _whole(x, dtype, mesh: Mesh):
+    return jax.lax.with_sharding_constraint(x.astype(dtype), NamedSharding(mesh, P()))
+
+
+@functools.partial(jax.jit, static_argnums=(1, 2))
+def gather_whole(tree, dtype, mesh: Mesh):
+    """``tree`` cast to ``dtype`` and whole on every device of ``mesh``."""
+    return jax.tree.map(lambda x: _whole(x, dtype, mesh), tree)
+
+
+@functools.partial(jax.jit, static_argnums=(2, 3))
+def gather_layer(stacked, index, dtype, mesh: Mesh):
+    """Layer ``index`` of stacked layers, cast to ``dtype`` and whole on every device of
+    ``mesh``."""
+    return jax.tree.map(
+        lambda x: _whole(jax.lax.dynamic_index_in_dim(x, index, keepdims=False), dtype, mesh),
+        stacked,
+    )
 
 
 class TrainState(NamedTuple):

@@ -2,19 +2,20 @@
 
 train.py computes it before any weights are loaded, picks the largest rollout wave that fits,
 checks the micro-batch, and stops with one line naming the part that does not fit. Each part
-is arithmetic on shapes (no compilation, so a 7B plan takes milliseconds); tests check the two
-estimated parts, the update's and the decoder's temporaries, against XLA's memory_analysis of
-the compiled programs on small shapes.
+is arithmetic on shapes (no compilation, so a 7B plan takes milliseconds): the quick estimate.
+``train.py --plan-only --plan-target SLICE`` compiles the run's programs with the TPU compiler
+instead (tspo_jax/aot.py), whose numbers decide; the two estimated parts below, the update's and
+the decoder's temporaries, are fitted to them so as to err on the safe side on TPU.
 
 Per device, with P parameters (P_shard of them on the device under fsdp), c bytes per compute
 element, r rows of a micro-batch and w rows of a rollout wave on the device, T = max_context:
     params            4 P_shard              float32 master weights
     optimizer state   8 P_shard              AdamW's two float32 moments
     reference         c P_shard              when kl_coef > 0
-    update temps      grads, layer weights, saved activations, one layer's backward
-                      (attention in blocks of attention_bytes), log-prob chunks (logits_bytes)
+    update temps      gradients, the layers' saved inputs (remat), one layer's activations,
+                      the MLP in chunks (mlp_bytes), log-prob chunks (logits_bytes): UPDATE_FIT
     sampling weights  c P                    every device holds the whole policy
-    KV cache          1.5 w T L 2 K H c      the cache grows by copying (old and new live)
+    KV cache          2 w T L 2 K H c        a second copy: the TPU decoding loop's, or growth's
     decode temps      one observation's append and the next-token logits of the wave
 The update and the rollout never run at the same time: peak = fixed + max(update, rollout).
 
@@ -33,6 +34,7 @@ from jax.sharding import AbstractMesh
 from tspo_jax import learner, qwen, sampling
 
 GiB = 2**30
+PROMPT_TOKENS = 512  # prompts are planned for up to this many tokens (Search-R1's: about 250)
 # The default rollout wave fills at most this share of a device, leaving room for what the
 # formulas do not count (fragmentation, XLA's own buffers, the host's transfers).
 WAVE_MARGIN = 0.9
@@ -51,7 +53,7 @@ class Plan(NamedTuple):
     capacity: int  # bytes per device (0: unknown)
     rollout_batch: int  # rows per wave on this process
     micro_batch: int  # prompts per forward / backward pass
-    largest_micro_batch: int  # the largest micro-batch whose update fits (0: none, or unknown)
+    largest_micro_batch: int  # the largest that fits of those dividing the mini-batch (0: none)
 
     @property
     def fixed(self) -> int:
@@ -115,57 +117,70 @@ def param_count(config: qwen.QwenConfig) -> int:
     return heads * config.vocab_size * D + config.num_layers * layer_params(config) + D
 
 
-def update_temporaries(
-    config: qwen.QwenConfig,
-    *,
-    rows: int,
-    length: int,
-    param_shard: int,
-    remat: str,
-    attention_bytes: int,
-    logits_bytes: int,
-) -> int:
-    """Update temporaries per device: ``rows`` rows of ``length`` tokens on the device in one
-    micro-batch, ``param_shard`` parameters on the device.
-
-    The terms are what the update holds at its peak; their weights were fitted to XLA's
-    memory_analysis of the compiled update (8 CPU devices, float32, remat full, 11 shapes:
-    within 25% of all but one, tests/test_plan.py checks two):
-      gradient sums (float32, sharded like the params)          4 P_shard
-      the head, gathered once, and one layer's gathered weights  c V D + 2 c P_layer
-      saved layer inputs (remat full; "none" keeps every layer's activations)
-                                                                 1.25 (L + 1) r T D c
-      one layer's activations (recomputed, with the backward)    r T c (2 D + 3 F + 10 (N + 2K) H)
-      attention scores, one block of queries (float32)           3 x 4 r N q_block T
-      the [T, T] mask (bool) and half a chunk of float32 logits  r T T + 2 r_chunk T_chunk V
-    """
+def update_terms(
+    config: qwen.QwenConfig, *, rows: int, length: int, param_shard: int, options
+) -> dict[str, float]:
+    """The parts of the update's temporaries per device, in bytes, before their weights
+    (UPDATE_FIT): ``rows`` rows of ``length`` tokens on the device in one micro-batch,
+    ``param_shard`` parameters on the device, ``options`` the update's qwen.ForwardOptions."""
     c = np.dtype(config.compute_dtype).itemsize
     V, D, F, L = config.vocab_size, config.hidden_size, config.intermediate_size, config.num_layers
     N, K, H = config.num_heads, config.num_kv_heads, config.head_dim
     tokens = rows * length
-    weights = 4 * param_shard + c * V * D + 2 * c * layer_params(config)
-    layer = tokens * c * (2 * D + 3 * F + 10 * (N + 2 * K) * H)
-    block = qwen.query_block(rows, N, length, length, attention_bytes)
-    scores = 3 * 4 * rows * N * block * length
-    if remat == "full":
-        saved = 1.25 * (L + 1) * tokens * D * c
-    elif remat == "dots":  # the weight matmuls' outputs of every layer
-        saved = L * tokens * c * (2 * D + 2 * F + (N + 2 * K) * H)
-    else:
-        saved = (L - 1) * layer
-    R, chunk = qwen.logits_chunks(rows, length, V, logits_bytes)
-    logits = 2 * (rows // R) * chunk * V
-    return int(weights + saved + layer + scores + tokens * length + logits)
+    saved = {
+        "full": (L + 1) * tokens * D * c,  # each layer's input
+        "offload": 0,  # each layer's input, in host memory
+        "dots": L * tokens * c * (2 * D + 2 * F + (N + 2 * K) * H),  # the matmuls' outputs
+        "none": L * tokens * c * (2 * D + 3 * F + 4 * (N + 2 * K) * H),  # everything
+    }[options.remat]
+    mlp_chunk = qwen.block_size(length, rows * F * c, options.mlp_bytes)
+    R, chunk = qwen.logits_chunks(rows, length, V, options.logits_bytes)
+    return {
+        "gradients": 4 * param_shard,  # float32 gradients, sharded like the params
+        "saved": saved,  # what the backward pass keeps of each layer (remat)
+        "layer": tokens * c * (D + (N + 2 * K) * H),  # one layer's residual, q, k and v
+        "mlp": rows * mlp_chunk * F * c,  # one chunk of the MLP's activations (mlp_bytes)
+        "logits": 4 * (rows // R) * chunk * V,  # one chunk of float32 logits (logits_bytes)
+    }
+
+
+# The weights of update_terms: the fit to the TPU compiler's temporaries of the compiled update
+# (memory_analysis; tests/data/tpu_update_temporaries.jsonl: Qwen2.5-3B and 7B widths at 2-6
+# layers and at full depth (the README's rows), TPU v4 / v5e / v6e / v5p topologies, 5-160 rows
+# per chip, 1,024-4,096 tokens, remat full and offload) that is never under and whose largest
+# relative error is least (a linear program; terms for the attention blocks, the gathered head
+# and the causal mask did not lower it and were left out): on those shapes it is over by at most
+# UPDATE_ERROR, on tiny shapes (where fixed costs dominate; tests/test_aot.py compiles two) by at
+# most UPDATE_ERROR_TINY.
+UPDATE_FIT = {
+    "gradients": 4.39,
+    "saved": 0.39,
+    "layer": 8.37,
+    "mlp": 2.3,
+    "logits": 4.05,
+}
+UPDATE_ERROR = 0.4
+UPDATE_ERROR_TINY = 3.0  # tens of MB, where the fixed costs of a program dominate
+
+
+def update_temporaries(
+    config: qwen.QwenConfig, *, rows: int, length: int, param_shard: int, options
+) -> int:
+    """Update temporaries per device (update_terms, weighed by UPDATE_FIT)."""
+    terms = update_terms(config, rows=rows, length=length, param_shard=param_shard, options=options)
+    return int(sum(UPDATE_FIT[k] * v for k, v in terms.items()))
 
 
 def decode_temporaries(
     config: qwen.QwenConfig, *, rows: int, slots: int, chunk: int, attention_bytes: int
 ) -> int:
     """Temporaries per device of one wave (``rows`` rows on the device, ``slots`` cache slots):
-    the larger of an append of ``chunk`` tokens (an observation) and one decoding step. Fitted
-    to XLA's memory_analysis of the compiled append and generate (8 CPU devices, 4 shapes,
-    within 10%):
-      append: r C c (2 D + 2 F + (N + 2K) H) + 1.3 x one block of float32 scores + 3.5 r C S
+    the larger of an append of ``chunk`` tokens (a prompt, an observation) and one decoding
+    step. Fitted to XLA:CPU's memory_analysis of the compiled append and generate (8 devices, 4
+    shapes, within 10%), with the scores' weight then raised from 1.3 to 2 so that it is not
+    under the TPU compiler's for the waves of the README's table (a prompt's prefill, whose
+    whole chunk of queries fits one block of scores, is the largest there):
+      append: r C c (2 D + 2 F + (N + 2K) H) + 2 x one block of float32 scores + 3.5 r C S
       decode step: 4 x 4 r V (logits, their scaled and filtered copies, float32)
     """
     c = np.dtype(config.compute_dtype).itemsize
@@ -173,16 +188,18 @@ def decode_temporaries(
     N, K, H = config.num_heads, config.num_kv_heads, config.head_dim
     block = qwen.query_block(rows, N, chunk, slots, attention_bytes)
     append = rows * chunk * c * (2 * D + 2 * F + (N + 2 * K) * H)
-    append += 1.3 * 4 * rows * N * block * slots + 3.5 * rows * chunk * slots
+    append += 2 * 4 * rows * N * block * slots + 3.5 * rows * chunk * slots
     return int(max(append, 4 * 4 * rows * V))
 
 
 def kv_cache_bytes(config: qwen.QwenConfig, *, rows: int, slots: int) -> int:
-    """The cache of ``rows`` rows, ``slots`` slots each, while it grows: the last copy holds
-    the old cache (half the slots) and the new one at once."""
+    """The cache of ``rows`` rows, ``slots`` slots each, counted twice: the TPU compiler's
+    decoding loop holds a second copy of it from about 20 rows per chip (its temporaries equal
+    the cache there; a cache written in place is future work), and its last growth holds the
+    old cache (half the slots) and the new one at once."""
     c = np.dtype(config.compute_dtype).itemsize
     per_slot = config.num_layers * 2 * config.num_kv_heads * config.head_dim * c
-    return rows * per_slot * slots * 3 // 2
+    return 2 * rows * per_slot * slots
 
 
 def make_plan(
@@ -194,15 +211,15 @@ def make_plan(
     processes: int,
     capacity: int,
     prompts_per_step: int,
+    mini_batch: int,
     micro_batch: int,
     group_size: int,
     rollout_batch: int,
     max_context: int,
     max_obs_tokens: int,
+    max_new_tokens: int,
     kl: bool,
-    remat: str,
-    attention_bytes: int,
-    logits_bytes: int,
+    options,
 ) -> Plan:
     """The plan of one run. rollout_batch 0: the largest wave (whole groups, a multiple of the
     process's devices) whose peak stays under WAVE_MARGIN of the capacity (all of the
@@ -216,17 +233,17 @@ def make_plan(
             rows=micro * group_size // (data * fsdp),
             length=max_context,
             param_shard=shard,
-            remat=remat,
-            attention_bytes=attention_bytes,
-            logits_bytes=logits_bytes,
+            options=options,
         )
 
     fixed = (4 + 8 + (c if kl else 0)) * shard
     devices = data * fsdp
-    micros = range(devices, prompts_per_step + 1, devices)
+    micros = [m for m in range(devices, mini_batch + 1, devices) if mini_batch % m == 0]
     fitting = [m for m in micros if capacity and fixed + temporaries(m) <= capacity]
     slots = min(sampling.bucket_length(max_context), max_context)
     chunk = sampling.bucket_length(max_obs_tokens)
+    prompt = sampling.bucket_length(PROMPT_TOKENS)
+    first = min(sampling.bucket_length(PROMPT_TOKENS + max_new_tokens), slots)
 
     def plan(wave: int) -> Plan:
         per_device = wave // local_devices
@@ -237,8 +254,21 @@ def make_plan(
             update=temporaries(micro_batch),
             sampling_weights=c * param_count(config),
             kv_cache=kv_cache_bytes(config, rows=per_device, slots=slots),
-            decode=decode_temporaries(
-                config, rows=per_device, slots=slots, chunk=chunk, attention_bytes=attention_bytes
+            decode=max(  # an observation into a full cache, a wave's prompts into a new one
+                decode_temporaries(
+                    config,
+                    rows=per_device,
+                    slots=slots,
+                    chunk=chunk,
+                    attention_bytes=options.attention_bytes,
+                ),
+                decode_temporaries(
+                    config,
+                    rows=per_device,
+                    slots=first,
+                    chunk=prompt,
+                    attention_bytes=options.attention_bytes,
+                ),
             ),
             capacity=capacity,
             rollout_batch=wave,

@@ -11,8 +11,9 @@ the forward pass. The public surface is pure functions over the plain pytree
 ``params = nnx.to_pure_dict(nnx.state(model))`` (with the layers as a list), so jit, optax, orbax
 and NamedSharding apply to it directly: ``logits``, ``hidden_states``, ``token_logprobs`` and
 ``forward`` (the decoder with an optional KV cache, used by ``tspo_jax/sampling.py``).
-Weights are one array per layer (no stacked layers under ``lax.scan``, which made decoding about
-1.6x slower on XLA:CPU).
+Files, decoding and ``forward`` hold one array per layer (a Python loop over the layers: decoding
+ran about 1.6x faster so on XLA:CPU); the update stacks them (``stack_layers``) and runs the
+layers under one ``lax.scan`` (``hidden_states``), so that its program holds one layer.
 
 params (float32 or bfloat16; ``config.dtype`` is the compute dtype, weights are cast to it).
 Projections keep transformers' [out, in] layout with the head axes split out (q_NHD is
@@ -43,6 +44,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 from jax.sharding import NamedSharding, PartitionSpec
 
 Params = dict[str, Any]
@@ -54,6 +56,13 @@ REMAT_POLICIES = {
     "none": None,  # no remat: every intermediate is kept (fastest, most memory)
     "full": jax.checkpoint_policies.nothing_saveable,  # only the layer's input; recompute the rest
     "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,  # also weight matmul outputs
+    # Only the layer's input, kept in host memory until the backward pass needs it (TPU / GPU).
+    "offload": jax.checkpoint_policies.save_and_offload_only_these_names(
+        names_which_can_be_saved=[],
+        names_which_can_be_offloaded=["layer_input"],
+        offload_src="device",
+        offload_dst="pinned_host",
+    ),
 }
 
 
@@ -64,6 +73,7 @@ class ForwardOptions(NamedTuple):
     remat: str = "none"  # per-layer rematerialization, a key of REMAT_POLICIES
     batch_sharding: NamedSharding | None = None  # rows over a mesh: activations constrained to it
     attention_bytes: int = 0  # bound on one block of float32 scores per device (0: no blocks)
+    mlp_bytes: int = 0  # bound on one chunk of MLP activations [rows, chunk, F] per device
     logits_bytes: int = 256 << 20  # bound on one chunk of float32 logits per device (log-probs)
 
     def local_rows(self, rows: int) -> int:
@@ -93,16 +103,22 @@ class ForwardOptions(NamedTuple):
 PLAIN = ForwardOptions()  # the plain computation: no remat, no sharding constraints, no blocks
 
 
-def query_block(rows: int, heads: int, queries: int, keys: int, max_bytes: int) -> int:
-    """Queries per attention block so that one block's float32 scores [rows, heads, block, keys]
-    stay under max_bytes: ``queries`` when all fit (or max_bytes is 0), else the largest power
-    of two that divides ``queries`` and fits (at least 1)."""
-    if not max_bytes or rows * heads * queries * keys * 4 <= max_bytes:
-        return queries
+def block_size(positions: int, bytes_per_position: int, max_bytes: int) -> int:
+    """Positions per block so that a block stays under max_bytes: all of them when they fit
+    (or max_bytes is 0), else the largest power of two that divides ``positions`` and fits (at
+    least 1)."""
+    if not max_bytes or positions * bytes_per_position <= max_bytes:
+        return positions
     block = 1
-    while queries % (2 * block) == 0 and rows * heads * 2 * block * keys * 4 <= max_bytes:
+    while positions % (2 * block) == 0 and 2 * block * bytes_per_position <= max_bytes:
         block *= 2
     return block
+
+
+def query_block(rows: int, heads: int, queries: int, keys: int, max_bytes: int) -> int:
+    """Queries per attention block: one block's float32 scores [rows, heads, block, keys] stay
+    under max_bytes."""
+    return block_size(queries, rows * heads * keys * 4, max_bytes)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -267,46 +283,70 @@ def rope_tables(pos_BT: jax.Array, head_dim: int, theta: float) -> tuple[jax.Arr
 
 
 def apply_rope(x_BTNH: jax.Array, cos_BTH: jax.Array, sin_BTH: jax.Array) -> jax.Array:
-    """x * cos + rotate_half(x) * sin, rotate_half(x) = [-x2, x1]; computed in float32."""
-    x_BTNH32 = x_BTNH.astype(jnp.float32)
-    x1, x2 = jnp.split(x_BTNH32, 2, axis=-1)
-    rotated_BTNH = jnp.concatenate([-x2, x1], axis=-1)
-    out_BTNH = x_BTNH32 * cos_BTH[:, :, None] + rotated_BTNH * sin_BTH[:, :, None]
-    return out_BTNH.astype(x_BTNH.dtype)
+    """x * cos + rotate_half(x) * sin, rotate_half(x) = [-x2, x1], in x's dtype with cos and
+    sin rounded to it, as transformers does (the angles are float32: rope_tables)."""
+    cos_BT1H, sin_BT1H = (t.astype(x_BTNH.dtype)[:, :, None] for t in (cos_BTH, sin_BTH))
+    x1, x2 = jnp.split(x_BTNH, 2, axis=-1)
+    return x_BTNH * cos_BT1H + jnp.concatenate([-x2, x1], axis=-1) * sin_BT1H
 
 
 # ---------------------------------------------------------------------------------------------
-# XLA:CPU workaround: weight-stationary matmuls for decoding.
-# Up to WEIGHT_STATIONARY_MAX_TOKENS tokens, dense() computes w [F, D] @ x.T [D, M] and
-# transposes the small [F, M] result: on XLA:CPU that streams the weights at close to memory
+# XLA:CPU workarounds, and the one switch that picks them.
+#
+# A few computations have a second version that exists only because XLA:CPU runs it several
+# times faster: here the weight-stationary matmuls of decoding, in sampling.py argmax, top-p and
+# sampling without sorts. The plain version comes first, and is what a TPU or GPU runs;
+# ``plain_or_cpu`` takes the CPU version where the program is compiled for XLA:CPU. It decides
+# when the program is lowered (jax.lax.platform_dependent), not by the host's default backend, so
+# a program compiled for a TPU topology on a CPU host (train.py --plan-target) is the TPU's.
+# CPU_WORKAROUNDS = False runs the plain versions on XLA:CPU too (tests compare the two).
+CPU_WORKAROUNDS = True
+
+
+def plain_or_cpu(plain, cpu, *args):
+    """plain(*args), or cpu(*args) in a program compiled for XLA:CPU."""
+    if not CPU_WORKAROUNDS:
+        return plain(*args)
+    return jax.lax.platform_dependent(*args, cpu=cpu, default=plain)
+
+
+# Decoding matmuls: up to WEIGHT_STATIONARY_MAX_TOKENS tokens, XLA:CPU computes w [F, D] @ x.T
+# [D, M] and transposes the small [F, M] result, streaming the weights at close to memory
 # bandwidth, where x @ w.T with few rows M reaches about 2/3 of it (decoding is memory bound).
-# The plain version, all a TPU or GPU needs: dense(x, w) = jnp.einsum("...d,fd->...f", x, w).
 # (Decoding also runs the layers as a Python loop over one weight array per layer rather than
 # hidden_states' scan over stacked weights: 1.6x faster on XLA:CPU; a scan serves elsewhere.)
 WEIGHT_STATIONARY_MAX_TOKENS = 64
+_CONTRACT_LAST = (((1,), (1,)), ((), ()))
 
 
 def dense(x_MD: jax.Array, w_FD: jax.Array, preferred_element_type=None) -> jax.Array:
     """x @ w.T over the last axis of both ("...D,F...D->...F..."): w is [out..., in], the
-    transformers layout, and x may have any leading axes. Few tokens (decoding) take the
-    weight-stationary form; the optimization barrier keeps XLA from folding the transpose
-    back into the dot.
-    """
+    transformers layout, and x may have any leading axes. On XLA:CPU, few tokens (decoding)
+    take the weight-stationary form (``weight_stationary``)."""
     lead, out = x_MD.shape[:-1], w_FD.shape[:-1]
     D = x_MD.shape[-1]
     assert w_FD.shape[-1] == D, (x_MD.shape, w_FD.shape)
     x2_MD, w2_FD = x_MD.reshape(-1, D), w_FD.reshape(-1, D)
-    contract = (((1,), (1,)), ((), ()))
+    matmul = functools.partial(
+        jax.lax.dot_general,
+        dimension_numbers=_CONTRACT_LAST,
+        preferred_element_type=preferred_element_type,
+    )
     if x2_MD.shape[0] <= WEIGHT_STATIONARY_MAX_TOKENS:
-        y_FM = jax.lax.dot_general(
-            w2_FD, x2_MD, contract, preferred_element_type=preferred_element_type
-        )
-        y_MF = jax.lax.optimization_barrier(y_FM).T
+        cpu = functools.partial(weight_stationary, preferred_element_type=preferred_element_type)
+        y_MF = plain_or_cpu(matmul, cpu, x2_MD, w2_FD)
     else:
-        y_MF = jax.lax.dot_general(
-            x2_MD, w2_FD, contract, preferred_element_type=preferred_element_type
-        )
+        y_MF = matmul(x2_MD, w2_FD)
     return y_MF.reshape(*lead, *out)
+
+
+def weight_stationary(x_MD, w_FD, preferred_element_type=None):
+    """XLA:CPU's faster x @ w.T for few rows: (w @ x.T).T, the optimization barrier keeping XLA
+    from folding the transpose back into the dot."""
+    y_FM = jax.lax.dot_general(
+        w_FD, x_MD, _CONTRACT_LAST, preferred_element_type=preferred_element_type
+    )
+    return jax.lax.optimization_barrier(y_FM).T
 
 
 # ---------------------------------------------------------------------------------------------
@@ -433,11 +473,25 @@ class MLP(nnx.Module):
         self.up_FD = _param(rngs, (F, D), ("mlp", "embed"), param_dtype)
         self.down_DF = _param(rngs, (D, F), ("embed", "mlp"), param_dtype)
 
-    def __call__(self, x_BTD):
+    def __call__(self, x_BTD, options=PLAIN):
+        """SwiGLU. Positions run in chunks under options.mlp_bytes (each chunk's [rows, chunk,
+        F] activations), in a rematerialized loop: neither pass holds more than one chunk's."""
         dt = x_BTD.dtype
-        gate_BTF = dense(x_BTD, self.gate_FD[...].astype(dt))
-        up_BTF = dense(x_BTD, self.up_FD[...].astype(dt))
-        return dense(jax.nn.silu(gate_BTF) * up_BTF, self.down_DF[...].astype(dt))
+        gate_FD, up_FD = self.gate_FD[...].astype(dt), self.up_FD[...].astype(dt)
+        down_DF = self.down_DF[...].astype(dt)
+
+        def swiglu(x_BtD):
+            return dense(jax.nn.silu(dense(x_BtD, gate_FD)) * dense(x_BtD, up_FD), down_DF)
+
+        B, T, _ = x_BTD.shape
+        per_position = options.local_rows(B) * gate_FD.shape[0] * dt.itemsize
+        chunk = block_size(T, per_position, options.mlp_bytes)
+        if chunk >= T:
+            return swiglu(x_BTD)
+        J = T // chunk
+        x_JBcD = options.constrain(x_BTD.reshape(B, J, chunk, -1).swapaxes(0, 1), 1)
+        y_JBcD = jax.lax.map(jax.checkpoint(swiglu), x_JBcD)
+        return options.constrain(y_JBcD, 1).swapaxes(0, 1).reshape(B, T, -1)
 
 
 class DecoderLayer(nnx.Module):
@@ -462,7 +516,7 @@ class DecoderLayer(nnx.Module):
             self.attn_norm(x_BTD), cos_BTH, sin_BTH, mask_BTS, k_BKSH, v_BKSH, slots_BT, options
         )
         x_BTD = x_BTD + y_BTD
-        x_BTD = x_BTD + self.mlp(self.mlp_norm(x_BTD))
+        x_BTD = x_BTD + self.mlp(self.mlp_norm(x_BTD), options)
         return x_BTD, k_BKSH, v_BKSH
 
 
@@ -652,6 +706,7 @@ def hidden_states(
     graphdef = _layer_graphdef(config)
 
     def layer(layer_params, x_BTD, cos_BTH, sin_BTH, mask_BTS):
+        x_BTD = checkpoint_name(x_BTD, "layer_input")
         module = nnx.merge(graphdef, layer_params)
         return options.constrain(module(x_BTD, cos_BTH, sin_BTH, mask_BTS, options=options)[0])
 

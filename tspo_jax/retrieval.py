@@ -12,11 +12,13 @@ in query order, best first, at most k passages each.
 """
 
 import http.client
+import http.server
 import json
 import logging
 import os
 import re
 import sys
+import threading
 import time
 import urllib.error
 import urllib.parse
@@ -153,7 +155,9 @@ class HttpRetriever:
     attempt, and retries on connection errors, timeouts and 5xx answers (each logged once with
     its cause) with exponential backoff, until `retries` retries or `max_wait` seconds since the
     first failed attempt are spent; then a RetrievalError says for how long the server was
-    unreachable. A 4xx answer or a malformed one is not retried."""
+    unreachable. The first retry's line says how long the client will wait and, as
+    ``wait_option``, what shortens the wait (a command-line option). A 4xx answer or a malformed
+    one is not retried."""
 
     def __init__(
         self,
@@ -164,6 +168,7 @@ class HttpRetriever:
         max_wait: float = DEFAULT_MAX_WAIT,
         backoff: float = 1.0,
         log=log_to_stderr,
+        wait_option: str = "",
     ):
         if retries < 0 or timeout <= 0 or max_wait < 0 or backoff < 0:
             raise ValueError(
@@ -178,6 +183,7 @@ class HttpRetriever:
             )
         self.url, self.timeout, self.retries = url, timeout, retries
         self.max_wait, self.backoff, self.log = max_wait, backoff, log
+        self.wait_option = wait_option
 
     def _post(self, payload: dict) -> bytes:
         data = json.dumps(payload).encode()
@@ -199,9 +205,13 @@ class HttpRetriever:
             wait = min(self.backoff * 2**attempt, MAX_BACKOFF, self.max_wait - spent)
             if attempt == self.retries or wait <= 0:
                 break
+            budget = f"{spent:.0f} of {self.max_wait:.0f} s spent"
+            if attempt == 0:  # what is going on, and how to wait less
+                budget = f"waiting up to {self.max_wait:g} s for it to answer"
+                budget += f"; {self.wait_option} N waits less" if self.wait_option else ""
             self.log(
                 f"retrieval server {self.url}: {cause}; retry {attempt + 1} of {self.retries} in "
-                f"{wait:.1f} s ({spent:.0f} of {self.max_wait:.0f} s spent)"
+                f"{wait:.1f} s ({budget})"
             )
             time.sleep(wait)
         raise RetrievalError(
@@ -257,3 +267,90 @@ class HttpRetriever:
                 f"retrieval server {self.url} gave an answer not in Search-R1's shape ({detail}); "
                 f"it starts {body[:200]!r}"
             ) from None
+
+
+# ---------------------------------------------------------------------------------------------
+# A retrieval server in Search-R1's shape, over any retriever (BM25 over a local corpus, say):
+# what bench/chaos.py takes down and brings back, and a stand-in for Search-R1's server where its
+# FAISS index is not at hand.
+
+
+class _Handler(http.server.BaseHTTPRequestHandler):
+    def log_message(self, *args):
+        pass
+
+    def do_POST(self):
+        try:
+            request = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        except (ValueError, TypeError):
+            return self.reply(400, {"detail": "the body is not JSON"})
+        answer = self.server.owner.answer(self.path, request)
+        if answer is None:  # hang up without an answer, as a server that crashes mid-request
+            self.close_connection = True
+            return None
+        return self.reply(*answer)
+
+    def reply(self, code: int, body: dict | bytes) -> None:
+        data = body if isinstance(body, bytes) else json.dumps(body).encode()
+        try:
+            self.send_response(code)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # the client gave up (its timeout) and hung up
+
+
+class SearchServer:
+    """Answers ``POST /retrieve`` as Search-R1's retrieval server does, from ``retriever``, on
+    ``host``:``port`` (0: a free port), served by a background thread. ``down()`` closes the
+    port (connections are refused, as while a server restarts) and ``up()`` opens the same port
+    again. ``answer`` is the one method to override for other behaviour (tests: errors)."""
+
+    def __init__(self, retriever: Retriever | None, *, host: str = "127.0.0.1", port: int = 0):
+        self.retriever, self.host, self.port = retriever, host, port
+        self.httpd, self.closed = None, False
+        self.up()
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}/retrieve"
+
+    def answer(self, path: str, request: dict) -> tuple[int, dict | bytes] | None:
+        """(HTTP status, body) for one request; None hangs up without answering."""
+        if path != "/retrieve":
+            return 404, {"detail": "Not Found"}
+        try:
+            queries, k = list(request["queries"]), int(request.get("topk", 3))
+        except (KeyError, TypeError, ValueError):
+            return 422, {"detail": "expected {'queries': [...], 'topk': k}"}
+        hits = self.retriever.search(queries, k)
+        if request.get("return_scores"):
+            return 200, {"result": [[_document(p) | {"score": p.score} for p in ps] for ps in hits]}
+        return 200, {"result": [[_document(p)["document"] for p in ps] for ps in hits]}
+
+    def up(self) -> None:
+        if self.closed or self.httpd is not None:
+            return
+        httpd = http.server.ThreadingHTTPServer((self.host, self.port), _Handler)
+        httpd.daemon_threads, httpd.owner = True, self
+        self.port = httpd.server_address[1]
+        threading.Thread(target=httpd.serve_forever, args=(0.05,), daemon=True).start()
+        self.httpd = httpd
+
+    def down(self) -> None:
+        if self.httpd is not None:
+            self.httpd.shutdown()
+            self.httpd.server_close()
+            self.httpd = None
+
+    def close(self) -> None:
+        self.closed = True
+        self.down()
+
+
+def _document(p: Passage) -> dict:
+    """A passage as Search-R1's server returns it: {"document": {"id", "contents"}}."""
+    contents = f"{p.title}\n{p.text}" if p.text else p.title
+    return {"document": {"id": p.id, "contents": contents}}

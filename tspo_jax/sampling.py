@@ -214,17 +214,21 @@ def append(
 
 
 # ---------------------------------------------------------------------------------------------
-# XLA:CPU workarounds: argmax, top-p and sampling without sorts or Gumbel noise over [B, V].
-# Each is exact, and each is several times faster than the plain version on XLA:CPU, which is
-# what a TPU or GPU should use: first_index_of_max(x) = jnp.argmax(x, -1); nucleus_threshold by
-# a sort of the probabilities and a cumsum; sample_weights(key, w) =
-# jax.random.categorical(key, jnp.log(w)). (Keys and the per-row draws stay as they are.)
+# Drawing a token: argmax, the nucleus (top-p) and one draw per row, each in its plain form (what
+# a TPU or GPU runs) and in an exact form without sorts or long scans that XLA:CPU runs several
+# times faster (qwen.plain_or_cpu picks; tests check that both give the same tokens).
 
 
-def first_index_of_max(x_BV, max_B1):
-    """argmax as two plain reductions (XLA:CPU's variadic argmax reduce is several times
-    slower): the smallest index holding the row's maximum."""
+def first_index_of_max(x_BV):
+    """The smallest index holding each row's maximum."""
+    return qwen.plain_or_cpu(lambda x: jnp.argmax(x, axis=-1).astype(jnp.int32), _cpu_argmax, x_BV)
+
+
+def _cpu_argmax(x_BV):
+    """XLA:CPU: argmax as two plain reductions (its variadic argmax reduce is several times
+    slower)."""
     iota_BV = jax.lax.broadcasted_iota(jnp.int32, x_BV.shape, 1)
+    max_B1 = jnp.max(x_BV, axis=-1, keepdims=True)
     first_B = jnp.min(jnp.where(x_BV == max_B1, iota_BV, x_BV.shape[1]), axis=-1)
     return jnp.minimum(first_B, x_BV.shape[1] - 1)
 
@@ -233,9 +237,22 @@ def nucleus_threshold(weight_BV, top_p):
     """The largest t with sum(w >= t) >= top_p * sum(w), per row, for non-negative weights.
 
     Keeping w >= t is top-p (nucleus) filtering: the smallest set of most likely tokens whose
-    probability reaches top_p. Found by bisection on the float32 bit pattern of t (monotone for
-    t >= 0), 32 masked sums instead of a sort over the vocabulary (which XLA:CPU makes slow).
+    probability reaches top_p. t is the weight at which the descending cumulative sum first
+    reaches top_p of the total.
     """
+    return qwen.plain_or_cpu(_sorted_threshold, _cpu_threshold, weight_BV, top_p)
+
+
+def _sorted_threshold(weight_BV, top_p):
+    sorted_BV = -jnp.sort(-weight_BV, axis=-1)
+    cum_BV = jnp.cumsum(sorted_BV, axis=-1)
+    k_B1 = jnp.sum(cum_BV < top_p * cum_BV[:, -1:], axis=-1, keepdims=True)
+    return jnp.take_along_axis(sorted_BV, jnp.minimum(k_B1, weight_BV.shape[1] - 1), axis=-1)
+
+
+def _cpu_threshold(weight_BV, top_p):
+    """XLA:CPU: the threshold by bisection on the float32 bit pattern of t (monotone for
+    t >= 0), 32 masked sums instead of a sort over the vocabulary (which XLA:CPU makes slow)."""
     target_B1 = top_p * jnp.sum(weight_BV, axis=-1, keepdims=True)
     lo_B1 = jnp.zeros(target_B1.shape, jnp.int32)  # t = 0 keeps everything: always enough
     hi_B1 = jax.lax.bitcast_convert_type(jnp.max(weight_BV, -1, keepdims=True), jnp.int32) + 1
@@ -267,28 +284,38 @@ def fold_in_rows(key, data):
     return jax.vmap(jax.random.fold_in, in_axes=(0, None))(key, data)
 
 
-def sample_weights(key, weight_BV, block: int = 1024):
-    """One index per row with probability weight / sum(weight) (non-negative weights).
+def sample_weights(key, weight_BV):
+    """One index per row with probability weight / sum(weight) (non-negative weights), by the
+    inverse CDF of one uniform draw per row (uniform_rows): the first index whose cumulative
+    weight passes u * sum(w)."""
+    u_B = uniform_rows(key, weight_BV.shape[0])
+    tok_B = qwen.plain_or_cpu(_inverse_cdf, _cpu_inverse_cdf, weight_BV, u_B)
+    # Float rounding at the end of the CDF can land on a zero weight: take the row's mode then.
+    picked_B = jnp.take_along_axis(weight_BV, tok_B[:, None], axis=1)[:, 0]
+    return jnp.where(picked_B > 0, tok_B, first_index_of_max(weight_BV)).astype(jnp.int32)
 
-    Inverse-CDF sampling with one uniform per row, in two levels (block sums, then inside the
-    chosen block), so nothing scans the whole vocabulary sequentially. On XLA:CPU this is
-    about 10x cheaper than jax.random.categorical's Gumbel noise over [B, V].
-    """
+
+def _inverse_cdf(weight_BV, u_B):
+    cum_BV = jnp.cumsum(weight_BV, axis=-1)
+    tok_B = jnp.sum(cum_BV <= (u_B * cum_BV[:, -1])[:, None], axis=-1)
+    return jnp.minimum(tok_B, weight_BV.shape[1] - 1).astype(jnp.int32)
+
+
+def _cpu_inverse_cdf(weight_BV, u_B, block: int = 1024):
+    """XLA:CPU: the inverse CDF in two levels (block sums, then inside the chosen block), so
+    nothing scans the whole vocabulary sequentially (about 10x cheaper there than a cumsum over
+    [B, V], and than jax.random.categorical's Gumbel noise)."""
     B, V = weight_BV.shape
     R = -(-V // block)
     w_BRb = jnp.pad(weight_BV, ((0, 0), (0, R * block - V))).reshape(B, R, block)
     block_BR = jnp.sum(w_BRb, axis=-1)
     cum_BR = jnp.cumsum(block_BR, axis=-1)
-    u_B = uniform_rows(key, B) * cum_BR[:, -1]
+    u_B = u_B * cum_BR[:, -1]
     r_B = jnp.minimum(jnp.sum(cum_BR <= u_B[:, None], axis=-1), R - 1)
     inner_Bb = jnp.take_along_axis(w_BRb, r_B[:, None, None], axis=1)[:, 0]
     u_B = u_B - jnp.take_along_axis(cum_BR - block_BR, r_B[:, None], axis=1)[:, 0]
     i_B = jnp.minimum(jnp.sum(jnp.cumsum(inner_Bb, axis=-1) <= u_B[:, None], axis=-1), block - 1)
-    tok_B = jnp.minimum(r_B * block + i_B, V - 1)
-    # Float rounding at a block's edge can land on a zero weight: take the row's mode then.
-    picked_B = jnp.take_along_axis(weight_BV, tok_B[:, None], axis=1)[:, 0]
-    mode_B = first_index_of_max(weight_BV, jnp.max(weight_BV, axis=-1, keepdims=True))
-    return jnp.where(picked_B > 0, tok_B, mode_B).astype(jnp.int32)
+    return jnp.minimum(r_B * block + i_B, V - 1).astype(jnp.int32)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -306,14 +333,14 @@ def sample_logits(logits_BV, key, temperature, top_p, *, top_k: int, use_top_p: 
     """
     if greedy:
         max_B1 = jnp.max(logits_BV, axis=-1, keepdims=True)
-        tok_B = first_index_of_max(logits_BV, max_B1)
+        tok_B = first_index_of_max(logits_BV)
         return tok_B, -jnp.log(jnp.sum(jnp.exp(logits_BV - max_B1), axis=-1))
     scaled_BV = logits_BV / temperature
     max_B1 = jnp.max(scaled_BV, axis=-1, keepdims=True)
     weight_BV = jnp.exp(scaled_BV - max_B1)  # unnormalized probabilities
     log_z_B = jnp.log(jnp.sum(weight_BV, axis=-1))
     if top_k > 0:
-        # The k-th largest as a min over all k: XLA:CPU turns top_k()[:, -1] into a full sort.
+        # The k-th largest as a min over all k (XLA:CPU turns top_k()[:, -1] into a full sort).
         kth_B1 = jnp.min(jax.lax.top_k(scaled_BV, top_k)[0], axis=-1, keepdims=True)
         weight_BV = jnp.where(scaled_BV >= kth_B1, weight_BV, 0.0)
     if use_top_p:

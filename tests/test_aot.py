@@ -1,0 +1,180 @@
+"""train.py's programs compiled by the TPU compiler for a TPU topology on this CPU host
+(tspo_jax/aot.py, train.py --plan-only --plan-target): tiny configs only, compiled in seconds.
+libtpu comes with tests/requirements.txt (jax[tpu])."""
+
+import dataclasses
+import json
+import re
+import sys
+
+import jax
+import pytest
+
+import train
+from tspo_jax import aot, cli, learner, plan, qwen, sampling
+
+TINY = qwen.QwenConfig(
+    vocab_size=4096,
+    hidden_size=256,
+    intermediate_size=1024,
+    num_layers=2,
+    num_heads=4,
+    num_kv_heads=2,
+    head_dim=64,
+    tie_word_embeddings=True,
+    eos_token_ids=(1,),
+    dtype="bfloat16",
+)
+
+
+@pytest.fixture(scope="module")
+def v5e_4():
+    return aot.target_devices("v5e-4")
+
+
+@pytest.fixture(scope="module")
+def tiny_programs(v5e_4):
+    """Every program of the tiny run, compiled once for 4 TPU v5e chips (shared)."""
+    return aot.update_programs(tiny_run(), v5e_4) + aot.rollout_programs(tiny_run(), v5e_4)
+
+
+def tiny_run(**changes) -> aot.RunShape:
+    optimizer, _ = learner.make_optimizer(
+        lr=1e-6, warmup_steps=0, total_steps=10, schedule="constant", weight_decay=0.01,
+        grad_clip=1.0, b1=0.9, b2=0.999,
+    )  # fmt: skip
+    run = aot.RunShape(
+        config=TINY,
+        data=1,
+        fsdp=4,
+        prompts_per_step=16,
+        mini_batch=8,
+        micro_batch=4,
+        group_size=5,
+        max_context=512,
+        max_obs_tokens=100,
+        max_new_tokens=64,
+        wave=20,
+        optimizer=optimizer,
+        settings=learner.LossSettings(kl_coef=0.001, norm_length=512),
+        options=qwen.ForwardOptions(
+            remat="full", attention_bytes=1 << 20, logits_bytes=1 << 20, mlp_bytes=1 << 20
+        ),
+        sampling=sampling.SamplingParams(top_p=0.9),
+    )
+    return dataclasses.replace(run, **changes)
+
+
+def test_every_program_compiles_for_a_tpu_topology_with_the_plain_code(v5e_4, tiny_programs):
+    """update, log-probs, gather, prefill, append, grow and decode compile for 4 TPU v5e chips
+    (nothing runs), each with its sizes; the decoding loop takes the plain top-p (a sort over
+    the vocabulary), where the same program compiled for XLA:CPU takes the sort-free one."""
+    run = tiny_run()
+    names = [p.name for p in tiny_programs]
+    assert names == ["logprobs", "ref logprobs", "update", *aot.ROLLOUT_PROGRAMS]
+    for p in tiny_programs:
+        assert p.arguments > 0 and p.peak >= p.arguments + p.temporaries, p
+    by_name = {p.name: p for p in tiny_programs}
+    # The update donates the train state: its outputs (but the metrics) reuse its buffers.
+    assert 0.99 * by_name["update"].outputs < by_name["update"].alias < by_name["update"].outputs
+    # The decoding loop holds the sampling copy and the cache as arguments.
+    weights = plan.param_count(TINY) * 2
+    cache = plan.kv_cache_bytes(TINY, rows=run.wave // 4, slots=512) // 2  # one copy
+    assert by_name["decode"].arguments >= weights + cache
+    tpu = aot.lower_decode(run, v5e_4).compile().as_text()
+    cpu = aot.lower_decode(run, jax.devices()[:4]).compile().as_text()
+    assert re.search(r"\bsort\(", tpu) and not re.search(r"\bsort\(", cpu)
+
+
+def test_the_formula_errs_on_the_safe_side_of_the_tpu_compiler(v5e_4, tiny_programs):
+    """plan.update_temporaries and plan.decode_temporaries against the TPU compiler's
+    temporaries on tiny shapes: never under, the update's over by at most its stated error for
+    such shapes (tests/test_plan.py checks it at Qwen2.5's shapes against recorded
+    compilations)."""
+    longer = dict(
+        max_context=1024, micro_batch=8, mini_batch=8,
+        options=tiny_run().options._replace(remat="offload"),
+    )  # fmt: skip
+    (other,) = aot.update_programs(tiny_run(**longer), v5e_4, ("update",))
+    for update in [p for p in tiny_programs if p.name == "update"] + [other]:
+        ratio = update.estimate / update.temporaries
+        assert 1 <= ratio <= 1 + plan.UPDATE_ERROR_TINY, update
+    for append in [p for p in tiny_programs if p.name in ("prefill", "append")]:
+        assert append.estimate >= append.temporaries, append
+
+
+def test_plan_target_answers_in_the_promised_format(tmp_path, capsys, monkeypatch):
+    """--plan-only --plan-target v5e-8 on a tiny config.json: the compiler's table, then the
+    two lines that scripts read; a micro-batch that does not fit: one error line naming the
+    largest that does."""
+    model = tmp_path / "tiny"
+    model.mkdir()
+    (model / "config.json").write_text(
+        json.dumps(
+            {
+                "architectures": ["Qwen2ForCausalLM"],
+                "model_type": "qwen2",
+                "vocab_size": 4096,
+                "hidden_size": 256,
+                "intermediate_size": 1024,
+                "num_hidden_layers": 2,
+                "num_attention_heads": 4,
+                "num_key_value_heads": 2,
+                "tie_word_embeddings": True,
+                "eos_token_id": 1,
+                "rope_theta": 1e6,
+            }
+        )
+    )
+    argv = [
+        *("--model", str(model), "--plan-only", "--plan-target", "v5e-8"),
+        *("--compute-dtype", "bfloat16", "--mesh-fsdp", "8", "--prompts-per-step", "16"),
+        *("--mini-batch", "16", "--micro-batch", "8", "--max-context", "512"),
+        *("--max-new-tokens", "64", "--max-obs-tokens", "100", "--rollout-batch", "40"),
+    ]
+    result = train.main(argv)
+    out = capsys.readouterr().out.strip().splitlines()
+    compiled = result["compiled"]
+    gib = lambda b: f"{b / plan.GiB:.1f}"
+    hbm = aot.TARGETS["v5e-8"].hbm_gib  # 15.75: what the compiler lets a program use
+    assert out[-2] == (
+        f"compiled for v5e-8: update {gib(compiled.update_peak)} GiB, rollout "
+        f"{gib(compiled.rollout_peak)} GiB of {hbm:.1f} GiB per chip"
+    )
+    peak = max(compiled.update_peak, compiled.rollout_peak)
+    assert out[-1] == (
+        f"plan: fits, peak {gib(peak)} GiB of {hbm:.1f} GiB per device, rollout-batch 40, "
+        "micro-batch 8"
+    )
+    assert any(line.startswith("  decode step: ") and "(compiler estimate)" in line for line in out)
+    # The smallest micro-batch far over the chip's HBM (a [T, T] mask per row at T = 65,536),
+    # which the compiler refuses: one error line, nothing more compiled.
+    monkeypatch.setattr(sys, "argv", ["train.py"])
+    with pytest.raises(SystemExit) as exit_info:
+        cli.run(train.main, [*argv, "--max-context", "65536"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exit_info.value.code == 2 and len(err) == 1, err
+    assert err[0].startswith("train.py: error: plan: the update at --micro-batch 8 needs ")
+    assert "(TPU compiler); none fits; try --remat offload" in err[0]
+
+
+def test_largest_fitting_finds_the_boundary_in_few_compilations():
+    """aot.largest_fitting on a made-up affine peak (no compiler): the largest size under the
+    limit, found in a few 'compilations' from a formula that is over by 30%; none fits: the
+    smallest compiled; sizes the formula puts far over are never compiled."""
+    sizes = list(range(40, 2601, 40))
+    compiled = []
+
+    def compile_at(size):
+        compiled.append(size)
+        peak = 7 * 2**30 + size * 0.05 * 2**30
+        return [aot.Program("x", 0, 0, 0, int(peak), 0, 0.0, None)]
+
+    estimate = lambda size: 1.3 * (7 * 2**30 + size * 0.05 * 2**30)
+    limit = 0.9 * 15.75 * 2**30  # 14.175 GiB: the largest fitting size is 120 (13.0 GiB)
+    best, programs = aot.largest_fitting(sizes, compile_at, limit, estimate)
+    assert best == 120 and programs[0].peak <= limit and len(compiled) <= 3, compiled
+    assert 160 in compiled  # the one just over, which proves 120 the largest
+    compiled.clear()
+    best, _ = aot.largest_fitting(sizes, compile_at, 5 * 2**30, estimate)
+    assert best == 40 and compiled == [40]  # none fits; the rest is over 1.5x by the formula

@@ -1,0 +1,578 @@
+"""train.py's programs compiled ahead of time for TPU chips, on any host: the TPU compiler as
+the judge of the memory plan.
+
+``train.py --plan-only --plan-target v5e-8`` compiles, with libtpu's compiler and nothing but
+config.json and the options (abstract shapes: no weights, data or server), every program that a
+step runs on the chips, and reads per chip what XLA will allocate for each (``memory_analysis``:
+arguments, outputs, temporaries) and what one decoding step reads (``cost_analysis``). Nothing
+runs and nothing is allocated. On a TPU VM, ``--plan-only`` compiles the same way for the chips
+present.
+
+What is on a chip while each program runs (``Program.peak``):
+    rollout   the train state and the reference stay; then
+      gather      the sampling copy (compute dtype, whole on every chip), layer by layer
+      prefill     a wave's prompts into a new cache (prompts of up to plan.PROMPT_TOKENS tokens)
+      append      an observation (--max-obs-tokens) into a full cache (--max-context slots)
+      grow        the cache copied into one twice its size (the old and the new live at once)
+      decode      the decoding loop (sampling.generate) at --max-context slots
+    update    the train state, the reference and the step's batch stay; then
+      logprobs      old-policy log-probs of the step (learner.batch_logprobs)
+      ref logprobs  reference log-probs (with --kl-coef > 0)
+      update        one optimizer update: --mini-batch / --micro-batch micro-batches
+A program's peak is what stays resident plus its arguments, temporaries and outputs, less the
+outputs that reuse donated inputs; a phase's peak is the largest of its programs'.
+
+The largest micro-batch or wave that fits is found with few compilations (``largest_fitting``):
+the peak is close to affine in either (activations and cache grow with the rows), so two
+compilations predict the rest, and the predicted size is compiled to confirm it.
+"""
+
+import dataclasses
+import math
+import os
+import re
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from tspo_jax import cli, learner, plan, qwen, sampling
+
+GiB = 2**30
+STOP_TABLE = (8, 8)  # shape of a stop-string table (its size does not matter to memory)
+
+
+class Target(NamedTuple):
+    """A TPU slice as a user rents it (one host), and the topology the compiler is given."""
+
+    name: str  # as rented: v5e-8 = 8 chips of TPU v5e
+    topology: str  # jax.experimental.topologies name
+    chip_config: str  # "megacore": one JAX device per chip (v4, v5p), as JAX sees them on the VM
+    devices: int  # JAX devices of the slice
+    hbm_gib: float  # HBM per JAX device that a program may use (the compiler's "available HBM")
+
+
+TARGETS = {
+    t.name: t
+    for t in (
+        Target("v4-8", "v4:2x2x1", "megacore", 4, 30.75),
+        Target("v5e-4", "v5e:2x2", "default", 4, 15.75),
+        Target("v5e-8", "v5e:2x4", "default", 8, 15.75),
+        Target("v6e-4", "v6e:2x2", "default", 4, 31.25),
+        Target("v6e-8", "v6e:2x4", "default", 8, 31.25),
+        Target("v5p-8", "v5p:2x2x1", "megacore", 4, 95.74),
+    )
+}
+# HBM bandwidth per JAX device (a chip), by device_kind: what a decoding step is bound by.
+BANDWIDTH = {"TPU v4": 1.2e12, "TPU v5 lite": 819e9, "TPU v6 lite": 1.6e12, "TPU v5": 2.76e12}
+
+
+def target_devices(name: str) -> list:
+    """The compile-only devices of the slice ``name`` (a key of TARGETS). On a host without
+    TPU chips, libtpu is told so (a host name and an accelerator type for itself), which keeps
+    it from printing a page of warnings as it loads, and that it may load beside another
+    process that holds it (its lock guards chips, and there are none); a TPU VM's own settings
+    are left alone."""
+    from jax.experimental import topologies
+
+    if not cli.tpu_chips_present():
+        os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
+        os.environ.setdefault("TPU_ACCELERATOR_TYPE", "v5litepod-8")
+        os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+    target = TARGETS[name]
+    return topologies.get_topology_desc(
+        topology_name=target.topology, platform="tpu", chip_config_name=target.chip_config
+    ).devices
+
+
+def compiler_missing() -> str | None:
+    """Why the TPU compiler cannot be used here, or None when it can."""
+    try:
+        import libtpu  # noqa: F401
+    except ImportError:
+        return 'libtpu is not installed (pip install "jax[tpu]==0.10.2")'
+    return None
+
+
+class Program(NamedTuple):
+    """One compiled program's bytes per chip (memory_analysis) and traffic (cost_analysis)."""
+
+    name: str
+    arguments: int
+    outputs: int
+    alias: int  # output bytes that reuse donated arguments
+    temporaries: int
+    resident: int  # bytes on the chip during the program that are none of its arguments
+    bytes_accessed: float  # HBM traffic of one run (cost_analysis)
+    estimate: int | None  # plan.py's estimate of the temporaries (None: it makes none)
+
+    @property
+    def peak(self) -> int:
+        return self.resident + self.arguments + self.temporaries + self.outputs - self.alias
+
+
+def measure(name: str, lowered, *, resident: int = 0, estimate: int | None = None) -> Program:
+    """Compiles ``lowered`` and reads its numbers. A program that cannot fit is refused by the
+    compiler (temporaries over a chip's HBM, or layer inputs offloaded past the host's memory):
+    its temporaries are then the bytes the refusal names (its arguments counted as 0), so that
+    its peak is over the chip however little else it holds."""
+    try:
+        compiled = lowered.compile()
+    except jax.errors.JaxRuntimeError as e:
+        need = re.search(r"HLO temporaries \(([\d.]+)G\) exceeds available HBM", str(e))
+        host = re.search(r"Allocation \(size=(\d+)\) would exceed memory", str(e))
+        if need is None and host is None:
+            raise
+        size = float(need.group(1)) * GiB if need else int(host.group(1))
+        return Program(name, 0, 0, 0, int(size), resident, 0.0, estimate)
+    m = compiled.memory_analysis()
+    cost = compiled.cost_analysis() or {}
+    cost = cost[0] if isinstance(cost, list) else cost
+    return Program(
+        name,
+        m.argument_size_in_bytes,
+        m.output_size_in_bytes,
+        m.alias_size_in_bytes,
+        m.temp_size_in_bytes,
+        resident,
+        float(cost.get("bytes accessed", 0.0)),
+        estimate,
+    )
+
+
+def shard_bytes(tree) -> int:
+    """Bytes on one device of a pytree of sharded ShapeDtypeStructs."""
+    leaves = jax.tree.leaves(tree)
+    return sum(math.prod(x.sharding.shard_shape(x.shape)) * x.dtype.itemsize for x in leaves)
+
+
+def placed(tree, sharding):
+    """ShapeDtypeStructs of ``tree`` laid out by ``sharding`` (one, or a pytree of them)."""
+    if isinstance(sharding, NamedSharding):
+        sharding = jax.tree.map(lambda _: sharding, tree)
+    return jax.tree.map(
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, sharding
+    )
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class RunShape:
+    """What the programs of a run depend on (train.py builds it from its Config)."""
+
+    config: qwen.QwenConfig  # the model, at its compute dtype
+    data: int  # the update's mesh axes
+    fsdp: int
+    prompts_per_step: int  # B of a step, over all processes
+    mini_batch: int  # prompts per optimizer update
+    micro_batch: int  # prompts per forward / backward pass
+    group_size: int  # G
+    max_context: int  # T: tokens per row, and the cache's slots
+    max_obs_tokens: int
+    max_new_tokens: int
+    wave: int  # rows of a rollout wave on one host
+    optimizer: Any  # optax.GradientTransformation (its state's shapes)
+    settings: learner.LossSettings
+    options: qwen.ForwardOptions  # the update's (its batch_sharding is replaced on the mesh)
+    sampling: sampling.SamplingParams
+
+
+class Resident(NamedTuple):
+    """Bytes per chip of what stays between programs."""
+
+    state: int  # params and optimizer state (float32, sharded)
+    params: int  # of which params
+    layers: int  # of which the stacked layers' params
+    reference: int  # the reference model (compute dtype, sharded), 0 without KL
+    batch: int  # a step's packed batch, its advantages and log-probs
+
+
+def update_mesh(run: RunShape, devices) -> Mesh:
+    return learner.make_mesh(run.data, run.fsdp, devices=devices)
+
+
+def abstract_state(run: RunShape, mesh: Mesh):
+    return learner.abstract_state(run.config, mesh, run.optimizer)
+
+
+def reference(run: RunShape, mesh: Mesh):
+    config = run.config
+    shapes = qwen.abstract_params(config, config.compute_dtype, stacked=True)
+    return placed(shapes, learner.param_shardings(config, mesh))
+
+
+def step_batch(run: RunShape, mesh: Mesh) -> learner.UpdateBatch:
+    """A whole step's batch, as learn() places it: micro-batch by micro-batch."""
+    M = run.prompts_per_step // run.micro_batch
+    kl = run.settings.kl_coef > 0
+    step = learner.abstract_batch(mesh, M, run.micro_batch, run.group_size, run.max_context, ref=kl)
+    return step._replace(sampler_logp_MBGT=step.adv_MBGT)  # the sampler's log-probs
+
+
+def resident(run: RunShape, devices) -> Resident:
+    mesh = update_mesh(run, devices)
+    state = abstract_state(run, mesh)
+    return Resident(
+        shard_bytes(state),
+        shard_bytes(state.params),
+        shard_bytes(state.params["layers"]),
+        shard_bytes(reference(run, mesh)) if run.settings.kl_coef > 0 else 0,
+        shard_bytes(step_batch(run, mesh)),
+    )
+
+
+UPDATE_PROGRAMS = ("logprobs", "ref logprobs", "update")
+
+
+def update_programs(run: RunShape, devices, names=UPDATE_PROGRAMS) -> list[Program]:
+    """logprobs, ref logprobs (with KL) and update (those of them in ``names``), and what
+    stays on a chip around each."""
+    config = run.config
+    mesh = update_mesh(run, devices)
+    options = learner.forward_options(
+        mesh,
+        remat=run.options.remat,
+        attention_bytes=run.options.attention_bytes,
+        logits_bytes=run.options.logits_bytes,
+        mlp_bytes=run.options.mlp_bytes,
+    )
+    state, ref, step = abstract_state(run, mesh), reference(run, mesh), step_batch(run, mesh)
+    have = resident(run, devices)
+    tokens_mask = shard_bytes((step.tokens_MBGT, step.mask_MBGT))
+    logp = shard_bytes(step.old_logp_MBGT)
+    static = dict(config=config, options=options)
+    logprobs = lambda params: learner.batch_logprobs.lower(
+        params, step.tokens_MBGT, step.mask_MBGT, **static
+    )
+
+    def update():
+        per_update = run.mini_batch // run.micro_batch
+        kl = bool(have.reference)
+        batch = learner.abstract_batch(
+            mesh, per_update, run.micro_batch, run.group_size, run.max_context, ref=kl
+        )
+        if run.settings.tis_cap:
+            batch = batch._replace(sampler_logp_MBGT=batch.adv_MBGT)
+        lowered = learner.update.lower(
+            state, batch, mesh=mesh, optimizer=run.optimizer, settings=run.settings, **static
+        )
+        estimate = plan.update_temporaries(
+            config,
+            rows=run.micro_batch * run.group_size // (run.data * run.fsdp),
+            length=run.max_context,
+            param_shard=plan.param_shard_size(config, run.data, run.fsdp),
+            options=run.options,
+        )
+        return measure("update", lowered, resident=have.reference + have.batch, estimate=estimate)
+
+    programs = {
+        "logprobs": lambda: measure(
+            "logprobs",
+            logprobs(state.params),
+            resident=have.state - have.params + have.reference + have.batch - tokens_mask,
+        ),
+        "ref logprobs": lambda: measure(
+            "ref logprobs", logprobs(ref), resident=have.state + have.batch - tokens_mask - logp
+        ),
+        "update": update,
+    }
+    if not have.reference:
+        names = [name for name in names if name != "ref logprobs"]
+    return [programs[name]() for name in names]
+
+
+def rollout_setup(run: RunShape, devices):
+    """(weights, cache(slots), options) of a wave on ``devices`` (one host's): the sampling
+    copy whole on every device, the cache's rows split over them."""
+    config = run.config
+    rows = Mesh(np.asarray(devices), ("rows",))
+    by_row = NamedSharding(rows, P("rows"))
+    options = qwen.ForwardOptions(
+        batch_sharding=by_row, attention_bytes=run.options.attention_bytes
+    )
+    weights = placed(qwen.abstract_params(config, config.compute_dtype), NamedSharding(rows, P()))
+
+    def cache(slots):
+        return placed(jax.eval_shape(lambda: sampling.init_cache(config, run.wave, slots)), by_row)
+
+    return weights, cache, options
+
+
+ROLLOUT_PROGRAMS = ("gather", "prefill", "append", "grow", "decode")
+
+
+def rollout_programs(run: RunShape, devices, names=ROLLOUT_PROGRAMS) -> list[Program]:
+    """gather, prefill, append, grow and decode (those of them in ``names``), for a wave of
+    ``run.wave`` rows over ``devices`` (one host's), and what stays on a chip around each."""
+    config, wave = run.config, run.wave
+    mesh = update_mesh(run, devices)
+    stacked = abstract_state(run, mesh).params["layers"]
+    have = resident(run, devices)
+    weights, cache, options = rollout_setup(run, devices)
+    by_row = options.batch_sharding
+    copy = shard_bytes(weights)
+    row_array = lambda shape, dtype: jax.ShapeDtypeStruct((wave, *shape), dtype, sharding=by_row)
+
+    stay = have.state + have.reference
+
+    def append(name, slots, chunk):
+        tokens, n = row_array((chunk,), jnp.int32), row_array((), jnp.int32)
+        lowered = sampling._append_jit.lower(weights, config, cache(slots), tokens, n, options)
+        estimate = plan.decode_temporaries(
+            config,
+            rows=options.local_rows(wave),
+            slots=slots,
+            chunk=chunk,
+            attention_bytes=options.attention_bytes,
+        )
+        return measure(name, lowered, resident=stay, estimate=estimate)
+
+    S = run.max_context
+    half = max([b for b in sampling.BUCKETS if b < S] or [S])
+    first = min(sampling.bucket_length(plan.PROMPT_TOKENS + run.max_new_tokens), S)
+    index = jax.ShapeDtypeStruct((), jnp.int32)
+    gather = learner.gather_layer.lower(stacked, index, config.compute_dtype, mesh)
+    last_layer = shard_bytes(weights["layers"][0])
+    programs = {
+        "gather": lambda: measure(
+            "gather", gather, resident=stay - have.layers + copy - last_layer
+        ),
+        "prefill": lambda: append("prefill", first, sampling.bucket_length(plan.PROMPT_TOKENS)),
+        "append": lambda: append("append", S, sampling.bucket_length(run.max_obs_tokens)),
+        "grow": lambda: measure("grow", sampling._grow.lower(cache(half), S), resident=stay + copy),
+        "decode": lambda: measure("decode", lower_decode(run, devices), resident=stay),
+    }
+    return [programs[name]() for name in names]
+
+
+def lower_decode(run: RunShape, devices):
+    """The decoding loop (sampling.generate's program) lowered for a wave at --max-context
+    slots, as rollout.KVCachePolicy calls it."""
+    config, wave = run.config, run.wave
+    weights, cache, options = rollout_setup(run, devices)
+    by_row = options.batch_sharding
+    keys = placed(jax.eval_shape(lambda: jax.random.split(jax.random.key(0), wave)), by_row)
+    sp = run.sampling
+    return sampling._generate.lower(
+        weights,
+        config,
+        cache(run.max_context),
+        keys,
+        jax.ShapeDtypeStruct((wave,), jnp.int32, sharding=by_row),
+        jax.ShapeDtypeStruct(STOP_TABLE, jnp.int32),
+        jax.ShapeDtypeStruct((2,), jnp.int32),
+        jax.ShapeDtypeStruct((), jnp.float32),
+        jax.ShapeDtypeStruct((), jnp.float32),
+        max_new_tokens=run.max_new_tokens,
+        top_k=0 if sp.greedy else sp.top_k,
+        use_top_p=not sp.greedy and sp.top_p < 1,
+        greedy=sp.greedy,
+        options=options,
+    )
+
+
+def decode_step(run: RunShape, devices) -> tuple[Program, int]:
+    """One token appended to every row of a full cache (what each step of the decoding loop
+    runs), and the least it must read: the weights and the whole cache, once."""
+    weights, cache, options = rollout_setup(run, devices)
+    by_row = options.batch_sharding
+    n = jax.ShapeDtypeStruct((run.wave,), jnp.int32, sharding=by_row)
+    tokens = jax.ShapeDtypeStruct((run.wave, 1), jnp.int32, sharding=by_row)
+    state = cache(run.max_context)
+    lowered = sampling._append_jit.lower(weights, run.config, state, tokens, n, options)
+    minimum = shard_bytes(weights) + shard_bytes((state.k_LBKSH, state.v_LBKSH))
+    return measure("decode step", lowered), minimum
+
+
+def largest_fitting(
+    sizes: Sequence[int],
+    compile_at: Callable[[int], list[Program]],
+    limit: float,
+    estimate: Callable[[int], float],
+    *,
+    tries: int = 5,
+) -> tuple[int, list[Program]]:
+    """The largest of ``sizes`` (ascending) whose compiled programs' peak stays under
+    ``limit``, and its programs; when none fits, the smallest that was compiled.
+
+    The formula's ``estimate`` of the peak (plan.py: over the compiler's by up to a third)
+    guides it: sizes estimated over OVER_ESTIMATE x the limit are not compiled, the first
+    compiled is the largest the estimate says fits, and then each next one lies between the
+    largest size known to fit and the smallest known not to, where the line through the
+    compiled points nearest to it predicts the limit (the peak is close to affine in a
+    micro-batch's or a wave's rows; with one point, the estimate scaled to agree with it). At
+    most ``tries`` compilations."""
+    plausible = [s for s in sizes if estimate(s) <= OVER_ESTIMATE * limit] or list(sizes[:1])
+    compiled = {}
+
+    def peak(size):
+        if size not in compiled:
+            compiled[size] = compile_at(size)
+        return max(p.peak for p in compiled[size])
+
+    fits, over = None, None
+    size = max([s for s in plausible if estimate(s) <= limit] or plausible[:1])
+    for _ in range(tries):
+        if peak(size) <= limit:
+            fits = size
+        else:
+            over = size
+        between = [
+            s for s in plausible if (fits is None or s > fits) and (over is None or s < over)
+        ]
+        if not between:
+            break
+        known = sorted(compiled, key=lambda s: abs(s - size))[:2]
+        if len(known) == 2:  # the line through the two nearest compiled
+            a, b = sorted(known)
+            slope = (peak(b) - peak(a)) / (b - a)
+            predicted = [s for s in between if peak(a) + slope * (s - a) <= limit]
+        else:  # the formula, scaled to agree with the one compiled
+            scale = peak(size) / estimate(size)
+            predicted = [s for s in between if scale * estimate(s) <= limit]
+        size = max(predicted) if predicted else min(between)
+    best = fits if fits is not None else min(compiled)
+    return best, compiled[best]
+
+
+# Sizes whose formula estimate is over this many times a chip are not compiled (the estimate is
+# never under the compiler's, and over it by at most plan.UPDATE_ERROR at Qwen2.5's shapes).
+OVER_ESTIMATE = 1.5
+
+
+class Requested(NamedTuple):
+    """The micro-batch asked for, and its update phase's peak per chip."""
+
+    micro_batch: int
+    peak: int
+    compiled: bool  # the compiler's peak (else the formula's: too far over to compile)
+
+
+class Compiled(NamedTuple):
+    """The programs of one run, compiled for some chips, and the settings they were for."""
+
+    where: str  # "v5e-8", or "the chips present"
+    capacity: int  # HBM bytes per chip
+    bandwidth: float  # HBM bytes per second per chip
+    requested: Requested
+    micro_batch: int  # the micro-batch compiled: the one asked for, or the largest that fits
+    wave: int  # rows per wave on one host
+    update: list[Program]
+    rollout: list[Program]
+    step: Program | None  # one decoding step (None: no micro-batch fits, not compiled)
+    step_minimum: int  # the least that step must read
+    rows_per_chip: int
+
+    @property
+    def update_peak(self) -> int:
+        return max((p.peak for p in self.update), default=0)
+
+    @property
+    def rollout_peak(self) -> int:
+        return max((p.peak for p in self.rollout), default=0)
+
+    def report(self) -> str:
+        gib = lambda b: f"{b / GiB:7.2f}"
+        lines = [
+            f"compiled by the TPU compiler for {self.where}, per chip (GiB): micro-batch "
+            f"{self.micro_batch}, wave {self.wave} rows ({self.rows_per_chip} per chip)",
+            f"  {'program':<13}{'arguments':>10}{'outputs':>9}{'temps':>9}{'formula':>9}"
+            f"{'resident':>10}{'peak':>9}",
+        ]
+        for p in self.update + self.rollout:
+            formula = gib(p.estimate) if p.estimate is not None else "      -"
+            lines.append(
+                f"  {p.name:<13}{gib(p.arguments):>10}{gib(p.outputs - p.alias):>9}"
+                f"{gib(p.temporaries):>9}{formula:>9}{gib(p.resident):>10}{gib(p.peak):>9}"
+            )
+        for phase, programs in (("update", self.update), ("rollout", self.rollout)):
+            peak = max((p.peak for p in programs), default=0)
+            if programs:
+                lines.append(f"  peak, {phase:<8} {gib(peak)} GiB of {self.capacity / GiB:.2f} GiB")
+        if self.step is None:  # no micro-batch fits: nothing more was compiled
+            return "\n".join(lines)
+        accessed, minimum = self.step.bytes_accessed, self.step_minimum
+        step = (
+            f"  decode step: {accessed / GiB:.2f} GiB accessed of minimum {minimum / GiB:.2f} "
+            f"GiB ({accessed / minimum:.2f}x)"
+        )
+        if self.bandwidth:
+            seconds = accessed / self.bandwidth
+            step += (
+                f", at least {1e3 * seconds:.1f} ms at {self.bandwidth / 1e9:.0f} GB/s: at most "
+                f"{self.rows_per_chip / seconds:.0f} tokens/s per chip (compiler estimate)"
+            )
+        lines.append(step)
+        return "\n".join(lines)
+
+    def line(self) -> str:
+        """The line before the plan's last (a contract that scripts read)."""
+        return (
+            f"compiled for {self.where}: update {self.update_peak / GiB:.1f} GiB, rollout "
+            f"{self.rollout_peak / GiB:.1f} GiB of {self.capacity / GiB:.1f} GiB per chip"
+        )
+
+
+def compile_plan(
+    run_at: Callable[[int, int], RunShape],
+    devices,
+    *,
+    where: str,
+    capacity: int,
+    micro_batch: int,
+    smaller_micro_batches: Sequence[int],
+    waves: Sequence[int],
+    wave_margin: float,
+    update_estimate: Callable[[int], float],
+    rollout_estimate: Callable[[int], float],
+) -> Compiled:
+    """The run compiled for ``devices`` (``capacity`` bytes of HBM each) at ``micro_batch``
+    (when its update phase does not fit: at the largest of ``smaller_micro_batches`` that
+    does), with the largest of ``waves`` whose rollout phase fits ``wave_margin`` of the
+    capacity (one wave: that one, whether it fits or not). ``run_at(micro_batch, wave)`` is
+    the run at those settings; ``update_estimate(micro_batch)`` and ``rollout_estimate(wave)``
+    are the formula's peaks (plan.py), which spare compiling what cannot fit."""
+    # The micro-batch search compiles the update (the largest of the phase), then the rest.
+    compile_update = lambda m: update_programs(run_at(m, waves[0]), devices, ("update",))
+    micro, update = micro_batch, []
+    if update_estimate(micro_batch) <= OVER_ESTIMATE * capacity:
+        update = compile_update(micro_batch)
+        requested = Requested(micro_batch, max(p.peak for p in update), compiled=True)
+    else:
+        requested = Requested(micro_batch, int(update_estimate(micro_batch)), compiled=False)
+    if requested.peak > capacity and smaller_micro_batches:
+        micro, update = largest_fitting(
+            smaller_micro_batches, compile_update, capacity, update_estimate
+        )
+    if not update or max(p.peak for p in update) > capacity:  # none fits: nothing more to do
+        return Compiled(where, capacity, 0.0, requested, micro, 0, update, [], None, 0, 0)
+    passes = ("logprobs", "ref logprobs")  # the update's log-prob passes at that micro-batch
+    update = update_programs(run_at(micro, waves[0]), devices, passes) + update
+    limit = wave_margin * capacity if len(waves) > 1 else capacity
+    # The wave search compiles the programs whose memory grows with it, then the rest.
+    growing = ("append", "grow", "decode")
+    wave, grown = largest_fitting(
+        waves,
+        lambda w: rollout_programs(run_at(micro, w), devices, growing),
+        limit,
+        rollout_estimate,
+    )
+    run = run_at(micro, wave)
+    rollout = rollout_programs(run, devices, ("gather", "prefill")) + grown
+    step, minimum = decode_step(run, devices)
+    return Compiled(
+        where,
+        capacity,
+        BANDWIDTH.get(devices[0].device_kind, 0.0),
+        requested,
+        micro,
+        wave,
+        update,
+        rollout,
+        step,
+        minimum,
+        run.wave // len(devices),
+    )
