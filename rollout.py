@@ -3,26 +3,35 @@
     python rollout.py --model DIR --data FILE --corpus FILE          # embedded BM25
     python rollout.py --model DIR --data FILE --retriever-url URL    # Search-R1's server
 
-One call of ``run_episodes`` runs B prompts x G samples as one batch of rows through the turn loop:
+One call of ``run_episodes`` runs B prompts x G samples, an episode each, through the turn loop
+on a wave of rows (all of them, or ``wave_rows``):
 
-    prefill the prompts
-    for turn k = 0 .. max_turns - 1:
+    prefill the first episodes' prompts, one per row
+    until every episode has ended:
         sample every live row until </search>, </answer> or EOS      (device, one while_loop)
         parse each row's action                                       (host)
         one batched retrieval for all rows that searched              (host)
-        append each row's observation to its KV cache, and go on      (device, no re-prefill)
+        a row whose episode ended takes the next episode (refill)     (host)
+        append each row's observation, or its new episode's prompt
+            over its emptied cache, and go on                         (device, no re-prefill)
 
-A row stops when it answers, samples EOS, or runs out of turns or context; the last turn does
-not search (``force_answer`` starts it with "<answer>"). An invalid action (no tag, unclosed
-tag, empty query, both tags) gets Search-R1's corrective observation, and the turn counts.
-An episode starts from its data row's own prompt when it has one (Search-R1 parquet), else from
-the question in ``RolloutConfig.template``.
+So the rows of one decoding call may be at different turns of their episodes: each row samples
+turn k with its own turn's key and stop strings. An episode ends when it answers, samples EOS,
+or runs out of turns or context; the last turn does not search (``force_answer`` starts it with
+"<answer>" and stops it only at "</answer>"). Without refill, the next wave of episodes starts
+once the whole wave has ended; with ``wave_slots``, an episode whose next turn could outgrow its
+row's slots waits, its cache on the host, for a wave of fewer, longer rows. The trajectories are
+the same either way. An invalid action
+(no tag, unclosed tag, empty query, both tags) gets Search-R1's corrective observation, and the
+turn counts. An episode starts from its data row's own prompt when it has one (Search-R1
+parquet), else from the question in ``RolloutConfig.template``.
 Per trajectory the host records everything Eq. F, A and L of TSPO.md need: the token ids as
 sampled, which of them were sampled (``loss_mask``) and in which turn (``turn_id``, -1 on the
 prompt and observations), the sampler's log-probs, ``num_turns``, ``outcome`` and
 ``first_hit``; ``pack`` lays them out as [B, G, T] arrays padded to a length bucket.
 """
 
+import collections
 import dataclasses
 import json
 import os
@@ -164,9 +173,28 @@ class Batch(NamedTuple):
 
 
 class Timing(NamedTuple):
+    """Where a rollout's time went, and how full its decoding steps were."""
+
     sample_s: float  # device time sampling and appending (host parsing included)
     retrieval_s: float  # time inside retriever.search
-    sampled_tokens: int
+    sampled_tokens: int  # tokens the trajectories kept from sampling
+    decode_steps: int  # decoding-loop steps, summed over the policy's sample calls
+    decode_slots: int  # rows x steps, summed over those calls (padding rows included)
+
+    @property
+    def utilization(self) -> float:
+        """Decode-slot utilization: sampled_tokens / decode_slots, the share of the rows'
+        decoding steps that sampled a kept token (0 when the policy reports no decoding, as a
+        scripted one)."""
+        return self.sampled_tokens / self.decode_slots if self.decode_slots else 0.0
+
+
+class Sampled(NamedTuple):
+    """What a policy's ``sample`` returns: one turn per row, and the decoding it took."""
+
+    samples: list[sampling.TurnSample]  # one per row ("inactive" and empty where not live)
+    steps: int  # decoding steps the call ran: the most tokens any of its rows generated
+    rows: int  # rows each step ran, padding included (steps x rows: the call's decode slots)
 
 
 class KVCachePolicy:
@@ -174,15 +202,21 @@ class KVCachePolicy:
 
     The turn loop only calls ``start``, ``extend`` and ``sample``, so another way of keeping
     context (bench/rollout.py re-prefills every turn, as Search-R1 does) or a scripted policy
-    (tests) can stand in for it.
+    (tests) can stand in for it. A row whose episode ended takes the next episode's prompt
+    through ``extend(..., restart=...)``: its cache is emptied (``sampling.restart``) and the
+    prompt appended in the same batched call as the other rows' observations.
 
     ``mesh``: the devices the rows are split over (``rollout_mesh``; None: the default device).
     ``params`` must then be replicated on it (train.sampler_weights). A batch of fewer than
     ``batch_rows`` rows, or whose rows do not divide evenly over the devices, is padded with
     empty rows that never sample (so a last, smaller wave compiles nothing new). The cache
     starts sized for the prompts' first turn and grows by buckets (``sampling.grow``), never
-    past ``max_context`` slots: every decode step attends over the whole cache, so a cache
-    sized for the worst case up front would make the early turns pay for slots they do not use.
+    past the wave's slots (``start``; ``max_context`` at most): every decode step attends over
+    the whole cache, so a cache sized for the worst case up front would make the early turns
+    pay for slots they do not use. ``slots``: a wave's slots per row by default; a wave of
+    longer rows (``start(..., slots=more)``) has fewer rows, batch_rows x slots / more, so that
+    its cache takes no more memory. ``park`` and ``resume`` move a row's cache from one wave
+    to another.
     """
 
     def __init__(
@@ -195,8 +229,10 @@ class KVCachePolicy:
         mesh=None,
         attention_bytes=0,
         batch_rows=1,
+        slots=0,
     ):
         self.params, self.model_config, self.cfg = params, model_config, cfg
+        self.slots = self.wave_slots = slots or cfg.max_context
         self.tokenizer = tokenizer
         eos = set(model_config.eos_token_ids) | {tokenizer.eos_token_id}
         self.sampling_params = sampling.SamplingParams(
@@ -214,18 +250,21 @@ class KVCachePolicy:
         self.state, self.rows = None, 0
         self._stopping_at = {}  # stop strings -> sampling params with their table
 
-    def _pad(self, rows: Sequence) -> list:
-        """rows, then empty rows up to the padded batch (a multiple of the devices)."""
-        return [*rows, *[[]] * (self._padded(len(rows)) - len(rows))]
+    def _pad(self, rows: Sequence, empty=()) -> list:
+        """rows, then ``empty`` ones up to the padded batch (a multiple of the devices)."""
+        return [*rows, *[empty] * (self._padded(len(rows)) - len(rows))]
 
     def _padded(self, n: int) -> int:
-        return max(self.batch_rows, -(-n // self.devices) * self.devices)
+        rows = self.batch_rows * self.slots // self.wave_slots  # the same memory at any slots
+        return max(rows - rows % self.devices, self.devices, n + -n % self.devices)
 
-    def start(self, prompts: Sequence[list[int]]) -> None:
-        """Prefills the prompts into a fresh cache (the previous one is freed first)."""
+    def start(self, prompts: Sequence[list[int]], slots: int = 0) -> None:
+        """Prefills the prompts into a fresh cache (the previous one is freed first) for a
+        wave whose rows use at most ``slots`` slots (0: the policy's ``slots``)."""
         self.state, self.rows = None, len(prompts)
+        self.wave_slots = slots or self.slots
         first_turn = max(map(len, prompts)) + self.cfg.max_new_tokens
-        slots = min(sampling.bucket_length(first_turn), self.cfg.max_context)
+        slots = min(sampling.bucket_length(first_turn), self.wave_slots)
         self.state = sampling.init_cache(
             self.model_config,
             len(self._pad(prompts)),
@@ -234,26 +273,31 @@ class KVCachePolicy:
         )
         self.extend(prompts)
 
-    def extend(self, rows: Sequence[list[int]]) -> None:
-        """Appends each row's tokens (an observation, a forced prefix; none for some rows)."""
+    def extend(self, rows: Sequence[list[int]], restart: Sequence[bool] | None = None) -> None:
+        """Appends each row's tokens (an observation, a forced prefix; none for some rows).
+        A row with restart[b] is emptied first: its tokens are a new episode's prompt."""
+        if restart is not None and any(restart):
+            restart_B = np.pad(np.asarray(restart, bool), (0, self._padded(len(rows)) - len(rows)))
+            self.state = sampling.restart(self.state, restart_B, self.options)
         tokens_BC, n_B = sampling.pad_chunk(self._pad(rows), pad_id=self.pad_id)
-        self.state = sampling.grow(self.state, n_B, limit=self.cfg.max_context)
+        self.state = sampling.grow(self.state, n_B, limit=self.wave_slots)
         self.state = sampling.append(
             self.params, self.model_config, self.state, tokens_BC, n_B, self.options
         )
 
-    def sample(self, key, live, stop_strings, max_new_tokens, limit_B) -> list:
-        """One turn for the live rows, each until a stop string, EOS, max_new_tokens or its
-        own limit_B[b] (what is left of its context)."""
-        if stop_strings not in self._stopping_at:
-            stopping = self.sampling_params.with_stops(self.tokenizer, stop_strings)
-            self._stopping_at[stop_strings] = stopping
+    def sample(self, key, live, stops, max_new_tokens, limit_B) -> Sampled:
+        """One turn for the live rows, row b until one of its own stop strings stops[b] (a
+        tuple), EOS, max_new_tokens or its own limit_B[b] (what is left of its context).
+        key: [B] per-row keys."""
+        strings = tuple(dict.fromkeys(s for own in stops for s in own))  # every row's, once
+        if strings not in self._stopping_at:
+            self._stopping_at[strings] = self.sampling_params.with_stops(self.tokenizer, strings)
         live, limit_B = np.asarray(live, bool), np.minimum(limit_B, max_new_tokens)
         pad = self._padded(len(live)) - len(live)
         live, limit_B = np.pad(live, (0, pad)), np.pad(np.where(live, limit_B, 0), (0, pad))
-        if pad and key.ndim == 1:
+        if pad:
             key = jnp.concatenate([key, jnp.stack([key[0]] * pad)])
-        self.state = sampling.grow(self.state, limit_B, limit=self.cfg.max_context)
+        self.state = sampling.grow(self.state, limit_B, limit=self.wave_slots)
         self.state, samples = sampling.sample_turn(
             self.params,
             self.model_config,
@@ -261,12 +305,26 @@ class KVCachePolicy:
             key,
             self.tokenizer,
             max_new_tokens=max_new_tokens,
-            sampling_params=self._stopping_at[stop_strings],
+            sampling_params=self._stopping_at[strings],
             active_B=live,
             limit_B=limit_B,
+            stop_strings_B=self._pad(stops, empty=strings),
             options=self.options,
         )
-        return samples[: self.rows]
+        steps = max(s.generated for s in samples)
+        return Sampled(samples[: self.rows], steps=steps, rows=len(samples))
+
+    def park(self, b: int) -> sampling.SavedRow:
+        """Row b's cache, off the devices: its episode waits for a wave of longer rows (the
+        row itself ends here; a refill may take it)."""
+        return sampling.save_row(self.state, b)
+
+    def resume(self, b: int, saved: sampling.SavedRow) -> None:
+        """Row b (a row of this wave with nothing in it) goes on from a parked row's cache."""
+        needed_B = np.zeros(self._padded(self.rows), np.int32)
+        needed_B[b] = saved.k_LKnH.shape[2]
+        self.state = sampling.grow(self.state, needed_B, limit=self.wave_slots)
+        self.state = sampling.load_row(self.state, b, saved)
 
 
 def rollout_mesh(devices=None) -> Mesh:
@@ -274,6 +332,21 @@ def rollout_mesh(devices=None) -> Mesh:
     rows of a rollout wave are split over it."""
     devices = jax.local_devices() if devices is None else devices
     return Mesh(np.asarray(devices), ("rows",))
+
+
+@dataclasses.dataclass
+class Episode:
+    """One trajectory in progress, on the host (in a row of the wave while it runs)."""
+
+    example: data.Example
+    key_index: int  # which row key it samples with: fold_in(fold_in(key, example id), sample)
+    prompt: str  # the prompt's text as the policy reads it (chat template included)
+    prompt_tokens: list[int]
+    length: int  # real tokens of its context so far: prompt, turns, prefixes, observations
+    turns: list[Turn] = dataclasses.field(default_factory=list)
+    finish: str = "turns"  # Trajectory.finish, once it ends
+    live: bool = True  # it samples another turn
+    saved: sampling.SavedRow | None = None  # its cache, while it waits for a longer wave
 
 
 def run_episodes(
@@ -287,15 +360,28 @@ def run_episodes(
     cfg: RolloutConfig,
     example_ids: Sequence[int] | None = None,
     wave_rows: int | None = None,
+    wave_slots: int | None = None,
+    refill: bool = True,
 ) -> tuple[list[Trajectory], Timing]:
     """Runs every example ``group_size`` times through the turn loop (see the module docstring).
 
-    The rows go through the loop in waves of at most ``wave_rows`` rows (whole groups; default:
-    all rows in one wave), one after the other, so memory is bounded by the wave. Sample g of
-    example i draws its tokens from the key fold_in(fold_in(key, example_ids[i]), g), and a
-    row's cache holds only its own tokens, so a trajectory depends neither on which other rows
-    share its wave nor on the number of devices: processes that each roll out a share of the
-    prompts sample what one process would. example_ids defaults to 0 .. len(examples) - 1.
+    The episodes, (example, sample) in order, go through the loop on a wave of at most
+    ``wave_rows`` rows (whole groups; default: all rows at once), so memory is bounded by the
+    wave. With ``refill`` (the default), a row whose episode ends takes the next pending
+    episode at the end of that turn, so the decoding steps serve as many rows as there are
+    episodes left; without it, each wave runs until its slowest row ends, and then the next
+    wave starts. Sample g of example i draws turn k's tokens from the key
+    fold_in(fold_in(fold_in(key, example_ids[i]), g), k), and a row's cache holds only its own
+    tokens, so a trajectory depends neither on which other rows share its wave, nor on when it
+    started (refill or not), nor on the number of devices: processes that each roll out a
+    share of the prompts sample what one process would. example_ids defaults to
+    0 .. len(examples) - 1.
+
+    ``wave_slots`` (default: max_context): a row's cache slots in the wave. An episode whose
+    next turn could outgrow them waits: its row's cache goes to the host (``policy.park``), and
+    once the other episodes are done it goes on, from that very cache (``policy.resume``), in
+    a wave of wave_rows x wave_slots / max_context rows of max_context slots: no more memory
+    than the first, so a wave never outgrows its plan, and the trajectory is the same.
 
     Returns the trajectories in (example, sample) order and where the time went.
     """
@@ -305,121 +391,180 @@ def run_episodes(
     wave_rows = wave_rows or len(examples) * group_size
     if wave_rows % group_size:
         raise ValueError(f"a wave of {wave_rows} rows is not whole groups of {group_size}")
-    per_wave = wave_rows // group_size
-    trajectories, timings = [], []
-    for i in range(0, len(examples), per_wave):
-        trajs, timing = _wave(
-            policy,
-            tokenizer,
-            retriever,
-            examples[i : i + per_wave],
-            ids[i : i + per_wave],
-            group_size=group_size,
-            key=key,
-            cfg=cfg,
-        )
-        trajectories += trajs
-        timings.append(timing)
-    return trajectories, Timing(*(sum(t) for t in zip(*timings, strict=True)))
-
-
-def _wave(policy, tokenizer, retriever, examples, ids, *, group_size, key, cfg):
-    """The turn loop over one wave of rows (run_episodes' docstring)."""
-    rows = [ex for ex in examples for _ in range(group_size)]
-    N = len(rows)
     row_keys = jax.vmap(lambda i, g: jax.random.fold_in(jax.random.fold_in(key, i), g))(
         np.repeat(np.asarray(ids, np.uint32), group_size),
         np.tile(np.arange(group_size, dtype=np.uint32), len(ids)),
     )
-    texts = [prompt_text(q, tokenizer, cfg) for q in rows]
-    prompts = [tokenizer.encode(t, add_special_tokens=False) for t in texts]
-    longest = max(map(len, prompts))
+    episodes = []
+    for example in (ex for ex in examples for _ in range(group_size)):
+        text = prompt_text(example, tokenizer, cfg)
+        tokens = tokenizer.encode(text, add_special_tokens=False)
+        episodes.append(Episode(example, len(episodes), text, tokens, length=len(tokens)))
+    longest = max(e.length for e in episodes)
     if longest >= cfg.max_context:
         raise ValueError(f"a prompt of {longest} tokens does not fit max_context={cfg.max_context}")
-    forced = tokenizer.encode(protocol.FORCED_ANSWER_PREFIX, add_special_tokens=False)
+    wave_slots = wave_slots or cfg.max_context
+    forced = len(tokenizer.encode(protocol.FORCED_ANSWER_PREFIX, add_special_tokens=False))
+    if _needs(longest, forced, cfg) > wave_slots:
+        raise ValueError(
+            f"wave_slots={wave_slots} is too few for the first turn of a prompt of {longest} "
+            f"tokens and max_new_tokens={cfg.max_new_tokens}"
+        )
+    timing = _turn_loop(
+        policy,
+        tokenizer,
+        retriever,
+        episodes,
+        row_keys,
+        wave_rows=wave_rows,
+        wave_slots=wave_slots,
+        refill=refill,
+        cfg=cfg,
+    )
+    trajectories = [
+        _score(e.example, e.prompt, e.prompt_tokens, e.turns, e.finish, cfg) for e in episodes
+    ]
+    return trajectories, timing
 
-    t0, retrieval_s, sampled = time.perf_counter(), 0.0, 0
-    policy.start(prompts)
-    length = np.array([len(p) for p in prompts])  # real tokens of each row so far
-    turns: list[list[Turn]] = [[] for _ in range(N)]
-    finish = ["turns"] * N
-    live = np.ones(N, bool)
-    for k in range(cfg.max_turns):
-        last = k == cfg.max_turns - 1
-        prefix = forced if (last and cfg.force_answer) else []
-        if prefix:
-            policy.extend([prefix if a else [] for a in live])
-            length += len(prefix) * live
-        samples = policy.sample(
-            sampling.fold_in_rows(row_keys, k),
-            live,
-            protocol.ANSWER_STOP if prefix else protocol.STOP_STRINGS,
+
+def _needs(length: int, forced: int, cfg: RolloutConfig) -> int:
+    """The most cache slots a row of ``length`` tokens may use by the end of its next turn
+    (with a forced prefix of ``forced`` tokens under force_answer)."""
+    return min(length + forced * cfg.force_answer + cfg.max_new_tokens, cfg.max_context)
+
+
+def _turn_loop(
+    policy, tokenizer, retriever, episodes, row_keys, *, wave_rows, wave_slots, refill, cfg
+):
+    """The turn loop of the module docstring, over the episodes on a wave of wave_rows rows
+    of wave_slots slots (run_episodes' docstring) -> Timing. Each row is at its own episode's
+    turn."""
+    forced = tokenizer.encode(protocol.FORCED_ANSWER_PREFIX, add_special_tokens=False)
+    pending = collections.deque(episodes)
+    parked = collections.deque()  # episodes waiting for a wave of longer rows, with their caches
+    idle = Episode(None, 0, "", [], 0, live=False)  # a row with no episode
+    rows: list[Episode] = []  # the episode in each row (one that ended, until a refill)
+    t0, retrieval_s, steps, slots = time.perf_counter(), 0.0, 0, 0
+    while pending or parked or any(e.live for e in rows):
+        if not any(e.live for e in rows):  # a new wave: the first, or the last one drained
+            rows, room = _next_wave(policy, pending, parked, wave_rows, wave_slots, cfg)
+        # Under force_answer the last turn starts with "<answer>" and stops only at "</answer>".
+        last = [e.live and len(e.turns) == cfg.max_turns - 1 for e in rows]
+        prefixes = [forced if cfg.force_answer and x else [] for x in last]
+        if any(prefixes):
+            policy.extend(prefixes)
+            for e, prefix in zip(rows, prefixes, strict=True):
+                e.length += len(prefix)
+        turn_keys = sampling.fold_in_rows(  # each row's key for its own episode's turn
+            row_keys[np.array([e.key_index for e in rows])], np.array([len(e.turns) for e in rows])
+        )
+        sampled = policy.sample(
+            turn_keys,
+            [e.live for e in rows],
+            [protocol.ANSWER_STOP if p else protocol.STOP_STRINGS for p in prefixes],
             cfg.max_new_tokens,
-            cfg.max_context - length,
+            np.array([cfg.max_context - e.length for e in rows]),
         )
-        head = protocol.FORCED_ANSWER_PREFIX if prefix else ""
-        for b in np.flatnonzero(live):  # hold each row to max_context real tokens
-            budget = cfg.max_context - length[b]
-            if len(samples[b].tokens) >= budget:
-                kept = samples[b].tokens[:budget]
-                samples[b] = samples[b]._replace(
-                    tokens=kept, logps=samples[b].logps[:budget], text=tokenizer.decode(kept)
-                )
-                finish[b] = "context"
-            length[b] += len(samples[b].tokens)
-        actions = {b: protocol.parse_action(head + samples[b].text) for b in np.flatnonzero(live)}
-        searching = [
-            b
-            for b, a in actions.items()
-            if a.kind == "search" and not last and finish[b] == "turns"
-        ]
-        t1 = time.perf_counter()
-        found = (
-            retriever.search([actions[b].content for b in searching], cfg.passages)
-            if searching
-            else []
-        )
-        retrieval_s += time.perf_counter() - t1
-        passages = dict(zip(searching, found, strict=True))
-        obs_tokens = [[] for _ in range(N)]
-        for b, action in actions.items():
-            s = samples[b]
-            sampled += len(s.tokens)
-            obs = None
-            if action.kind == "answer":
-                finish[b] = "answer"
-            elif s.stop == "eos":
-                finish[b] = "eos"
-            elif b in passages:
-                obs = protocol.format_observation(
-                    passages[b], tokenizer=tokenizer, max_tokens=cfg.max_obs_tokens
-                )
-            elif not last and finish[b] == "turns":
-                obs = protocol.INVALID_ACTION_OBSERVATION
-            if obs is not None:
-                obs_tokens[b] = tokenizer.encode(obs, add_special_tokens=False)
-                if length[b] + len(obs_tokens[b]) >= cfg.max_context:
-                    obs, obs_tokens[b], finish[b] = None, [], "context"
-            length[b] += len(obs_tokens[b])
-            turns[b].append(
-                Turn(
-                    prefix=list(prefix),
-                    tokens=s.tokens,
-                    logps=s.logps,
-                    text=head + s.text,
-                    action=action,
-                    doc_ids=tuple(p.id for p in passages.get(b, [])),
-                    observation=obs,
-                    obs_tokens=obs_tokens[b],
-                )
+        steps, slots = steps + sampled.steps, slots + sampled.steps * sampled.rows
+        retrieval_s += _read_turn(rows, sampled.samples, prefixes, tokenizer, retriever, cfg)
+        # Park: an episode whose next turn could outgrow the wave's slots waits, its cache off
+        # the devices and its observation not yet appended, for a wave of longer rows.
+        for b, e in enumerate(rows):
+            if e.live and _needs(e.length, len(forced), cfg) > room:
+                e.saved, rows[b] = policy.park(b), idle
+                parked.append(e)
+        # Refill: each row whose episode ended takes the next pending episode, in order.
+        restart = [False] * len(rows)
+        for b, e in enumerate(rows):
+            if refill and not e.live and pending:
+                rows[b], restart[b] = pending.popleft(), True
+        if any(e.live for e in rows):  # each row's observation, or its new episode's prompt
+            appended = [
+                e.prompt_tokens if new else (e.turns[-1].obs_tokens if e.live else [])
+                for e, new in zip(rows, restart, strict=True)
+            ]
+            policy.extend(appended, restart=restart)
+    sampled_tokens = sum(len(t.tokens) for e in episodes for t in e.turns)
+    return Timing(time.perf_counter() - t0 - retrieval_s, retrieval_s, sampled_tokens, steps, slots)
+
+
+def _next_wave(policy, pending, parked, wave_rows, wave_slots, cfg) -> tuple[list, int]:
+    """Starts the next wave -> (its episodes, a row's slots in it): up to wave_rows new
+    episodes (their prompts prefilled), or, once none is pending, up to wave_rows x wave_slots
+    / max_context parked ones, each going on from its own cache and its pending observation."""
+    if pending:
+        rows = [pending.popleft() for _ in range(min(wave_rows, len(pending)))]
+        policy.start([e.prompt_tokens for e in rows])
+        return rows, wave_slots
+    long_rows = max(1, wave_rows * wave_slots // cfg.max_context)
+    rows = [parked.popleft() for _ in range(min(long_rows, len(parked)))]
+    policy.start([[] for _ in rows], slots=cfg.max_context)
+    for b, e in enumerate(rows):
+        policy.resume(b, e.saved)
+        e.saved = None
+    policy.extend([e.turns[-1].obs_tokens for e in rows])
+    return rows, cfg.max_context
+
+
+def _read_turn(rows, samples, prefixes, tokenizer, retriever, cfg) -> float:
+    """Reads each live row's turn into its episode: the sampled tokens (held to max_context
+    real tokens), the action, the passages of a search (one retrieval for all rows) and the
+    observation; a row that gets no observation has ended. Returns the retrieval's seconds."""
+    live = [b for b, e in enumerate(rows) if e.live]
+    for b in live:  # hold each row to max_context real tokens
+        e, s = rows[b], samples[b]
+        budget = cfg.max_context - e.length
+        if len(s.tokens) >= budget:
+            kept = s.tokens[:budget]
+            samples[b] = s._replace(
+                tokens=kept, logps=s.logps[:budget], text=tokenizer.decode(kept)
             )
-            live[b] = obs is not None
-        if not live.any():
-            break
-        policy.extend(obs_tokens)
-    timing = Timing(time.perf_counter() - t0 - retrieval_s, retrieval_s, sampled)
-    scored = [_score(*args, cfg) for args in zip(rows, texts, prompts, turns, finish, strict=True)]
-    return scored, timing
+            e.finish = "context"
+        e.length += len(samples[b].tokens)
+    head = [protocol.FORCED_ANSWER_PREFIX if p else "" for p in prefixes]
+    actions = {b: protocol.parse_action(head[b] + samples[b].text) for b in live}
+    last = [len(e.turns) == cfg.max_turns - 1 for e in rows]  # the last turn does not search
+    searching = [
+        b for b in live if actions[b].kind == "search" and not last[b] and rows[b].finish == "turns"
+    ]
+    t0 = time.perf_counter()
+    found = (
+        retriever.search([actions[b].content for b in searching], cfg.passages) if searching else []
+    )
+    retrieval_s = time.perf_counter() - t0
+    passages = dict(zip(searching, found, strict=True))
+    for b in live:
+        e, s, action = rows[b], samples[b], actions[b]
+        obs, obs_tokens = None, []
+        if action.kind == "answer":
+            e.finish = "answer"
+        elif s.stop == "eos":
+            e.finish = "eos"
+        elif b in passages:
+            obs = protocol.format_observation(
+                passages[b], tokenizer=tokenizer, max_tokens=cfg.max_obs_tokens
+            )
+        elif not last[b] and e.finish == "turns":
+            obs = protocol.INVALID_ACTION_OBSERVATION
+        if obs is not None:
+            obs_tokens = tokenizer.encode(obs, add_special_tokens=False)
+            if e.length + len(obs_tokens) >= cfg.max_context:
+                obs, obs_tokens, e.finish = None, [], "context"
+        e.length += len(obs_tokens)
+        e.turns.append(
+            Turn(
+                prefix=list(prefixes[b]),
+                tokens=s.tokens,
+                logps=s.logps,
+                text=head[b] + s.text,
+                action=action,
+                doc_ids=tuple(p.id for p in passages.get(b, [])),
+                observation=obs,
+                obs_tokens=obs_tokens,
+            )
+        )
+        e.live = obs is not None
+    return retrieval_s
 
 
 def prompt_text(example: data.Example, tokenizer, cfg: RolloutConfig) -> str:

@@ -108,6 +108,17 @@ class Config:
     mesh_dcn_data: int = option(0, "slices the data axis spans (0: one per TPU slice)")
     compile_cache: str = option("auto", "JAX compilation cache ('auto': <out-dir>/jax_cache)")
     rollout_batch: int = option(0, "rows per rollout wave per process (0: the plan's largest)")
+    rollout_slots: int = option(
+        0,
+        "KV-cache slots per row of a rollout wave (0: --max-context); rows that need more wait "
+        "and finish in waves of fewer rows at --max-context slots (the same memory)",
+    )
+    offload_state: str = option(
+        "auto",
+        "keep the train state and reference in host memory while rollouts run (auto: on GPU / "
+        "TPU), so that the chips hold only the sampling copy and the waves' KV cache",
+        choices=AUTO_ON_OFF,
+    )
     device_memory_gb: float = option(0.0, "GiB per device where the backend does not say")
     plan_only: bool = option(False, "print the memory plan from config.json and exit")
     plan_devices: int = option(0, "plan for a slice of N devices instead of those present")
@@ -181,6 +192,13 @@ class Config:
                 f"--rollout-batch {self.rollout_batch} must be whole groups: a multiple of "
                 f"--group-size {self.group_size}"
             )
+        context, turn = self.agent.max_context, self.agent.max_new_tokens
+        if self.rollout_slots and not turn < self.rollout_slots <= context:
+            raise ValueError(
+                f"--rollout-slots {self.rollout_slots} must be 0 (--max-context) or more than "
+                f"--max-new-tokens {turn} (a prompt and its first turn) and at most "
+                f"--max-context {context}"
+            )
         if self.warmup_steps < 0:
             raise ValueError(f"--warmup-steps must be >= 0, got {self.warmup_steps}")
         if self.clip_ratio_c != 0 and not self.clip_ratio_c > 1:
@@ -222,7 +240,7 @@ RESUMABLE |= {"retriever_url", "retriever_timeout", "retriever_retries", "retrie
 RESUMABLE |= {"async_checkpoint"}
 # Trajectories do not depend on the wave size, nor the run on where it caches compilations.
 RESUMABLE |= {"rollout_batch", "device_memory_gb", "plan_only", "plan_devices", "compile_cache"}
-RESUMABLE |= {"plan_target"}
+RESUMABLE |= {"plan_target", "offload_state", "rollout_slots"}
 
 
 def parse_config(argv=None) -> Config:
@@ -414,6 +432,8 @@ def memory_plan(cfg: Config, *, check: bool = True) -> plan.Plan:
         max_new_tokens=cfg.agent.max_new_tokens,
         kl=cfg.kl_coef > 0,
         options=forward_options(cfg),
+        offload=offloads_state(cfg, "tpu" if cfg.plan_devices else None),
+        rollout_slots=cfg.rollout_slots,
     )
     problem = plan.check(memory) if check else None
     if problem:
@@ -511,6 +531,8 @@ def compile_plan(cfg: Config, devices, *, where: str, capacity: int) -> aot.Comp
                 temperature=agent.temperature, top_p=agent.top_p, top_k=agent.top_k,
                 greedy=agent.greedy,
             ),
+            offload=offloads_state(cfg, "tpu"),
+            slots=cfg.rollout_slots or agent.max_context,
         )  # fmt: skip
 
     def formula(micro_batch: int, wave: int) -> plan.Plan:
@@ -593,6 +615,7 @@ class Run(NamedTuple):
     mesh: jax.sharding.Mesh  # the update's (data, fsdp) mesh over all devices
     rollout_mesh: jax.sharding.Mesh  # this process's devices, over which rollout rows split
     memory: plan.Plan  # the memory plan: rollout_batch, and the numbers printed at start
+    offload: bool  # the train state and reference wait in host memory during rollouts
     options: qwen.ForwardOptions  # how the update's forward pass runs (remat, shardings, blocks)
     model_config: Any  # qwen.QwenConfig, compute dtype included
     tokenizer: Any
@@ -666,6 +689,7 @@ def setup(cfg: Config) -> tuple[Run, learner.TrainState, int]:
         mesh=mesh,
         rollout_mesh=rollout.rollout_mesh(),
         memory=memory,
+        offload=offloads_state(cfg),
         options=forward_options(cfg)._replace(
             batch_sharding=NamedSharding(mesh, P(learner.BATCH_AXES))
         ),
@@ -710,6 +734,14 @@ def async_checkpoints(cfg: Config) -> bool:
     if cfg.async_checkpoint == "auto":
         return jax.default_backend() != "cpu"
     return cfg.async_checkpoint == "on"
+
+
+def offloads_state(cfg: Config, platform: str | None = None) -> bool:
+    """--offload-state: auto moves the train state off the chips during rollouts on GPU / TPU
+    (``platform``, default: the backend's). On CPU the devices' memory is the host's."""
+    if cfg.offload_state == "auto":
+        return (platform or jax.default_backend()) != "cpu"
+    return cfg.offload_state == "on"
 
 
 def checkpoint_manager(cfg: Config) -> ocp.CheckpointManager:
@@ -827,7 +859,8 @@ def save_before_failing(run, step: int, state, record, error: Exception) -> None
     where = checkpoint_dir(run.cfg.out_dir)
     try:
         run.manager.wait_until_finished()
-        if run.manager.latest_step() != step:
+        if run.manager.latest_step() != step:  # (from the chips: --offload-state may have
+            state = learner.to_memory(state, "device")  # left it in host memory)
             save_checkpoint(run.manager, step, state, run.cfg, record)
             run.manager.wait_until_finished()
     except Exception as save_error:
@@ -941,8 +974,19 @@ def sampler_weights(params, model_config, mesh):
     )
 
 
-def rollout_policy(run: Run, params, *, batch_rows: int) -> rollout.KVCachePolicy:
-    """The sampler over this process's devices, with the policy's current weights."""
+def state_in(run: Run, state: learner.TrainState, kind: str) -> tuple[Run, learner.TrainState]:
+    """(run, state) with the train state and the reference model in memory ``kind`` when
+    --offload-state moves them (else as they are): "pinned_host" while rollouts run, "device"
+    for the update. Nothing else holds the old arrays, so the chips they were on are free."""
+    if not run.offload:
+        return run, state
+    ref = learner.to_memory(run.ref_params, kind)
+    return run._replace(ref_params=ref), learner.to_memory(state, kind)
+
+
+def rollout_policy(run: Run, params, *, batch_rows: int, slots: int = 0) -> rollout.KVCachePolicy:
+    """The sampler over this process's devices, with the policy's current weights, for waves
+    of ``batch_rows`` rows of ``slots`` cache slots (0: --max-context)."""
     return rollout.KVCachePolicy(
         sampler_weights(params, run.model_config, run.rollout_mesh),
         run.model_config,
@@ -951,11 +995,13 @@ def rollout_policy(run: Run, params, *, batch_rows: int) -> rollout.KVCachePolic
         mesh=run.rollout_mesh,
         attention_bytes=run.cfg.attention_mb << 20,
         batch_rows=batch_rows,
+        slots=slots,
     )
 
 
-def collect(run: Run, state: learner.TrainState, step: int):
-    """Rollouts of this process's prompts, packed, with Eq. F and Eq. A per group.
+def collect(run: Run, policy: rollout.KVCachePolicy, step: int):
+    """Rollouts of this process's prompts by ``policy`` (rollout_policy), packed, with Eq. F
+    and Eq. A per group.
 
     Returns (trajectories, timing, batch, adv_BGK). Groups never cross processes, so the
     advantages need no communication.
@@ -966,7 +1012,7 @@ def collect(run: Run, state: learner.TrainState, step: int):
     error = None
     try:
         trajs, timing = rollout.run_episodes(
-            rollout_policy(run, state.params, batch_rows=wave),
+            policy,
             run.tokenizer,
             run.retriever,
             prompts,
@@ -975,6 +1021,7 @@ def collect(run: Run, state: learner.TrainState, step: int):
             cfg=cfg.agent,
             example_ids=positions,
             wave_rows=wave,
+            wave_slots=cfg.rollout_slots or None,
         )
     except retrieval.RetrievalError as e:
         error = e
@@ -1088,6 +1135,7 @@ def step_record(run: Run, state, step, batch, adv_BGK, trajs, timing, update_met
             "time_update": seconds["update"],
             "time_step": seconds["step"],
             "tokens_per_s": timing.sampled_tokens / max(timing.sample_s, 1e-9),
+            "decode_utilization": timing.utilization,
         }
     )
 
@@ -1240,8 +1288,14 @@ def train_loop(cfg: Config, notice: threading.Event) -> dict:
             write_jsonl(metrics, history[-1:], append=True)
     for step in range(start, cfg.steps):
         t0 = time.perf_counter()
+        policy = rollout_policy(
+            run, state.params, batch_rows=run.memory.rollout_batch, slots=cfg.rollout_slots
+        )
+        run, state = state_in(run, state, "pinned_host")  # frees the chips for the waves
         with saved_on_failure(run, step, state, history[-1] if history else None, agreed=True):
-            trajs, timing, batch, adv_BGK = collect(run, state, step)  # e.g. retrieval down
+            trajs, timing, batch, adv_BGK = collect(run, policy, step)  # e.g. retrieval down
+        del policy  # its weights and cache
+        run, state = state_in(run, state, "device")
         t1 = time.perf_counter()
         first = step == start
         state, update_metrics = learn(run, state, batch, adv_BGK, report_memory=first)

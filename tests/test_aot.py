@@ -8,6 +8,7 @@ import re
 import sys
 
 import jax
+import jax.numpy as jnp
 import pytest
 
 import train
@@ -146,7 +147,13 @@ def test_plan_target_answers_in_the_promised_format(tmp_path, capsys, monkeypatc
         f"plan: fits, peak {gib(peak)} GiB of {hbm:.1f} GiB per device, rollout-batch 40, "
         "micro-batch 8"
     )
-    assert any(line.startswith("  decode step: ") and "(compiler estimate)" in line for line in out)
+    step, minimum = compiled.step, compiled.step_minimum
+    rate = 5 * aot.BANDWIDTH["TPU v5 lite"] / step.hbm_bytes  # 40 rows over 8 chips
+    assert out[-3] == (
+        f"rollout estimate: 5 rows per chip, decode step {step.hbm_bytes / plan.GiB:.2f} GiB "
+        f"accessed of minimum "
+        f"{minimum / plan.GiB:.2f} GiB, {rate:.0f} tokens/s per chip (compiler estimate)"
+    )
     # The smallest micro-batch far over the chip's HBM (a [T, T] mask per row at T = 65,536),
     # which the compiler refuses: one error line, nothing more compiled.
     monkeypatch.setattr(sys, "argv", ["train.py"])
@@ -168,7 +175,7 @@ def test_largest_fitting_finds_the_boundary_in_few_compilations():
     def compile_at(size):
         compiled.append(size)
         peak = 7 * 2**30 + size * 0.05 * 2**30
-        return [aot.Program("x", 0, 0, 0, int(peak), 0, 0.0, None)]
+        return [aot.Program("x", 0, 0, 0, int(peak), 0, 0.0, 0, None)]
 
     estimate = lambda size: 1.3 * (7 * 2**30 + size * 0.05 * 2**30)
     limit = 0.9 * 15.75 * 2**30  # 14.175 GiB: the largest fitting size is 120 (13.0 GiB)
@@ -178,3 +185,28 @@ def test_largest_fitting_finds_the_boundary_in_few_compilations():
     compiled.clear()
     best, _ = aot.largest_fitting(sizes, compile_at, 5 * 2**30, estimate)
     assert best == 40 and compiled == [40]  # none fits; the rest is over 1.5x by the formula
+
+
+def test_hbm_traffic_counts_what_crosses_hbm_where_the_cost_model_counts_more(v5e_4):
+    """aot.hbm_traffic against bytes counted by hand, on one TPU v5e chip: a decoding matmul
+    reads its weight once (the cost model counts it about 5 times: prefetched into VMEM, then
+    read there), a lookup of a few embedding rows reads those rows, and an in-place update of
+    one row of a donated array moves that row."""
+    mesh = jax.sharding.Mesh(v5e_4[:1], ("x",))
+    whole = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    spec = lambda shape, dtype=jnp.bfloat16: jax.ShapeDtypeStruct(shape, dtype, sharding=whole)
+
+    def traffic(f, *args, donate=()):
+        compiled = jax.jit(f, donate_argnums=donate).lower(*args).compile()
+        return aot.hbm_traffic(compiled.as_text()), compiled.cost_analysis()["bytes accessed"]
+
+    M, D, F, V = 8, 2048, 8192, 65536
+    weight = D * F * 2
+    hbm, cost = traffic(lambda x, w: x @ w, spec((M, D)), spec((D, F)))
+    assert weight <= hbm <= weight + 4 * (M * D + M * F), (hbm, weight)
+    assert cost > 3 * weight
+    hbm, _ = traffic(lambda t, i: t[i], spec((V, D)), spec((M,), jnp.int32))
+    assert hbm <= 4 * M * D * 2 + 64  # the table is V * D * 2 bytes
+    update = lambda a, row, i: jax.lax.dynamic_update_slice(a, row, (i, 0))
+    hbm, _ = traffic(update, spec((256, 4096)), spec((1, 4096)), spec((), jnp.int32), donate=0)
+    assert hbm <= 4 * 4096 * 2 + 64  # the array is 256 * 4096 * 2 bytes

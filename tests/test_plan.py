@@ -105,16 +105,17 @@ def formula_plan(model, target: str, *extra) -> plan.Plan:
 
 
 # The README's table: `python train.py --model tests/data/qwen2.5-{3b,7b} --plan-only
-# --plan-target SLICE --compute-dtype bfloat16 --mesh-fsdp CHIPS --remat offload`, as the TPU
-# compiler answered on 2026-12-03: (model, slice, micro-batch, wave, compiler's update peak,
-# compiler's rollout peak per chip in GiB), the micro-batch and wave the largest that fit.
+# --plan-target SLICE --compute-dtype bfloat16 --mesh-fsdp CHIPS --remat offload --micro-batch M`
+# (the train state in host memory during rollouts: --offload-state is on for a TPU target), as
+# the TPU compiler answered on 2026-12-03: (model, slice, micro-batch, wave, compiler's update
+# peak, compiler's rollout peak per chip in GiB), the micro-batch and wave the largest that fit.
 README_ROWS = [
-    (QWEN_3B, "v4-8", 16, 160, 27.78, 25.98),
-    (QWEN_3B, "v5e-8", 16, 120, 14.86, 13.96),
-    (QWEN_3B, "v6e-8", 64, 480, 24.35, 27.76),
-    (QWEN_3B, "v5p-8", 128, 980, 67.24, 84.89),
-    (QWEN_7B, "v6e-8", 16, 40, 28.71, 28.49),
-    (QWEN_7B, "v5p-8", 32, 420, 74.58, 85.71),
+    (QWEN_3B, "v4-8", 16, 300, 27.78, 26.94),
+    (QWEN_3B, "v5e-8", 16, 240, 14.86, 13.54),
+    (QWEN_3B, "v6e-8", 64, 600, 24.35, 26.94),
+    (QWEN_3B, "v5p-8", 128, 1140, 67.24, 86.11),
+    (QWEN_7B, "v6e-8", 16, 240, 28.71, 28.05),
+    (QWEN_7B, "v5p-8", 32, 640, 74.58, 84.99),
 ]
 
 
@@ -192,3 +193,32 @@ def test_bfloat16_master_weights_are_refused(capsys):
         train.parse_config(["--model", "x", "--param-dtype", "bfloat16"])
     err = capsys.readouterr().err
     assert "--param-dtype bfloat16" in err and "rounds to nothing" in err
+
+
+def test_offload_and_rollout_slots_free_room_for_larger_waves():
+    """3B on a v5e-8 (formula only). --offload-state on: during the waves the chips hold no
+    params, optimizer state or reference, but the gather still holds them beside the sampling
+    copy; --rollout-slots 2048: a row's cache is half of --max-context 4096's. Each makes the
+    default wave (the largest that fits) larger."""
+    flags = ("--micro-batch", "16", "--rollout-batch", "120")
+    off = formula_plan(QWEN_3B, "v5e-8", *flags, "--offload-state", "off")
+    on = formula_plan(QWEN_3B, "v5e-8", *flags, "--offload-state", "on")
+    half = formula_plan(
+        QWEN_3B, "v5e-8", *flags, "--offload-state", "on", "--rollout-slots", "2048"
+    )
+    per_slot = 36 * 2 * 2 * 128 * 2  # layers x (K, V) x heads x head dim x bfloat16
+    assert off.kv_cache == on.kv_cache == 2 * 15 * per_slot * 4096  # 15 rows a chip, 2 copies
+    assert half.kv_cache == 2 * 15 * per_slot * 2048
+    rollout = lambda p: p.sampling_weights + p.kv_cache + p.decode
+    assert off.rollout_peak == off.fixed + rollout(off)
+    assert on.fixed > 0 and on.rollout_peak == max(rollout(on), on.fixed + on.sampling_weights)
+    assert on.rollout_peak < off.rollout_peak and half.rollout_peak < on.rollout_peak
+    waves = [
+        formula_plan(QWEN_3B, "v5e-8", "--micro-batch", "16", *extra).rollout_batch
+        for extra in (
+            ("--offload-state", "off"),
+            ("--offload-state", "on"),
+            ("--offload-state", "on", "--rollout-slots", "2048"),
+        )
+    ]
+    assert waves[0] < waves[1] < waves[2], waves

@@ -47,33 +47,48 @@ SCRIPT = [
 
 
 class ScriptedPolicy:
-    """Forced token sequences in place of a model; records everything the loop appends."""
+    """Forced token sequences in place of a model; records everything the loop appends.
+
+    script[n] is what the n-th episode the loop starts samples, turn by turn (the loop starts
+    them in (example, sample) order), and context[n] is what it saw. Each call reports the
+    decoding a batched sampler would run: as many steps as its longest turn, over every row;
+    calls[i] lists the episode each row served in call i (None: not live)."""
 
     def __init__(self, tokenizer, script):
         self.tokenizer, self.script = tokenizer, script
+        self.context, self.turn, self.episode, self.calls = [], [], [], []
+
+    def _begin(self, prompt) -> int:
+        self.context.append(list(prompt))
+        self.turn.append(0)
+        return len(self.context) - 1
 
     def start(self, prompts):
-        self.context = [list(p) for p in prompts]
-        self.turn = 0
+        self.episode = [self._begin(p) for p in prompts]  # the episode in each row
 
-    def extend(self, rows):
+    def extend(self, rows, restart=None):
         for b, ids in enumerate(rows):
-            self.context[b] += ids
+            if restart is not None and restart[b]:
+                self.episode[b] = self._begin(ids)
+            else:
+                self.context[self.episode[b]] += ids
 
-    def sample(self, key, live, stop_strings, max_new_tokens, limit_B):
+    def sample(self, key, live, stops, max_new_tokens, limit_B):
         out = []
-        for b in range(len(self.context)):
+        self.calls.append([n if on else None for n, on in zip(self.episode, live, strict=True)])
+        for b, n in enumerate(self.episode):
             if not live[b]:
                 out.append(sampling.TurnSample([], [], "", "inactive", None))
                 continue
-            text, stop = self.script[b][self.turn]
+            text, stop = self.script[n][self.turn[n]]
             ids = self.tokenizer.encode(text, add_special_tokens=False)
             ids = ids[: min(max_new_tokens, limit_B[b])]
-            logps = [-0.01 * (b + 1) * (i + 1) for i in range(len(ids))]
-            self.context[b] += ids
+            logps = [-0.01 * (n + 1) * (i + 1) for i in range(len(ids))]
+            self.context[n] += ids
+            self.turn[n] += 1
             out.append(sampling.TurnSample(ids, logps, self.tokenizer.decode(ids), stop, None))
-        self.turn += 1
-        return out
+        steps = max(len(s.tokens) for s in out)
+        return rollout.Sampled(out, steps=steps, rows=len(out))
 
 
 @pytest.fixture(scope="module")
@@ -194,6 +209,52 @@ def test_force_answer_and_context_budget(toy_tokenizer, small_corpus):
         assert len(rollout.sequence(t)[0]) == rollout.sequence_length(t) <= tight.max_context
 
 
+def test_refill_keeps_the_wave_full(toy_tokenizer, small_corpus):
+    """A row whose episode ends takes the next episode at the end of that turn (its context
+    starts over with the new prompt), and the decode-slot utilization counts it. By hand: a
+    wave of 2 rows, 4 episodes of 3, 1, 1 and 1 turns; each call runs as many steps as its
+    longest turn, over both rows."""
+    S, A = "<search> capital France </search>", "<answer> Paris </answer>"
+    script = [[(S, "stop"), (S, "stop"), (A, "stop")], [(A, "stop")], [(A, "stop")], [(A, "stop")]]
+    n_S, n_A = (len(toy_tokenizer.encode(t, add_special_tokens=False)) for t in (S, A))
+    cfg = rollout.RolloutConfig(max_turns=3, passages=2, max_context=1024)
+    runs = {}
+    for refill in (True, False):
+        policy = ScriptedPolicy(toy_tokenizer, script)
+        trajs, timing = rollout.run_episodes(
+            policy,
+            toy_tokenizer,
+            retrieval.BM25Retriever(small_corpus),
+            QUESTIONS,
+            group_size=2,
+            key=jax.random.key(0),
+            cfg=cfg,
+            wave_rows=2,
+            refill=refill,
+        )
+        runs[refill] = trajs, timing, policy
+    tokens = 2 * n_S + 4 * n_A
+    longest = max(n_S, n_A)
+    # Refill: episode 1 ends in the first call, 2 takes its row; 2 ends, 3 takes it.
+    trajs, timing, policy = runs[True]
+    assert policy.calls == [[0, 1], [0, 2], [0, 3]]
+    assert timing[2:] == (tokens, 2 * longest + n_A, 2 * (2 * longest + n_A))
+    # Without: episode 0 runs its last two turns alone; 2 and 3 wait for the second wave.
+    _, slow, slow_policy = runs[False]
+    assert slow_policy.calls == [[0, 1], [0, None], [0, None], [2, 3]]
+    assert slow[2:] == (tokens, longest + n_S + 2 * n_A, 2 * (longest + n_S + 2 * n_A))
+    assert timing.utilization == tokens / (2 * (2 * longest + n_A)) > slow.utilization
+    # The same trajectories, and each restarted row saw only its own episode.
+    assert [(t.finish, [turn.text for turn in t.turns]) for t in trajs] == [
+        (t.finish, [turn.text for turn in t.turns]) for t in runs[False][0]
+    ]
+    assert [len(t.turns) for t in trajs] == [3, 1, 1, 1]
+    assert policy.context == slow_policy.context
+    for t, context in zip(trajs, policy.context, strict=True):
+        assert context == rollout.sequence(t)[0]
+    assert rollout.Timing(0.0, 0.0, 5, 0, 0).utilization == 0  # a policy without decoding
+
+
 def test_kv_cache_logprobs_equal_full_forward(small_world, small_policy):
     """Sampler log-probs recorded across turns (with observations appended to the cache)
     equal the log-softmax of one full forward pass over the final sequence."""
@@ -217,14 +278,42 @@ def test_kv_cache_logprobs_equal_full_forward(small_world, small_policy):
     np.testing.assert_allclose(np.asarray(logp)[on], batch.logp_BGT[on], atol=2e-4, rtol=1e-4)
 
 
-def _kv_rollout(policy_parts, examples, cfg, *, devices, wave_rows=None, key=3):
+class RecordingPolicy(rollout.KVCachePolicy):
+    """The KV-cache policy, recording which stop strings each call's live rows stop at, the
+    cache's shape at each call, and the rows it parks."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.stop_sets, self.cache_shapes, self.parked = [], set(), 0
+
+    def sample(self, key, live, stops, max_new_tokens, limit_B):
+        self.stop_sets.append({own for own, on in zip(stops, live, strict=True) if on})
+        sampled = super().sample(key, live, stops, max_new_tokens, limit_B)
+        self.cache_shapes.add(self.state.k_LBKSH[0].shape)
+        return sampled
+
+    def park(self, b):
+        self.parked += 1
+        return super().park(b)
+
+
+def _kv_rollout(
+    policy_parts, examples, cfg, *, devices, wave_rows=None, wave_slots=0, refill=True, key=3
+):
+    """(trajectories, timing, policy) of a KV-cache rollout split over the first devices."""
     model_config, params, tokenizer, retriever = policy_parts
     mesh = rollout.rollout_mesh(jax.devices()[:devices])
     replicated = jax.device_put(params, NamedSharding(mesh, P()))
-    policy = rollout.KVCachePolicy(
-        replicated, model_config, tokenizer, cfg, mesh=mesh, batch_rows=wave_rows or 1
+    policy = RecordingPolicy(
+        replicated,
+        model_config,
+        tokenizer,
+        cfg,
+        mesh=mesh,
+        batch_rows=wave_rows or 1,
+        slots=wave_slots,
     )
-    trajs, _ = rollout.run_episodes(
+    trajs, timing = rollout.run_episodes(
         policy,
         tokenizer,
         retriever,
@@ -233,8 +322,10 @@ def _kv_rollout(policy_parts, examples, cfg, *, devices, wave_rows=None, key=3):
         key=jax.random.key(key),
         cfg=cfg,
         wave_rows=wave_rows,
+        wave_slots=wave_slots,
+        refill=refill,
     )
-    return trajs
+    return trajs, timing, policy
 
 
 def _sampled(trajs):
@@ -251,26 +342,42 @@ def policy_parts(small_world, small_policy):
 
 
 def test_rollouts_do_not_depend_on_devices_or_waves(small_world, policy_parts):
-    """The same prompts and keys give the same sampled trajectories on 8 devices as on 1, and
-    in waves of one group (4 rows, padded to 8 over 8 devices) as in one wave of all 24 rows.
-    (Sampled, not greedy: each row draws from its own key, the harder case; greedy's argmax
-    is as row-local as the sampler's draw.)
+    """The same prompts and keys give the same sampled trajectories on 8 devices as on 1, in
+    one wave of all 24 rows as in waves of one group (4 rows, padded to 8 over 8 devices),
+    with refill (a row whose episode ended takes the next episode at once, so rows at
+    different turns share a call) and without (each wave runs until its slowest row ends).
+    force_answer: in one call, the rows at their last turn stop only at </answer>, the others
+    at </search> too. (Sampled, not greedy: each row draws from its own key, the harder case;
+    greedy's argmax is as row-local as the sampler's draw.)
+
+    With wave_slots, an episode whose next turn could outgrow the wave's slots waits with its
+    cache on the host and goes on from it in a wave of fewer, longer rows: the same tokens.
 
     A row's cache holds only its own tokens, so nothing in its arithmetic depends on the
     other rows; the 8-device run splits the rows 3 to a device. Sampled log-probs may differ
     in the last bits (matmuls over a different number of rows); tokens must not."""
-    cfg = rollout.RolloutConfig(max_turns=3, max_new_tokens=12, max_obs_tokens=80, max_context=400)
+    cfg = rollout.RolloutConfig(
+        max_turns=3, max_new_tokens=12, max_obs_tokens=80, max_context=400, force_answer=True
+    )
     examples = data.load_examples(small_world.train)[:6]
-    one = _kv_rollout(policy_parts, examples, cfg, devices=1)
-    eight = _kv_rollout(policy_parts, examples, cfg, devices=8)
-    waves = _kv_rollout(policy_parts, examples, cfg, devices=8, wave_rows=4)
+    one, one_timing, _ = _kv_rollout(policy_parts, examples, cfg, devices=1)
+    runs = {
+        "8 devices": _kv_rollout(policy_parts, examples, cfg, devices=8),
+        "refill, parking, 1 device": _kv_rollout(
+            policy_parts, examples, cfg, devices=1, wave_rows=8, wave_slots=128
+        ),
+        "refill, 8 devices": _kv_rollout(policy_parts, examples, cfg, devices=8, wave_rows=4),
+        "waves, 8 devices": _kv_rollout(
+            policy_parts, examples, cfg, devices=8, wave_rows=4, refill=False
+        ),
+    }
     tokens, logps = _sampled(one)
     assert sum(map(len, tokens)) > 200 and max(len(t.turns) for t in one) >= 2
     lengths = {len(rollout.sequence(t)[0]) for t in one}
     assert len(lengths) > 1, lengths  # rows of different lengths share each wave
-    for other in (eight, waves):
+    for name, (other, _, _) in runs.items():
         other_tokens, other_logps = _sampled(other)
-        assert other_tokens == tokens
+        assert other_tokens == tokens, name
         for a, b in zip(logps, other_logps, strict=True):
             np.testing.assert_allclose(a, b, atol=1e-5)
         assert [t.observation for traj in other for t in traj.turns] == [
@@ -279,6 +386,26 @@ def test_rollouts_do_not_depend_on_devices_or_waves(small_world, policy_parts):
         assert [(t.outcome, t.first_hit, t.finish) for t in other] == [
             (t.outcome, t.first_hit, t.finish) for t in one
         ]
+    forced = protocol.FORCED_ANSWER_PREFIX
+    assert any(t.turns[-1].text.startswith(forced) for t in one)  # some reached the last turn
+    both = {protocol.STOP_STRINGS, protocol.ANSWER_STOP}
+    assert both in runs["refill, 8 devices"][2].stop_sets  # in one call
+    assert both not in runs["waves, 8 devices"][2].stop_sets  # a wave's rows share each turn
+    # Decode-slot utilization: the same steps on 1 and 8 devices; fewer, fuller ones with refill.
+    eight, refill, waves = (
+        runs[k][1] for k in ("8 devices", "refill, 8 devices", "waves, 8 devices")
+    )
+    assert eight.decode_slots == one_timing.decode_slots == 24 * one_timing.decode_steps
+    assert refill.sampled_tokens == one_timing.sampled_tokens == sum(map(len, tokens))
+    assert refill.decode_slots == 8 * refill.decode_steps < 8 * waves.decode_steps
+    assert 0 < waves.utilization < refill.utilization <= 1
+    # Parking: episodes whose next turn could outgrow 128 slots waited for waves of 2 rows
+    # (8 x 128 / 400) of up to 400 slots; no wave's cache held more than 8 x 128 slots.
+    parking = runs["refill, parking, 1 device"][2]
+    assert parking.parked >= 4
+    assert {rows for rows, *_ in parking.cache_shapes} == {8, 2}
+    assert max(rows * slots for rows, _, slots, _ in parking.cache_shapes) <= 8 * 128
+    assert max(slots for rows, _, slots, _ in parking.cache_shapes if rows == 2) > 128
 
 
 def test_evaluate_cli_writes_trajectories(small_world, small_policy, tmp_path, capsys):

@@ -186,6 +186,14 @@ def test_rewind_cuts_rows_and_the_cache_continues(model):
     np.testing.assert_allclose(state.logits_BV, last_logits(params, config, rows), atol=2e-5)
     with pytest.raises(ValueError, match="keep_B"):
         sp.rewind(params, config, state, gen, np.array([0, N, 1]))
+    # Row 1 restarts: a new sequence over its old slots, appended beside row 0's next tokens.
+    state = sp.restart(state, [False, True, False])
+    assert state.length_B.tolist() == [len(rows[0]), 0, len(rows[2])]
+    more = [[9] * (len(rows[1]) - len(rows[0])), [11, 12, 13], []]  # the longest stays 19
+    state = sp.append(params, config, state, *sp.pad_chunk(more, buckets=(16,)))
+    rows = [rows[0] + more[0], more[1], rows[2]]
+    assert state.length_B.tolist() == [19, 3, 6]
+    np.testing.assert_allclose(state.logits_BV, last_logits(params, config, rows), atol=2e-5)
 
 
 def test_the_cache_refuses_to_overflow(model):
@@ -473,6 +481,22 @@ def test_stop_strings_end_rows_independently(qwen_tok):
     )
     assert turn2[0].text == " The answer<|im_end|>" and turn2[0].stop == "eos"
     assert [t.stop for t in turn2[1:]] == ["inactive"] * 4
+    # Each row its own stop strings, in the loop and on the host: row 0 goes past "</search>",
+    # row 2 past "</answer>" (to max_new_tokens); rows 1 and 3 end as before.
+    own = [("</answer>",), ("</search>", "</answer>"), ("</search>",), ("</answer>",), ()]
+    np.testing.assert_array_equal(
+        sp.stop_rows(tok, greedy.stop_strings, own),
+        [[0, 0, 1, 1], [1, 1, 1, 1], [1, 1, 0, 0], [0, 0, 1, 1], [0, 0, 0, 0]],
+    )
+    state, turn = sp.sample_turn(
+        params, config, prefilled(), jax.random.key(0), tok, **turn_args, stop_strings_B=own
+    )
+    assert [t.stop for t in turn] == ["length", "eos", "length", "length", "inactive"]
+    assert turn[0].text == "<search> who </search> who </search"
+    assert turn[2].text == " Paris</answer>\n\n" + " extra" * 6
+    assert [t.generated for t in turn] == [10, 3, 10, 10, 0]
+    with pytest.raises(ValueError, match="not among the table's"):
+        sp.stop_rows(tok, ("</answer>",), [("</search>",)])
 
 
 def test_find_stop_catches_a_stop_string_split_or_merged(qwen_tok):

@@ -4,17 +4,20 @@ the judge of the memory plan.
 ``train.py --plan-only --plan-target v5e-8`` compiles, with libtpu's compiler and nothing but
 config.json and the options (abstract shapes: no weights, data or server), every program that a
 step runs on the chips, and reads per chip what XLA will allocate for each (``memory_analysis``:
-arguments, outputs, temporaries) and what one decoding step reads (``cost_analysis``). Nothing
-runs and nothing is allocated. On a TPU VM, ``--plan-only`` compiles the same way for the chips
-present.
+arguments, outputs, temporaries) and what one decoding step moves to and from HBM
+(``hbm_traffic``, read off the compiled program; ``cost_analysis`` counts on-chip traffic too).
+Nothing runs and nothing is allocated. On a TPU VM, ``--plan-only`` compiles the same way for
+the chips present.
 
 What is on a chip while each program runs (``Program.peak``):
-    rollout   the train state and the reference stay; then
+    rollout   the train state and the reference stay (or, with ``RunShape.offload``, wait in
+              host memory once the sampling copy is gathered: train.py --offload-state); then
       gather      the sampling copy (compute dtype, whole on every chip), layer by layer
       prefill     a wave's prompts into a new cache (prompts of up to plan.PROMPT_TOKENS tokens)
-      append      an observation (--max-obs-tokens) into a full cache (--max-context slots)
+      append      an observation (--max-obs-tokens) into a full cache (a row's slots in a
+                  wave: --rollout-slots, else --max-context)
       grow        the cache copied into one twice its size (the old and the new live at once)
-      decode      the decoding loop (sampling.generate) at --max-context slots
+      decode      the decoding loop (sampling.generate) with a full cache
     update    the train state, the reference and the step's batch stay; then
       logprobs      old-policy log-probs of the step (learner.batch_logprobs)
       ref logprobs  reference log-probs (with --kl-coef > 0)
@@ -27,6 +30,7 @@ the peak is close to affine in either (activations and cache grow with the rows)
 compilations predict the rest, and the predicted size is compiled to confirm it.
 """
 
+import collections
 import dataclasses
 import math
 import os
@@ -107,7 +111,8 @@ class Program(NamedTuple):
     alias: int  # output bytes that reuse donated arguments
     temporaries: int
     resident: int  # bytes on the chip during the program that are none of its arguments
-    bytes_accessed: float  # HBM traffic of one run (cost_analysis)
+    bytes_accessed: float  # bytes of one run, all memories (cost_analysis: the cost model's)
+    hbm_bytes: int  # HBM traffic of one run (hbm_traffic: what bounds a decoding step)
     estimate: int | None  # plan.py's estimate of the temporaries (None: it makes none)
 
     @property
@@ -128,7 +133,7 @@ def measure(name: str, lowered, *, resident: int = 0, estimate: int | None = Non
         if need is None and host is None:
             raise
         size = float(need.group(1)) * GiB if need else int(host.group(1))
-        return Program(name, 0, 0, 0, int(size), resident, 0.0, estimate)
+        return Program(name, 0, 0, 0, int(size), resident, 0.0, 0, estimate)
     m = compiled.memory_analysis()
     cost = compiled.cost_analysis() or {}
     cost = cost[0] if isinstance(cost, list) else cost
@@ -140,8 +145,132 @@ def measure(name: str, lowered, *, resident: int = 0, estimate: int | None = Non
         m.temp_size_in_bytes,
         resident,
         float(cost.get("bytes accessed", 0.0)),
+        hbm_traffic(compiled.as_text()),
         estimate,
     )
+
+
+# ---------------------------------------------------------------------------------------------
+# HBM traffic of a compiled TPU program, read from its HLO.
+#
+# cost_analysis()'s "bytes accessed" adds up every instruction's operands and results in every
+# memory space, and counts a whole operand for an instruction that touches part of it. On a TPU
+# most of that is not HBM traffic: the compiler prefetches each weight into the on-chip VMEM
+# (async slices, then a ConcatBitcast that moves nothing), and the matmul reads it there; a
+# "bitcast" fusion changes a type, not a byte; inside a fusion, a gather of one embedding row
+# is charged the whole table, an in-place scatter of one token the whole cache (in a decoding
+# step at Qwen2.5-3B's shapes, 1.6x what HBM really moves). hbm_traffic counts only what
+# crosses HBM: for each instruction that runs (those of fused computations are inside one),
+# the bytes of its operands and results whose layout has no memory-space mark (S(1) VMEM,
+# S(2) SMEM, ...), where gathers and dynamic slices count what they take, in-place updates
+# what they write, and async copies and slices their destination once.
+
+_DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "bf16": 2, "f16": 2, "s16": 2, "u16": 2}
+_DTYPE_BYTES |= {"f32": 4, "s32": 4, "u32": 4, "f64": 8, "s64": 8, "u64": 8}
+_ARRAY = re.compile(r"\b([a-z]+[0-9]*)\[([0-9,]*)\](\{[^}]*\})?")
+_INSTRUCTION = re.compile(r"^(?:ROOT )?%([\w.\-]+) = (.+?) ([a-z][a-z0-9\-]*)\((.*)$")
+_COMPUTATION = re.compile(r"^(?:ENTRY )?%([\w.\-]+) \(.*\{$")
+_MOVES_NOTHING = {
+    "parameter", "constant", "get-tuple-element", "tuple", "bitcast", "iota", "after-all",
+    "partition-id", "replica-id", "copy-done", "slice-done", "all-gather-done",
+    "all-reduce-done", "collective-permute-done",
+}  # fmt: skip
+
+
+def _arrays(type_text: str) -> list[tuple[int, bool]]:
+    """(bytes, in HBM) of each array in an HLO type (a tuple type has several)."""
+    out = []
+    for dtype, dims, layout in _ARRAY.findall(type_text):
+        if dtype in _DTYPE_BYTES:
+            size = math.prod(int(d) for d in dims.split(",") if d)
+            out.append((size * _DTYPE_BYTES[dtype], "S(" not in layout))
+    return out
+
+
+def _hbm(type_text: str) -> int:
+    return sum(size for size, in_hbm in _arrays(type_text) if in_hbm)
+
+
+def _operands(args: str) -> list[str]:
+    """The operand names of an instruction (the text up to its closing parenthesis)."""
+    depth = 0
+    for i, ch in enumerate(args):
+        depth += ch == "("
+        if ch == ")":
+            if depth == 0:
+                return re.findall(r"%([\w.\-]+)", args[:i])
+            depth -= 1
+    return re.findall(r"%([\w.\-]+)", args)
+
+
+def _partial_reads(body) -> dict[int, int | None]:
+    """Fusion parameters read only in part: {index: bytes taken by gathers / dynamic slices,
+    or None when only in-place scatters / dynamic-update-slices use it (operand 0)}."""
+    users = collections.defaultdict(list)
+    for _, type_text, op, rest in body:
+        for i, name in enumerate(_operands(rest)):
+            users[name].append((op, i, type_text))
+    reads = {}
+    for name, _, op, rest in body:
+        if op != "parameter":
+            continue
+        index, uses = int(re.match(r"\d+", rest).group()), users[name]
+        if uses and all(op in ("gather", "dynamic-slice") and i == 0 for op, i, _ in uses):
+            reads[index] = sum(sum(size for size, _ in _arrays(t)) for _, _, t in uses)
+        elif uses and all(
+            op in ("scatter", "dynamic-update-slice") and i == 0 for op, i, _ in uses
+        ):
+            reads[index] = None
+    return reads
+
+
+def hbm_traffic(hlo_text: str) -> int:
+    """Bytes one run of a compiled TPU program moves to and from HBM, from
+    ``compiled.as_text()`` (see above; loops count their body once)."""
+    computations, body = {}, None
+    for line in hlo_text.splitlines():
+        if _COMPUTATION.match(line):
+            body = computations.setdefault(_COMPUTATION.match(line).group(1), [])
+        elif line.startswith("}"):
+            body = None
+        elif body is not None and _INSTRUCTION.match(line.strip()):
+            body.append(_INSTRUCTION.match(line.strip()).groups())
+    called = {  # computations that run inside another instruction (fusions, reducers)
+        m for lines in computations.values() for *_, op, rest in lines if op != "while"
+        for m in re.findall(r"(?:calls|to_apply)=%([\w.\-]+)", rest)
+    }  # fmt: skip
+    total = 0
+    for name, lines in computations.items():
+        if name in called:
+            continue
+        types = {instruction: type_text for instruction, type_text, _, _ in lines}
+        for _, type_text, op, rest in lines:
+            if op in _MOVES_NOTHING or "ConcatBitcast" in rest:
+                continue
+            operands = _operands(rest)
+            if op in ("copy-start", "slice-start"):  # an async copy of (part of) its operand
+                arrays = _arrays(type_text)
+                dest = arrays[0] if op == "copy-start" else arrays[-2]
+                source_in_hbm = all(in_hbm for _, in_hbm in _arrays(types[operands[0]]))
+                total += dest[0] * (source_in_hbm + dest[1])
+            elif op == "fusion":
+                fused = computations[re.search(r"calls=%([\w.\-]+)", rest).group(1)]
+                partial = _partial_reads(fused)
+                in_place = any(partial.get(i, 0) is None for i in range(len(operands)))
+                for i, operand in enumerate(operands):
+                    read, arrays = partial.get(i, -1), types.get(operand, "")
+                    if read == -1:  # read whole; and written into the operand when in place
+                        total += _hbm(arrays) + in_place * sum(n for n, _ in _arrays(arrays))
+                    elif read is not None and _hbm(arrays):
+                        total += read
+                total += 0 if in_place else _hbm(type_text)
+            elif op in ("dynamic-update-slice", "scatter"):  # in place: the update moves
+                total += sum(2 * _hbm(types.get(o, "")) for o in operands[1:])
+            elif op in ("dynamic-slice", "gather"):  # reads what it returns
+                total += 2 * _hbm(type_text)
+            else:
+                total += _hbm(type_text) + sum(_hbm(types.get(o, "")) for o in operands)
+    return total
 
 
 def shard_bytes(tree) -> int:
@@ -178,6 +307,12 @@ class RunShape:
     settings: learner.LossSettings
     options: qwen.ForwardOptions  # the update's (its batch_sharding is replaced on the mesh)
     sampling: sampling.SamplingParams
+    offload: bool = False  # the train state and reference in host memory after the gather
+    slots: int = 0  # KV-cache slots per row of a wave (0: max_context)
+
+    @property
+    def cache_slots(self) -> int:
+        return self.slots or self.max_context
 
 
 class Resident(NamedTuple):
@@ -317,6 +452,7 @@ def rollout_programs(run: RunShape, devices, names=ROLLOUT_PROGRAMS) -> list[Pro
     row_array = lambda shape, dtype: jax.ShapeDtypeStruct((wave, *shape), dtype, sharding=by_row)
 
     stay = have.state + have.reference
+    during = 0 if run.offload else stay  # on the chips while the wave runs
 
     def append(name, slots, chunk):
         tokens, n = row_array((chunk,), jnp.int32), row_array((), jnp.int32)
@@ -328,9 +464,9 @@ def rollout_programs(run: RunShape, devices, names=ROLLOUT_PROGRAMS) -> list[Pro
             chunk=chunk,
             attention_bytes=options.attention_bytes,
         )
-        return measure(name, lowered, resident=stay, estimate=estimate)
+        return measure(name, lowered, resident=during, estimate=estimate)
 
-    S = run.max_context
+    S = run.cache_slots
     half = max([b for b in sampling.BUCKETS if b < S] or [S])
     first = min(sampling.bucket_length(plan.PROMPT_TOKENS + run.max_new_tokens), S)
     index = jax.ShapeDtypeStruct((), jnp.int32)
@@ -342,15 +478,17 @@ def rollout_programs(run: RunShape, devices, names=ROLLOUT_PROGRAMS) -> list[Pro
         ),
         "prefill": lambda: append("prefill", first, sampling.bucket_length(plan.PROMPT_TOKENS)),
         "append": lambda: append("append", S, sampling.bucket_length(run.max_obs_tokens)),
-        "grow": lambda: measure("grow", sampling._grow.lower(cache(half), S), resident=stay + copy),
-        "decode": lambda: measure("decode", lower_decode(run, devices), resident=stay),
+        "grow": lambda: measure(
+            "grow", sampling._grow.lower(cache(half), S), resident=during + copy
+        ),
+        "decode": lambda: measure("decode", lower_decode(run, devices), resident=during),
     }
     return [programs[name]() for name in names]
 
 
 def lower_decode(run: RunShape, devices):
-    """The decoding loop (sampling.generate's program) lowered for a wave at --max-context
-    slots, as rollout.KVCachePolicy calls it."""
+    """The decoding loop (sampling.generate's program) lowered for a wave at its cache's slots
+    (--rollout-slots, else --max-context), as rollout.KVCachePolicy calls it."""
     config, wave = run.config, run.wave
     weights, cache, options = rollout_setup(run, devices)
     by_row = options.batch_sharding
@@ -359,7 +497,7 @@ def lower_decode(run: RunShape, devices):
     return sampling._generate.lower(
         weights,
         config,
-        cache(run.max_context),
+        cache(run.cache_slots),
         keys,
         jax.ShapeDtypeStruct((wave,), jnp.int32, sharding=by_row),
         jax.ShapeDtypeStruct(STOP_TABLE, jnp.int32),
@@ -371,6 +509,7 @@ def lower_decode(run: RunShape, devices):
         use_top_p=not sp.greedy and sp.top_p < 1,
         greedy=sp.greedy,
         options=options,
+        stop_rows_BM=jax.ShapeDtypeStruct((wave, STOP_TABLE[0]), jnp.bool_, sharding=by_row),
     )
 
 
@@ -381,7 +520,7 @@ def decode_step(run: RunShape, devices) -> tuple[Program, int]:
     by_row = options.batch_sharding
     n = jax.ShapeDtypeStruct((run.wave,), jnp.int32, sharding=by_row)
     tokens = jax.ShapeDtypeStruct((run.wave, 1), jnp.int32, sharding=by_row)
-    state = cache(run.max_context)
+    state = cache(run.cache_slots)
     lowered = sampling._append_jit.lower(weights, run.config, state, tokens, n, options)
     minimum = shard_bytes(weights) + shard_bytes((state.k_LBKSH, state.v_LBKSH))
     return measure("decode step", lowered), minimum
@@ -465,6 +604,7 @@ class Compiled(NamedTuple):
     step: Program | None  # one decoding step (None: no micro-batch fits, not compiled)
     step_minimum: int  # the least that step must read
     rows_per_chip: int
+    offloaded: int = 0  # bytes per chip that wait in host memory during rollouts
 
     @property
     def update_peak(self) -> int:
@@ -494,19 +634,37 @@ class Compiled(NamedTuple):
                 lines.append(f"  peak, {phase:<8} {gib(peak)} GiB of {self.capacity / GiB:.2f} GiB")
         if self.step is None:  # no micro-batch fits: nothing more was compiled
             return "\n".join(lines)
-        accessed, minimum = self.step.bytes_accessed, self.step_minimum
-        step = (
-            f"  decode step: {accessed / GiB:.2f} GiB accessed of minimum {minimum / GiB:.2f} "
-            f"GiB ({accessed / minimum:.2f}x)"
-        )
-        if self.bandwidth:
-            seconds = accessed / self.bandwidth
-            step += (
-                f", at least {1e3 * seconds:.1f} ms at {self.bandwidth / 1e9:.0f} GB/s: at most "
-                f"{self.rows_per_chip / seconds:.0f} tokens/s per chip (compiler estimate)"
+        if self.offloaded:
+            lines.append(
+                f"  in host memory during rollouts: the train state and reference, "
+                f"{self.offloaded / GiB:.2f} GiB per chip, copied out and back each step "
+                f"({2 * self.offloaded / GiB:.2f} GiB per chip over the host link)"
             )
-        lines.append(step)
+        cost, minimum = self.step.bytes_accessed, self.step_minimum
+        lines.append(
+            f"  decode step: {self.step.hbm_bytes / GiB:.2f} GiB of HBM traffic (hbm_traffic; "
+            f"the cost model's bytes accessed: {cost / GiB:.2f} GiB) of minimum "
+            f"{minimum / GiB:.2f} GiB, the weights and the cache read once "
+            f"({self.step.hbm_bytes / minimum:.2f}x)"
+        )
+        lines.append(self.rollout_line())
         return "\n".join(lines)
+
+    def tokens_per_second(self) -> float:
+        """Tokens per second per chip that decoding cannot beat: the chip's rows, one token
+        each per step, in the time the step's HBM traffic takes at the chip's bandwidth."""
+        if not self.bandwidth or self.step is None:
+            return 0.0
+        return self.rows_per_chip * self.bandwidth / self.step.hbm_bytes
+
+    def rollout_line(self) -> str:
+        """The rollout phase in one line (a contract that scripts read)."""
+        return (
+            f"rollout estimate: {self.rows_per_chip} rows per chip, decode step "
+            f"{self.step.hbm_bytes / GiB:.2f} GiB accessed of minimum "
+            f"{self.step_minimum / GiB:.2f} GiB, {self.tokens_per_second():.0f} tokens/s per "
+            "chip (compiler estimate)"
+        )
 
     def line(self) -> str:
         """The line before the plan's last (a contract that scripts read)."""
@@ -563,6 +721,7 @@ def compile_plan(
     run = run_at(micro, wave)
     rollout = rollout_programs(run, devices, ("gather", "prefill")) + grown
     step, minimum = decode_step(run, devices)
+    have = resident(run, devices)
     return Compiled(
         where,
         capacity,
@@ -575,4 +734,5 @@ def compile_plan(
         step,
         minimum,
         run.wave // len(devices),
+        have.state + have.reference if run.offload else 0,
     )

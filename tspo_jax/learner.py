@@ -200,6 +200,18 @@ def gather_layer(stacked, index, dtype, mesh: Mesh):
     )
 
 
+def to_memory(tree, kind: str):
+    """``tree`` (None: None) with every array in memory ``kind`` of its own devices, its
+    sharding otherwise unchanged: "pinned_host" (host memory that the chips reach by DMA) or
+    "device". One jax.device_put of the whole tree, shard by shard, device to host or back;
+    arrays already there are not copied. The caller drops its references to the old arrays,
+    which frees them."""
+    if tree is None:
+        return None
+    target = jax.tree.map(lambda x: x.sharding.with_memory_kind(kind), tree)
+    return jax.device_put(tree, target)
+
+
 class TrainState(NamedTuple):
     params: dict
     opt_state: optax.OptState

@@ -15,9 +15,15 @@ element, r rows of a micro-batch and w rows of a rollout wave on the device, T =
     update temps      gradients, the layers' saved inputs (remat), one layer's activations,
                       the MLP in chunks (mlp_bytes), log-prob chunks (logits_bytes): UPDATE_FIT
     sampling weights  c P                    every device holds the whole policy
-    KV cache          2 w T L 2 K H c        a second copy: the TPU decoding loop's, or growth's
+    KV cache          2 w S L 2 K H c        a second copy: the TPU decoding loop's, or growth's;
+                                             S = T, or fewer (--rollout-slots: rows that
+                                             outgrow S wait for a wave of fewer, longer rows)
     decode temps      one observation's append and the next-token logits of the wave
-The update and the rollout never run at the same time: peak = fixed + max(update, rollout).
+The update and the rollout never run at the same time: peak = max(update, rollout), where
+update = fixed + update temps; rollout = sampling weights + KV cache + decode temps, plus the
+fixed part unless it waits in host memory while rollouts run (``offload``, train.py
+--offload-state), and at least fixed + sampling weights (the copy is gathered from the state
+before the state leaves).
 
 Shape letters as in qwen.py: L layers, D model dim, F MLP dim, N query / K key-value heads,
 H head dim, V vocabulary.
@@ -54,6 +60,8 @@ class Plan(NamedTuple):
     rollout_batch: int  # rows per wave on this process
     micro_batch: int  # prompts per forward / backward pass
     largest_micro_batch: int  # the largest that fits of those dividing the mini-batch (0: none)
+    offload: bool = False  # params, optimizer state and reference in host memory in rollouts
+    slots: int = 0  # KV-cache slots per row of a wave
 
     @property
     def fixed(self) -> int:
@@ -61,7 +69,9 @@ class Plan(NamedTuple):
 
     @property
     def rollout_peak(self) -> int:
-        return self.fixed + self.sampling_weights + self.kv_cache + self.decode
+        on_chips = 0 if self.offload else self.fixed
+        decoding = on_chips + self.sampling_weights + self.kv_cache + self.decode
+        return max(decoding, self.fixed + self.sampling_weights)
 
     @property
     def update_peak(self) -> int:
@@ -80,13 +90,18 @@ class Plan(NamedTuple):
             ("reference model", self.reference),
             (f"update temporaries, micro-batch {self.micro_batch}", self.update),
             ("sampling weights", self.sampling_weights),
-            (f"KV cache, wave of {self.rollout_batch} rows", self.kv_cache),
+            (f"KV cache, wave of {self.rollout_batch} rows x {self.slots} slots", self.kv_cache),
             ("decode temporaries", self.decode),
         ]
         lines = [f"  {name:<44}{gib(b)}" for name, b in rows]
         lines += [
             f"  {'peak, update':<44}{gib(self.update_peak)}",
             f"  {'peak, rollout':<44}{gib(self.rollout_peak)}",
+            *(
+                [f"  {'in host memory during rollouts (state, ref.)':<44}{gib(self.fixed)}"]
+                if self.offload
+                else []
+            ),
             f"  {'device capacity':<44}{cap}",
         ]
         return "memory plan, per device:\n" + "\n".join(lines)
@@ -193,10 +208,13 @@ def decode_temporaries(
 
 
 def kv_cache_bytes(config: qwen.QwenConfig, *, rows: int, slots: int) -> int:
-    """The cache of ``rows`` rows, ``slots`` slots each, counted twice: the TPU compiler's
-    decoding loop holds a second copy of it from about 20 rows per chip (its temporaries equal
-    the cache there; a cache written in place is future work), and its last growth holds the
-    old cache (half the slots) and the new one at once."""
+    """The cache of ``rows`` rows, ``slots`` slots each, counted twice: from about 20 rows per
+    chip the TPU compiler's decoding loop keeps the cache in another layout (its [B, K, S, H]
+    arrays laid out in memory as B, S, K, H: copies before and after the loop in
+    ``compiled.as_text()``) and converts the wave's cache into it and back at each call, so
+    both copies live during the loop (its temporaries equal the cache); and the last growth
+    holds the old cache (half the slots) and the new one at once. Within a decoding step the
+    cache is written in place."""
     c = np.dtype(config.compute_dtype).itemsize
     per_slot = config.num_layers * 2 * config.num_kv_heads * config.head_dim * c
     return 2 * rows * per_slot * slots
@@ -220,10 +238,15 @@ def make_plan(
     max_new_tokens: int,
     kl: bool,
     options,
+    offload: bool = False,
+    rollout_slots: int = 0,
 ) -> Plan:
     """The plan of one run. rollout_batch 0: the largest wave (whole groups, a multiple of the
     process's devices) whose peak stays under WAVE_MARGIN of the capacity (all of the
-    process's rows when the capacity is unknown); otherwise that wave, as given."""
+    process's rows when the capacity is unknown); otherwise that wave, as given.
+    rollout_slots (0: max_context): cache slots per row of a wave. Rows that need more wait and
+    finish in waves of wave x rollout_slots / max_context rows at max_context slots, whose
+    cache takes no more bytes, so the plan at rollout_slots bounds both."""
     c = np.dtype(config.compute_dtype).itemsize
     shard = param_shard_size(config, data, fsdp)
 
@@ -240,7 +263,7 @@ def make_plan(
     devices = data * fsdp
     micros = [m for m in range(devices, mini_batch + 1, devices) if mini_batch % m == 0]
     fitting = [m for m in micros if capacity and fixed + temporaries(m) <= capacity]
-    slots = min(sampling.bucket_length(max_context), max_context)
+    slots = rollout_slots or max_context  # a row's cache in a wave (rollout.run_episodes)
     chunk = sampling.bucket_length(max_obs_tokens)
     prompt = sampling.bucket_length(PROMPT_TOKENS)
     first = min(sampling.bucket_length(PROMPT_TOKENS + max_new_tokens), slots)
@@ -274,6 +297,8 @@ def make_plan(
             rollout_batch=wave,
             micro_batch=micro_batch,
             largest_micro_batch=fitting[-1] if fitting else 0,
+            offload=offload,
+            slots=slots,
         )
 
     if rollout_batch:

@@ -7,6 +7,8 @@ A rollout:
     state, turn = sample_turn(params, config, state, key, tokenizer, max_new_tokens=500, ...)
     state = append(params, config, state, *pad_chunk(observations))  # no re-prefill
     state, turn = sample_turn(...)                                   # ... and so on
+    state = restart(state, done_B)                   # rows that ended start over from slot 0
+    state = append(params, config, state, *pad_chunk(next_prompts))  # ... with a new prompt
 
 The cache: one [B, K, S, H] key and value array per layer. Row b's tokens fill slots
 0 .. length_B[b] - 1 in order, with no holes, so a token's slot is also its RoPE position and
@@ -14,8 +16,12 @@ the keys a query may attend are exactly the slots before it. Every call writes e
 tokens at that row's own end (a scatter: padding and rows with nothing to add write nowhere),
 so a row's cache, and hence its tokens, do not depend on which other rows share the batch or
 how long they are; the cache needs only as many slots as its longest row. A rewind moves a
-row's end back. (B, K) lead the layout because they are the batch axes of the attention
-matmuls: any other order makes XLA transpose the whole cache at every step.
+row's end back; a restart moves it to 0, and the row's next append writes a new sequence over
+the old one's slots (the slots past a row's end are never attended, so they need no clearing).
+Each row may stop at its own subset of the stop strings (``generate``'s stop_rows_BM,
+``sample_turn``'s stop_strings_B), so rows at different turns of a protocol share one call.
+(B, K) lead the layout because they are the batch axes of the attention matmuls: any other
+order makes XLA transpose the whole cache at every step.
 
 Sharding: ``options.batch_sharding`` (qwen.ForwardOptions) splits the rows over the devices of
 a mesh; the cache is created split (``init_cache``) and every call keeps it so, with the
@@ -24,8 +30,8 @@ weights replicated. Rows never interact, so no device waits for another's rows.
 Compiled shapes (each distinct value compiles once; keep them to a few): batch B and cache slots
 S (``init_cache``, ``grow``), chunk length C (``append``; pad with ``pad_chunk`` to length
 buckets), ``max_new_tokens`` N, the stop table [M, J] and the number of EOS ids E
-(``generate``), and the flags greedy, top_k and (top_p < 1). Temperature, the top_p value and
-the per-row limits are traced, not static.
+(``generate``), and the flags greedy, top_k and (top_p < 1). Temperature, the top_p value, the
+per-row limits and the per-row stop masks are traced, not static.
 
 Shape letters: B rows, S cache slots, C appended tokens, N new tokens, V vocabulary, L layers,
 K key/value heads, H head dim, D model dim, M stop sequences, J tokens per stop sequence
@@ -96,6 +102,7 @@ class TurnSample(NamedTuple):
     text: str  # tokenizer.decode(tokens)
     stop: str  # "eos", "stop", "length" or "inactive"
     stop_string: str | None  # which stop string ended the turn, if one did
+    generated: int = 0  # tokens the decoding loop generated for the row, before the host's cut
 
 
 def init_cache(config: qwen.QwenConfig, batch: int, slots: int, *, sharding=None) -> DecodeState:
@@ -154,7 +161,8 @@ def _append(params, config, state: DecodeState, tokens_BC, n_B, options: qwen.Fo
     n_B = n_B.astype(jnp.int32)
     slot_BC = state.length_B[:, None] + jnp.arange(C, dtype=jnp.int32)
     write_BC = jnp.where(jnp.arange(C) < n_B[:, None], slot_BC, S)
-    mask_BCS = jnp.arange(S)[None, None, :] <= slot_BC[:, :, None]  # causal, no holes
+    # The rows' cached tokens (no holes); the new tokens also see each other, causally.
+    mask_BCS = jnp.broadcast_to(jnp.arange(S) < state.length_B[:, None, None], (len(n_B), C, S))
     x_BCD, k_LBKSH, v_LBKSH = qwen.forward(
         params,
         config,
@@ -278,10 +286,11 @@ def uniform_rows(key, B: int):
 
 
 def fold_in_rows(key, data):
-    """jax.random.fold_in for one key or a [B] array of per-row keys."""
+    """jax.random.fold_in for one key or a [B] array of per-row keys, and one datum for all
+    rows or (with per-row keys) a [B] array of them: row b's key is fold_in(key[b], data[b])."""
     if key.ndim == 0:
         return jax.random.fold_in(key, data)
-    return jax.vmap(jax.random.fold_in, in_axes=(0, None))(key, data)
+    return jax.vmap(jax.random.fold_in, in_axes=(0, 0 if np.ndim(data) else None))(key, data)
 
 
 def sample_weights(key, weight_BV):
@@ -371,10 +380,13 @@ def _generate(
     use_top_p: bool,
     greedy: bool,
     options: qwen.ForwardOptions,
+    stop_rows_BM=None,
 ):
     B = state.length_B.shape[0]
     N = max_new_tokens
-    J = stop_table_MJ.shape[1]
+    M, J = stop_table_MJ.shape
+    if stop_rows_BM is None:
+        stop_rows_BM = jnp.ones((B, M), bool)
 
     def cond(carry):
         step, _, _, _, _, alive_B, _, _ = carry
@@ -399,7 +411,7 @@ def _generate(
         # The last J sampled tokens against every right-aligned stop sequence (-1 = wildcard).
         window_BJ = jnp.concatenate([window_BJ[:, 1:], jnp.where(alive_B, tok_B, -2)[:, None]], 1)
         match_BMJ = (stop_table_MJ[None] == -1) | (stop_table_MJ[None] == window_BJ[:, None, :])
-        hit_B = jnp.any(jnp.all(match_BMJ, axis=-1), axis=-1)
+        hit_B = jnp.any(jnp.all(match_BMJ, axis=-1) & stop_rows_BM, axis=-1)
         eos_B = jnp.any(tok_B[:, None] == eos_E[None, :], axis=-1)
         state = _append(params, config, state, tok_B[:, None], alive_B.astype(jnp.int32), options)
         stop_B = jnp.where(alive_B & eos_B, EOS, jnp.where(alive_B & hit_B, STOP_STRING, stop_B))
@@ -433,13 +445,15 @@ def generate(
     sampling_params: SamplingParams,
     active_B=None,
     limit_B=None,
+    stop_rows_BM=None,
     options: qwen.ForwardOptions = qwen.PLAIN,
 ) -> tuple[DecodeState, Generation]:
     """Samples up to max_new_tokens per row in one lax.while_loop; ``state`` is donated.
 
     Each step samples from every live row's logits, writes the tokens at the rows' ends and
     runs the model on them. A row stops on an EOS id, when its last tokens equal a row of
-    the stop table (``SamplingParams.with_stops``), or after limit_B[b] tokens (default
+    the stop table (``SamplingParams.with_stops``) that applies to it (stop_rows_BM[b, m],
+    bool; default: every row of the table, for every row), or after limit_B[b] tokens (default
     max_new_tokens); its stopping token is kept, both in the output and in the cache, and the
     state's logits then predict the token after it, so the cache can continue. The loop ends
     when no row is live. Rows with active_B False (or limit 0) generate nothing.
@@ -458,6 +472,14 @@ def generate(
         raise ValueError("generate: temperature must be > 0 (use greedy=True for argmax)")
     if key.ndim not in (0, 1) or (key.ndim == 1 and key.shape[0] != B):
         raise ValueError(f"generate: key must be one key or {B} per-row keys, got {key.shape}")
+    if stop_rows_BM is not None:
+        stop_rows_BM = np.asarray(stop_rows_BM, bool)
+        if stop_rows_BM.shape != (B, len(table_MJ)):
+            raise ValueError(
+                f"generate: stop_rows_BM must be [{B}, {len(table_MJ)}] (rows x stop-table rows), "
+                f"got {stop_rows_BM.shape}"
+            )
+        stop_rows_BM = _rows(stop_rows_BM, options)
     return _generate(
         params,
         config,
@@ -473,6 +495,7 @@ def generate(
         use_top_p=bool(not sp.greedy and sp.top_p < 1.0),
         greedy=bool(sp.greedy),
         options=options,
+        stop_rows_BM=stop_rows_BM,
     )
 
 
@@ -509,23 +532,105 @@ def rewind(
     return _rewind(params, config, state, *args, options)
 
 
+@jax.jit
+def _restart(length_B, rows_B):
+    return jnp.where(rows_B, 0, length_B)
+
+
+def restart(state: DecodeState, rows_B, options: qwen.ForwardOptions = qwen.PLAIN) -> DecodeState:
+    """Empties the rows with rows_B[b] True (their length goes back to 0), so that the next
+    append starts a new sequence there. It writes over the old one's slots, which until then
+    no query attends (a query sees only the slots before it); the keys and values stay put."""
+    rows_B = _rows(np.asarray(rows_B, bool), options)
+    return state._replace(length_B=_restart(state.length_B, rows_B))
+
+
+class SavedRow(NamedTuple):
+    """One row's cache off the devices (``save_row``), to go on in another wave (``load_row``)."""
+
+    k_LKnH: np.ndarray  # [L, K, n, H]: the keys of its n cached tokens
+    v_LKnH: np.ndarray
+    logits_V: np.ndarray  # float32 logits of the token after its last
+
+
+@jax.jit
+def _take_row(state: DecodeState, b):
+    take = lambda x: jax.lax.dynamic_index_in_dim(x, b, keepdims=False)
+    k_LKSH, v_LKSH = (
+        jnp.stack(list(map(take, state.k_LBKSH))),
+        jnp.stack(list(map(take, state.v_LBKSH))),
+    )
+    return k_LKSH, v_LKSH, take(state.logits_BV), take(state.length_B)
+
+
+def save_row(state: DecodeState, b: int) -> SavedRow:
+    """Row b's cache, copied to the host (its slots past the row's length left out)."""
+    k_LKSH, v_LKSH, logits_V, n = jax.device_get(_take_row(state, np.int32(b)))
+    return SavedRow(k_LKSH[:, :, :n], v_LKSH[:, :, :n], logits_V)
+
+
+@functools.partial(jax.jit, donate_argnums=0)
+def _put_row(state: DecodeState, b, k_LKSH, v_LKSH, n, logits_V):
+    put = lambda x, row: jax.lax.dynamic_update_index_in_dim(x, row.astype(x.dtype), b, 0)
+    return DecodeState(
+        k_LBKSH=tuple(put(x, k_KSH) for x, k_KSH in zip(state.k_LBKSH, k_LKSH, strict=True)),
+        v_LBKSH=tuple(put(x, v_KSH) for x, v_KSH in zip(state.v_LBKSH, v_LKSH, strict=True)),
+        length_B=put(state.length_B, n),
+        logits_BV=put(state.logits_BV, logits_V),
+    )
+
+
+def load_row(state: DecodeState, b: int, saved: SavedRow) -> DecodeState:
+    """``state`` (donated) with row b holding ``saved``, bit for bit as save_row took it, so
+    that the row goes on exactly as it would have where it was saved."""
+    n = saved.k_LKnH.shape[2]
+    if n > slots(state):
+        raise ValueError(f"load_row: a row of {n} tokens does not fit {slots(state)} slots")
+    pad = ((0, 0), (0, 0), (0, slots(state) - n), (0, 0))
+    k_LKSH, v_LKSH = np.pad(saved.k_LKnH, pad), np.pad(saved.v_LKnH, pad)
+    return _put_row(state, np.int32(b), k_LKSH, v_LKSH, np.int32(n), saved.logits_V)
+
+
 def make_stop_table(tokenizer, stop_strings: Sequence[str]) -> np.ndarray:
     """Token-id sequences of the stop strings, right-aligned in an int32 [M, J] table padded
     with -1 on the left. Each string is tokenized alone and after a space (" </search>" starts
     with the token " </"); a stop string that the model emits merged into a larger token
     (">\\n\\n") is not in the table and is caught on the host by sample_turn.
     """
+    seqs = _stop_sequences(tokenizer, stop_strings)
+    J = max((len(q) for q in seqs), default=1)
+    table_MJ = np.full((len(seqs), J), -1, np.int32)
+    for m, ids in enumerate(seqs):
+        table_MJ[m, J - len(ids) :] = ids
+    return table_MJ
+
+
+def _stop_sequences(tokenizer, stop_strings: Sequence[str]) -> list[tuple[int, ...]]:
+    """The rows of make_stop_table, in order: each string alone and after a space, once."""
     seqs = []
     for s in stop_strings:
         for text in (s, " " + s):
             ids = tuple(tokenizer.encode(text, add_special_tokens=False))
             if ids not in seqs:
                 seqs.append(ids)
-    J = max((len(q) for q in seqs), default=1)
-    table_MJ = np.full((len(seqs), J), -1, np.int32)
-    for m, ids in enumerate(seqs):
-        table_MJ[m, J - len(ids) :] = ids
-    return table_MJ
+    return seqs
+
+
+def stop_rows(
+    tokenizer, stop_strings: Sequence[str], stop_strings_B: Sequence[Sequence[str]]
+) -> np.ndarray:
+    """[B, M] bool: which rows of make_stop_table(tokenizer, stop_strings) end row b, whose
+    own stop strings stop_strings_B[b] are a subset of stop_strings (generate's stop_rows_BM)."""
+    table = _stop_sequences(tokenizer, stop_strings)
+    rows = {}  # a row's strings -> its mask, made once per distinct set
+    for own in map(tuple, stop_strings_B):
+        if own not in rows:
+            if not set(own) <= set(stop_strings):
+                raise ValueError(f"stop strings {own} are not among the table's {stop_strings}")
+            mine = set(_stop_sequences(tokenizer, own))
+            rows[own] = np.array([seq in mine for seq in table], bool)
+    mask_BM = np.array([rows[tuple(own)] for own in stop_strings_B], bool)
+    return mask_BM.reshape(len(stop_strings_B), len(table))
 
 
 def find_stop(
@@ -561,16 +666,22 @@ def sample_turn(
     sampling_params: SamplingParams,
     active_B=None,
     limit_B=None,
+    stop_strings_B=None,
     options: qwen.ForwardOptions = qwen.PLAIN,
 ) -> tuple[DecodeState, list[TurnSample]]:
     """One turn for every active row: generate, then cut each row after the token that
     completes its first stop string in the decoded text (a stop string merged into a larger
     token, which the in-loop table cannot see), and rewind the cache to match. Build
     ``sampling_params`` with ``with_stops`` once and reuse it: its table is made there.
+    stop_strings_B: row b's own stop strings, a subset of sampling_params.stop_strings
+    (default: all of them, for every row), in the loop and on the host alike.
     """
     stop_strings = sampling_params.stop_strings
     if sampling_params.stop_table is None and stop_strings:
         sampling_params = sampling_params.with_stops(tokenizer, stop_strings)
+    stop_rows_BM = None
+    if stop_strings_B is not None:
+        stop_rows_BM = stop_rows(tokenizer, stop_strings, stop_strings_B)
     state, gen = generate(
         params,
         config,
@@ -580,6 +691,7 @@ def sample_turn(
         sampling_params=sampling_params,
         active_B=active_B,
         limit_B=limit_B,
+        stop_rows_BM=stop_rows_BM,
         options=options,
     )
     tokens_BN, logp_BN, length_B, stop_B = jax.device_get(
@@ -589,7 +701,8 @@ def sample_turn(
     samples = []
     for b in range(len(length_B)):
         tokens = tokens_BN[b, : length_B[b]].tolist()
-        n, found = find_stop(tokenizer, tokens, stop_strings)
+        own = stop_strings if stop_strings_B is None else stop_strings_B[b]
+        n, found = find_stop(tokenizer, tokens, own)
         reason = STOP_NAMES[stop_B[b]] if found is None else "stop"
         keep_B[b] = n
         samples.append(
@@ -599,6 +712,7 @@ def sample_turn(
                 text=tokenizer.decode(tokens[:n]),
                 stop=reason,
                 stop_string=found,
+                generated=int(length_B[b]),
             )
         )
     if np.any(keep_B < length_B):

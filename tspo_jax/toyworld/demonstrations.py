@@ -63,11 +63,11 @@ class ScriptedReader:
         self.entity = [q.chain[0].entity for q in self.questions]
         self.seen = [""] * len(prompts)  # the text appended after the row's last turn
 
-    def extend(self, rows):
+    def extend(self, rows, restart=None):  # one wave of all rows: never restarted
         for b, ids in enumerate(rows):
             self.seen[b] = self.tokenizer.decode(ids)
 
-    def sample(self, key, live, stop_strings, max_new_tokens, limit_B):
+    def sample(self, key, live, stops, max_new_tokens, limit_B):
         out = []
         for b, q in enumerate(self.questions):
             if not live[b]:
@@ -85,7 +85,7 @@ class ScriptedReader:
             text = f"<{tag}> {content} </{tag}>"
             ids = self.tokenizer.encode(text, add_special_tokens=False)
             out.append(TurnSample(ids, [0.0] * len(ids), text, "stop", f"</{tag}>"))
-        return out
+        return rollout.Sampled(out, steps=0, rows=0)  # no decoding
 
 
 def _read(shown: Sequence[Fact], hop: Hop, entity: str) -> str:
