@@ -198,11 +198,14 @@ def chaos_run(argv, out, server, rng, *, faults: int, budget: float, timing, ste
                 f"fault {len(done)} (attempt {attempt}): {fault.detail}: {fault.outcome}",
                 flush=True,
             )
-        if rc == 0 and (out / "hf" / f"step_{steps}" / "config.json").exists():
+        finished = rc == 0 and (out / "hf" / f"step_{steps}" / "config.json").exists()
+        if finished and (len(done) >= faults or attempt > faults + 3):
             return done, lost  # the last step trained, saved, evaluated and exported
+        # A run that ended before a fault owed to it came: the faults left hit the set-up of
+        # a resume of the finished run (which restores the last checkpoint and exits).
         # Steps done (their rows written) that the checkpoint to resume from does not hold.
         lost += max(trained(out) - (latest_checkpoint(out) or 0), 0)
-        preempted = rc == 0 and "\npreempted at step" in text
+        preempted = rc == 0 and ("\npreempted at step" in text or finished)
         outage = gave_up and ours and ours[-1].kind == "outage"
         explained = preempted or rc == -signal.SIGKILL or outage
         unexplained += not explained
