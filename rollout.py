@@ -88,8 +88,7 @@ class RolloutConfig:
             raise ValueError(f"temperature must be > 0 (or set greedy), got {self.temperature}")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must lie in (0, 1], got {self.top_p}")
-        if "{question}" not in self.template:
-            raise ValueError("template has no {question} field")
+        protocol.check_template(self.template)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -207,14 +206,14 @@ class KVCachePolicy:
     prompt appended in the same batched call as the other rows' observations.
 
     ``mesh``: the devices the rows are split over (``rollout_mesh``; None: the default device).
-    ``params`` must then be replicated on it (train.sampler_weights). A batch of fewer than
-    ``batch_rows`` rows, or whose rows do not divide evenly over the devices, is padded with
+    ``params`` must then be replicated on it (runtime.sampler_weights). A batch of fewer than
+    ``wave_rows`` rows, or whose rows do not divide evenly over the devices, is padded with
     empty rows that never sample (so a last, smaller wave compiles nothing new). The cache
     starts sized for the prompts' first turn and grows by buckets (``sampling.grow``), never
     past the wave's slots (``start``; ``max_context`` at most): every decode step attends over
     the whole cache, so a cache sized for the worst case up front would make the early turns
     pay for slots they do not use. ``slots``: a wave's slots per row by default; a wave of
-    longer rows (``start(..., slots=more)``) has fewer rows, batch_rows x slots / more, so that
+    longer rows (``start(..., slots=more)``) has fewer rows, wave_rows x slots / more, so that
     its cache takes no more memory. ``park`` and ``resume`` move a row's cache from one wave
     to another.
     """
@@ -228,7 +227,7 @@ class KVCachePolicy:
         *,
         mesh=None,
         attention_bytes=0,
-        batch_rows=1,
+        wave_rows=1,
         slots=0,
     ):
         self.params, self.model_config, self.cfg = params, model_config, cfg
@@ -244,7 +243,7 @@ class KVCachePolicy:
         )
         self.pad_id = tokenizer.pad_token_id or 0
         self.devices = 1 if mesh is None else mesh.size
-        self.batch_rows = -(-batch_rows // self.devices) * self.devices
+        self.wave_rows = -(-wave_rows // self.devices) * self.devices
         rows = None if mesh is None else NamedSharding(mesh, P(mesh.axis_names))
         self.options = qwen.ForwardOptions(batch_sharding=rows, attention_bytes=attention_bytes)
         self.state, self.rows = None, 0
@@ -255,7 +254,7 @@ class KVCachePolicy:
         return [*rows, *[empty] * (self._padded(len(rows)) - len(rows))]
 
     def _padded(self, n: int) -> int:
-        rows = self.batch_rows * self.slots // self.wave_slots  # the same memory at any slots
+        rows = self.wave_rows * self.slots // self.wave_slots  # the same memory at any slots
         return max(rows - rows % self.devices, self.devices, n + -n % self.devices)
 
     def start(self, prompts: Sequence[list[int]], slots: int = 0) -> None:
@@ -322,7 +321,7 @@ class KVCachePolicy:
     def resume(self, b: int, saved: sampling.SavedRow) -> None:
         """Row b (a row of this wave with nothing in it) goes on from a parked row's cache."""
         needed_B = np.zeros(self._padded(self.rows), np.int32)
-        needed_B[b] = saved.k_LKnH.shape[2]
+        needed_B[b] = saved.k_LXnH.shape[2]
         self.state = sampling.grow(self.state, needed_B, limit=self.wave_slots)
         self.state = sampling.load_row(self.state, b, saved)
 
@@ -588,9 +587,10 @@ def read_template_file(cfg: RolloutConfig) -> RolloutConfig:
         raise FileNotFoundError(f"--template-file {path!r}: no such file")
     with open(path, encoding="utf-8", newline="") as f:
         template = f.read()
-    if "{question}" not in template:
-        raise ValueError(f"--template-file {path!r}: the template has no {{question}} field")
-    return dataclasses.replace(cfg, template=template)
+    try:
+        return dataclasses.replace(cfg, template=template)
+    except ValueError as e:
+        raise ValueError(f"--template-file {path!r}: {e}") from None
 
 
 def _score(example, prompt, prompt_tokens, turns, finish, cfg) -> Trajectory:
@@ -679,7 +679,11 @@ def pack(
 
 
 def summarize(trajectories: Sequence[Trajectory]) -> dict:
-    """Evaluation numbers: EM, F1, turns, searches, invalid actions, FOLR hits and where.
+    """Rollout numbers (of a step's rollouts, and of an evaluation's): EM, F1, turns,
+    searches, invalid actions, FOLR hits and where.
+
+    folr_hit_rate: trajectories whose observations held a gold answer (h >= 0);
+    near_miss_rate: trajectories that hit the answer but did not earn full credit (outcome < 1).
 
     invalid_rate: turns that got the corrective observation (neither one search nor one
     answer); eos_rate: turns that ended at EOS without an answer (the episode's last), counted
@@ -699,7 +703,7 @@ def summarize(trajectories: Sequence[Trajectory]) -> dict:
         "invalid_rate": invalid / max(len(turns), 1),
         "eos_rate": eos_turns / max(len(turns), 1),
         "folr_hit_rate": sum(hits.values()) / n,
-        "near_miss_rate": float(np.mean([t.first_hit >= 0 and t.em < 1 for t in trajectories])),
+        "near_miss_rate": sum(t.first_hit >= 0 and t.outcome < 1 for t in trajectories) / n,
         "response_tokens": sum(len(t.tokens) for t in turns) / n,
         "first_hit_turns": {str(k): hits[k] for k in sorted(hits)},
     }
@@ -757,7 +761,7 @@ def evaluate(
         cfg,
         mesh=mesh,
         attention_bytes=attention_bytes,
-        batch_rows=batch_size,
+        wave_rows=batch_size,
     )
     trajectories = []
     with tqdm(total=len(examples), desc="eval", disable=not progress, file=sys.stderr) as bar:

@@ -50,12 +50,13 @@ def corpus_of(train_argv: list[str]) -> tuple[list[str], str]:
     """(train.py's options without --corpus, the corpus to serve): the run's --corpus, else the
     embedded default's (its world built here, once, before any run starts)."""
     import train
+    from tspo_jax import runtime
 
     cfg = train.parse_config(train_argv)
     if cfg.retriever.retriever_url:
         raise SystemExit("bench.chaos: serves its own retrieval; leave out --retriever-url")
     if not cfg.model:
-        cfg = train.embedded_default(cfg)
+        cfg = runtime.embedded_default(cfg)
     argv, skip = [], False
     for i, arg in enumerate(train_argv):
         if skip:

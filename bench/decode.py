@@ -154,8 +154,8 @@ def main(args: Args) -> None:
             max_new_tokens=N,
             sampling_params=sampling.SamplingParams(eos_ids=(), greedy=True),
         )
-        gen.tokens_BN.block_until_ready()
-        return time.perf_counter() - t0, np.asarray(gen.tokens_BN)
+        gen.tokens_BT.block_until_ready()
+        return time.perf_counter() - t0, np.asarray(gen.tokens_BT)
 
     input_ids, attention = torch.tensor(prompt_BP), torch.ones(B, P, dtype=torch.long)
 

@@ -99,7 +99,7 @@ def main():
     for name, policy_cls, refill in runs:
         times, trajs, timing = [], None, None
         for run in range(args.runs + 1):
-            policy = policy_cls(params, model_config, tokenizer, cfg, batch_rows=wave)
+            policy = policy_cls(params, model_config, tokenizer, cfg, wave_rows=wave)
             t0 = time.perf_counter()
             trajs, timing = rollout.run_episodes(
                 policy, tokenizer, retriever, examples, group_size=args.group,

@@ -3,7 +3,7 @@ warm-started policy (cached), trains on them with TOYWORLD_PRESET under the opti
 evaluates on the held-out questions.
 
 Shrunk for CI (about a minute): a small world and a briefly warm-started tiny policy, built
-through `train.embedded_default` exactly as the full-size default is, then a run of two steps.
+through `runtime.embedded_default` exactly as the full-size default is, then a run of two steps.
 """
 
 import dataclasses
@@ -16,7 +16,7 @@ import pytest
 
 import rollout
 import train
-from tspo_jax import data, hf_io, protocol, qwen, retrieval, toyworld
+from tspo_jax import data, hf_io, protocol, qwen, retrieval, runtime, toyworld
 from tspo_jax.toyworld.demonstrations import load_demonstrations
 from tspo_jax.toyworld.world import QUESTION_RELATIONS
 
@@ -52,11 +52,11 @@ def default_run(tmp_path_factory):
     """(train.main's result, cache folder, run folder) of a shortened default run."""
     cache, out = tmp_path_factory.mktemp("cache"), tmp_path_factory.mktemp("run") / "toy"
     embedded = functools.partial(
-        train.embedded_default, world_cfg=TINY_WORLD, policy_cfg=TINY_POLICY
+        runtime.embedded_default, world_cfg=TINY_WORLD, policy_cfg=TINY_POLICY
     )
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("TSPO_JAX_CACHE", str(cache))
-        mp.setattr(train, "embedded_default", embedded)
+        mp.setattr(runtime, "embedded_default", embedded)
         result = train.main(["--out-dir", str(out), *ARGS])
     return result, cache, out
 
@@ -98,7 +98,7 @@ def test_world_and_policy_are_built_once(default_run):
     before = [p.stat().st_mtime_ns for p in stamps]
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("TSPO_JAX_CACHE", str(cache))
-        again = train.embedded_default(
+        again = runtime.embedded_default(
             train.parse_config(["--out-dir", str(out)]), TINY_WORLD, TINY_POLICY
         )
     assert again.model == result["config"].model

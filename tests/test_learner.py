@@ -131,7 +131,7 @@ def test_update_accumulates_micro_batches_exactly(params, loss_agg):
         new[name] = (state, metrics)
     s1, m1 = new["micro"]
     # The reference: today's unrolled accumulation, written out.
-    grad_sum, den, loss_sum = None, 0.0, 0.0
+    grad_sum, den, loss_sum, per_micro = None, 0.0, 0.0, []
     stacked = qwen.stack_layers(params)
     for m in range(M):
         micro = jax.tree.map(lambda x, m=m: x[m], batch)
@@ -140,7 +140,16 @@ def test_update_accumulates_micro_batches_exactly(params, loss_agg):
         scaled = jax.tree.map(lambda g, w=w: w * np.asarray(g, np.float64), grads)
         grad_sum = scaled if grad_sum is None else jax.tree.map(np.add, grad_sum, scaled)
         den, loss_sum = den + w, loss_sum + w * float(loss)
+        per_micro.append(metrics)
     np.testing.assert_allclose(m1["loss"], loss_sum / den, rtol=1e-5)
+    # Metrics: ratio_max the max over the micro-batches, every other a token mean over them.
+    ratio_max = [float(m["ratio_max"]) for m in per_micro]
+    assert ratio_max[0] != ratio_max[1]
+    np.testing.assert_allclose(m1["ratio_max"], max(ratio_max), rtol=1e-5)
+    tokens = np.array([float(m["num_loss_tokens"]) for m in per_micro])
+    for k in ("clip_frac", "ratio_mean", "pg_loss", "ref_kl"):
+        mean = np.dot(tokens, [float(m[k]) for m in per_micro]) / tokens.sum()
+        np.testing.assert_allclose(m1[k], mean, rtol=1e-5, atol=1e-7, err_msg=k)
     assert int(s1.step) == 1 and float(m1["skipped"]) == 0
     for p0, g, a in zip(
         jax.tree.leaves(stacked), jax.tree.leaves(grad_sum), jax.tree.leaves(s1.params), strict=True

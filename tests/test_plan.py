@@ -3,6 +3,7 @@ memory_analysis of the compiled programs, its byte counts by hand, and the READM
 
 import dataclasses
 import json
+import pathlib
 import sys
 
 import jax
@@ -13,9 +14,9 @@ from jax.sharding import PartitionSpec as P
 
 import rollout
 import train
-from tspo_jax import aot, cli, hf_io, plan, qwen, sampling
+from tspo_jax import aot, cli, hf_io, plan, qwen, runtime, sampling
 
-ROOT = train.Path(__file__).resolve().parents[1]
+ROOT = pathlib.Path(__file__).resolve().parents[1]
 TPU_DATA = "tpu_update_temporaries.jsonl"  # the TPU compiler's numbers (tspo_jax/plan.py)
 QWEN_3B, QWEN_7B = ROOT / "tests" / "data" / "qwen2.5-3b", ROOT / "tests" / "data" / "qwen2.5-7b"
 SMALL = qwen.QwenConfig(
@@ -101,7 +102,7 @@ def formula_plan(model, target: str, *extra) -> plan.Plan:
         *("--plan-devices", str(t.devices), "--device-memory-gb", str(t.hbm_gib)),
         *("--mesh-fsdp", str(t.devices), "--remat", "offload", *extra),
     ]
-    return train.memory_plan(train.parse_config(argv), check=False)
+    return runtime.memory_plan(train.parse_config(argv), check=False)
 
 
 # The README's table: `python train.py --model tests/data/qwen2.5-{3b,7b} --plan-only
@@ -170,7 +171,7 @@ def test_a_run_too_big_for_its_devices_is_refused_before_step_one(
         *("--corpus", str(small_world.corpus), "--prompts-per-step", "8", "--mini-batch", "8"),
         *("--group-size", "4", "--max-context", "384", "--compile-cache", "off"),
     ]
-    sizes = lambda *extra: train.memory_plan(train.parse_config([*common, *extra]))
+    sizes = lambda *extra: runtime.memory_plan(train.parse_config([*common, *extra]))
     wave32, wave8 = sizes("--rollout-batch", "32"), sizes("--rollout-batch", "8")
     assert wave8.rollout_peak < wave32.rollout_peak < wave8.update_peak  # what the cases need
     for capacity, extra, needle in (

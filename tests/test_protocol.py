@@ -91,7 +91,7 @@ def test_invalid_action_observation_is_search_r1s():
 def test_build_prompt_errors():
     with pytest.raises(ValueError, match="needs a tokenizer"):
         build_prompt("who?", chat=True)
-    with pytest.raises(ValueError, match="placeholder"):
+    with pytest.raises(ValueError, match=r"no \{question\} field"):
         build_prompt("who?", template="no placeholder")
 
 

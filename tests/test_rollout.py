@@ -289,7 +289,7 @@ class RecordingPolicy(rollout.KVCachePolicy):
     def sample(self, key, live, stops, max_new_tokens, limit_B):
         self.stop_sets.append({own for own, on in zip(stops, live, strict=True) if on})
         sampled = super().sample(key, live, stops, max_new_tokens, limit_B)
-        self.cache_shapes.add(self.state.k_LBKSH[0].shape)
+        self.cache_shapes.add(self.state.k_LBXSH[0].shape)
         return sampled
 
     def park(self, b):
@@ -310,7 +310,7 @@ def _kv_rollout(
         tokenizer,
         cfg,
         mesh=mesh,
-        batch_rows=wave_rows or 1,
+        wave_rows=wave_rows or 1,
         slots=wave_slots,
     )
     trajs, timing = rollout.run_episodes(

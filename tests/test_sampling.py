@@ -64,7 +64,7 @@ def test_cache_matches_full_forward_through_appends_and_generation(model):
         max_new_tokens=N,
         sampling_params=sp.SamplingParams(eos_ids=(), greedy=True),
     )
-    tokens = np.asarray(gen.tokens_BN)
+    tokens = np.asarray(gen.tokens_BT)
     assert gen.length_B.tolist() == [N] * B and gen.stop_B.tolist() == [sp.LENGTH] * B
     full, T = step_logits(
         params, config, [r + t.tolist() for r, t in zip(rows, tokens, strict=True)]
@@ -72,7 +72,7 @@ def test_cache_matches_full_forward_through_appends_and_generation(model):
     full = full[:, T - N - 1 : T - 1]  # the logits that predicted each generated token
     np.testing.assert_array_equal(full.argmax(-1), tokens)
     logp_ref = np.take_along_axis(np.asarray(jax.nn.log_softmax(full)), tokens[..., None], -1)
-    np.testing.assert_allclose(gen.logp_BN, logp_ref[..., 0], atol=2e-5)
+    np.testing.assert_allclose(gen.logp_BT, logp_ref[..., 0], atol=2e-5)
     rows = [r + t.tolist() for r, t in zip(rows, tokens, strict=True)]
     np.testing.assert_allclose(state.logits_BV, last_logits(params, config, rows), atol=2e-5)
     # And the cache continues after generation.
@@ -111,7 +111,7 @@ def test_greedy_matches_transformers_generate(model):
             max_new_tokens=N,
             sampling_params=sp.SamplingParams(eos_ids=eos, greedy=True),
         )
-        return np.asarray(gen.tokens_BN), np.asarray(gen.length_B), np.asarray(gen.stop_B)
+        return np.asarray(gen.tokens_BT), np.asarray(gen.length_B), np.asarray(gen.stop_B)
 
     theirs = transformers_greedy(None)
     mine, length, stop = ours(())
@@ -148,13 +148,13 @@ def test_sampled_logprobs_are_log_softmax_of_the_full_forward(model):
             max_new_tokens=N,
             sampling_params=sp.SamplingParams(eos_ids=(), temperature=temperature, **kwargs),
         )
-        tokens = np.asarray(gen.tokens_BN)
+        tokens = np.asarray(gen.tokens_BT)
         full, T = step_logits(
             params, config, [r + t.tolist() for r, t in zip(rows, tokens, strict=True)]
         )
         scaled = full[:, T - N - 1 : T - 1] / temperature
         logp_ref = np.take_along_axis(np.asarray(jax.nn.log_softmax(scaled)), tokens[..., None], -1)
-        np.testing.assert_allclose(gen.logp_BN, logp_ref[..., 0], atol=2e-5)
+        np.testing.assert_allclose(gen.logp_BT, logp_ref[..., 0], atol=2e-5)
         if "top_k" in kwargs:  # every sampled token is among the top k of its step
             kth = np.sort(scaled, axis=-1)[..., -top_k]
             assert (np.take_along_axis(scaled, tokens[..., None], -1)[..., 0] >= kth).all()
@@ -174,7 +174,7 @@ def test_rewind_cuts_rows_and_the_cache_continues(model):
         max_new_tokens=N,
         sampling_params=sp.SamplingParams(eos_ids=()),
     )
-    tokens = np.asarray(gen.tokens_BN)
+    tokens = np.asarray(gen.tokens_BT)
     keep = np.array([3, N, 1])  # cut row 0 after 3 tokens, keep row 1, cut row 2 to 1 token
     state = sp.rewind(params, config, state, gen, keep)
     rows = [r + tokens[b, : keep[b]].tolist() for b, r in enumerate(rows)]
@@ -348,7 +348,7 @@ def test_generation_with_and_without_cpu_workarounds_is_the_same(model, monkeypa
                 max_new_tokens=N,
                 sampling_params=sp.SamplingParams(eos_ids=(), **kwargs),
             )
-            out.append((np.asarray(gen.tokens_BN), np.asarray(gen.logp_BN)))
+            out.append((np.asarray(gen.tokens_BT), np.asarray(gen.logp_BT)))
         return out
 
     try:

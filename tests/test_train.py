@@ -553,7 +553,15 @@ def test_two_processes_match_one(small_world, small_policy, questions, tmp_path)
     assert len(one_metrics) == len(two_metrics) == 2
     assert any(r["zero_adv_group_frac"] < 1 for r in one_metrics)
     for a, b in zip(one_metrics, two_metrics, strict=True):
-        for key in ("reward", "response_tokens", "loss", "pg_loss", "grad_norm", "ref_kl"):
+        for key in (
+            "reward",
+            "response_tokens",
+            "loss",
+            "pg_loss",
+            "grad_norm",
+            "ref_kl",
+            "ratio_max",
+        ):
             np.testing.assert_allclose(b[key], a[key], rtol=2e-5, atol=1e-8, err_msg=key)
     a, b = (
         _weights(tmp_path / "one" / "hf" / "step_2"),
@@ -561,6 +569,23 @@ def test_two_processes_match_one(small_world, small_policy, questions, tmp_path)
     )
     for name in a:
         np.testing.assert_allclose(b[name], a[name], rtol=1e-4, atol=1e-6, err_msg=name)
+
+
+def test_step_metrics_over_updates_by_hand():
+    """A step's update metrics: a ``*_max`` the max over its updates, every other the mean;
+    skipped (non-finite) updates counted in a row across steps, as --max-bad-steps says."""
+    updates = [
+        {"loss": 1.0, "ratio_max": 1.5, "skipped": 0.0},
+        {"loss": 3.0, "ratio_max": 1.2, "skipped": 1.0},
+        {"loss": 5.0, "ratio_max": 1.4, "skipped": 1.0},
+    ]
+    assert train.over_updates(updates) == pytest.approx(
+        {"loss": 3.0, "ratio_max": 1.5, "skipped": 2 / 3}
+    )
+    assert train.skipped_in_a_row(0, updates) == 2
+    assert train.skipped_in_a_row(4, updates) == 2  # its first update was fine: counted anew
+    assert train.skipped_in_a_row(4, updates[1:]) == 6  # 4 at the end of the step before
+    assert train.skipped_in_a_row(2, updates[:1]) == 0
 
 
 def test_bad_input_gets_a_clear_message(small_world, small_policy, questions, tmp_path, capsys):
@@ -572,6 +597,8 @@ def test_bad_input_gets_a_clear_message(small_world, small_policy, questions, tm
         (["--data", str(empty)], "empty.jsonl"),
         (["--prompts-per-step", "4", "--mini-batch", "4"], "divide evenly over the 8 devices"),
         (["--mesh-fsdp", "3"], "--mesh-fsdp 3 must divide the 8 device(s) evenly"),
+        (["--latent-reward", "1.5"], "latent_reward must lie in [0, 1), got 1.5"),
+        (["--mini-batch", "0"], "--mini-batch must be >= 1, got 0"),
     ]
     for extra, needle in cases:
         with pytest.raises(SystemExit) as exit_info:

@@ -572,17 +572,21 @@ def test_policy_loss_same_on_1_and_8_devices(loss_agg):
 
 
 def test_homogenization_stats_by_hand():
-    outcome = jnp.array([[1.0, 1.0], [0.0, 0.0], [1.0, 0.0]])
-    first_hit = jnp.array([[0, -1], [1, -1], [-1, 0]])
-    num_turns = jnp.array([[2, 2], [2, 2], [1, 1]])
+    outcome = jnp.array([[1.0, 1.0], [0.0, 0.0], [1.0, 0.0], [0.0, 0.0]])
+    first_hit = jnp.array([[0, -1], [1, -1], [-1, 0], [-1, -1]])
+    num_turns = jnp.array([[2, 2], [2, 2], [1, 1], [2, 2]])
     r = tspo.folr_turn_rewards(outcome, first_hit, num_turns, max_turns=2)
     A = tspo.turn_advantages(r, num_turns)
     s = tspo.homogenization_stats(A, outcome, first_hit)
-    # Group 0 is all right (zero advantage); FOLR gives group 1 signal; group 2 is mixed.
-    np.testing.assert_allclose(s["zero_adv_group_frac"], 1 / 3)
-    np.testing.assert_allclose(s["outcome_tie_group_frac"], 2 / 3)
-    np.testing.assert_allclose(s["folr_hit_rate"], 3 / 6)
-    np.testing.assert_allclose(s["near_miss_rate"], 2 / 6)
+    # Group 0 is all right (zero advantage); FOLR gives group 1 signal (a hit in an all-wrong
+    # group); group 2 is mixed; group 3 is all wrong without a hit (zero advantage).
+    np.testing.assert_allclose(s["zero_adv_group_frac"], 2 / 4)
+    np.testing.assert_allclose(s["outcome_tie_group_frac"], 3 / 4)
+    np.testing.assert_allclose(s["all_wrong_group_frac"], 2 / 4)
+    np.testing.assert_allclose(s["all_correct_group_frac"], 1 / 4)
+    np.testing.assert_allclose(s["all_wrong_hit_frac"], 1 / 2)
+    none_wrong = tspo.homogenization_stats(A[:1], outcome[:1], first_hit[:1])
+    np.testing.assert_allclose(none_wrong["all_wrong_hit_frac"], 0.0)
 
 
 def test_bad_arguments_raise_clear_errors():

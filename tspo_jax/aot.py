@@ -509,7 +509,7 @@ def lower_decode(run: RunShape, devices):
         use_top_p=not sp.greedy and sp.top_p < 1,
         greedy=sp.greedy,
         options=options,
-        stop_rows_BM=jax.ShapeDtypeStruct((wave, STOP_TABLE[0]), jnp.bool_, sharding=by_row),
+        stop_rows_BW=jax.ShapeDtypeStruct((wave, STOP_TABLE[0]), jnp.bool_, sharding=by_row),
     )
 
 
@@ -522,7 +522,7 @@ def decode_step(run: RunShape, devices) -> tuple[Program, int]:
     tokens = jax.ShapeDtypeStruct((run.wave, 1), jnp.int32, sharding=by_row)
     state = cache(run.cache_slots)
     lowered = sampling._append_jit.lower(weights, run.config, state, tokens, n, options)
-    minimum = shard_bytes(weights) + shard_bytes((state.k_LBKSH, state.v_LBKSH))
+    minimum = shard_bytes(weights) + shard_bytes((state.k_LBXSH, state.v_LBXSH))
     return measure("decode step", lowered), minimum
 
 

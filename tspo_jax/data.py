@@ -23,6 +23,7 @@ from typing import Any, NamedTuple
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+from etils import epath
 
 QUESTION_MARKER = "Question:"  # what precedes the question in Search-R1's prompt
 
@@ -61,9 +62,11 @@ def _parquet_rows(path: Path) -> Iterator[tuple[str, Any]]:
         yield f"{path}, row {i}", row
 
 
-def jsonl_rows(path: str | os.PathLike) -> Iterator[tuple[str, Any]]:
-    """(where, parsed JSON) per non-blank line; where is "<path>, line N" for error messages."""
-    with open(path, encoding="utf-8") as f:
+def jsonl_rows(path, *, skip_torn: bool = False) -> Iterator[tuple[str, Any]]:
+    """(where, parsed JSON) per non-blank line of a local file or a URL (gs://...); where is
+    "<path>, line N" for error messages. A line that is not JSON is an error, or with
+    ``skip_torn`` is skipped (a log's last line, cut short by a kill)."""
+    with epath.Path(path).open(encoding="utf-8") as f:
         for line_no, line in enumerate(f, start=1):
             if not line.strip():
                 continue
@@ -71,7 +74,8 @@ def jsonl_rows(path: str | os.PathLike) -> Iterator[tuple[str, Any]]:
             try:
                 yield where, json.loads(line)
             except json.JSONDecodeError as e:
-                raise ValueError(f"{where}: not valid JSON ({e.msg})") from None
+                if not skip_torn:
+                    raise ValueError(f"{where}: not valid JSON ({e.msg})") from None
 
 
 def _example(row: Any, where: str, position: int) -> Example:

@@ -13,7 +13,7 @@ left to its own ``save_pretrained``. A folder given as a URL (gs://bucket/run/hf
 written locally first, then copied through etils' epath (``staged``).
 
 Layouts: params keep transformers' [out, in] Linear layout, with the head axes split out, so
-every conversion is a reshape: q_proj [N*H, D] -> q_NHD; k/v_proj [K*H, D] -> k_KHD / v_KHD;
+every conversion is a reshape: q_proj [N*H, D] -> q_NHD; k/v_proj [X*H, D] -> k_XHD / v_XHD;
 o_proj [D, N*H] -> o_DNH; biases [N*H] -> q_bias_NH; gate/up_proj [F, D], down_proj [D, F],
 embed_tokens and lm_head [V, D] as they are.
 """
@@ -57,7 +57,7 @@ class TensorSpec(NamedTuple):
 def tensor_specs(config: qwen.QwenConfig) -> list[TensorSpec]:
     """Every tensor of a Qwen2 checkpoint with this config, in the order they are written."""
     V, D, F = config.vocab_size, config.hidden_size, config.intermediate_size
-    N, K, H = config.num_heads, config.num_kv_heads, config.head_dim
+    N, X, H = config.num_heads, config.num_kv_heads, config.head_dim
     specs = [TensorSpec("model.embed_tokens.weight", ("embed_VD",), (V, D), (V, D))]
     for i in range(config.num_layers):
         pre, at, mlp = f"model.layers.{i}.", ("layers", i, "attn"), ("layers", i, "mlp")
@@ -67,10 +67,10 @@ def tensor_specs(config: qwen.QwenConfig) -> list[TensorSpec]:
             ),
             TensorSpec(pre + "self_attn.q_proj.weight", (*at, "q_NHD"), (N * H, D), (N, H, D)),
             TensorSpec(pre + "self_attn.q_proj.bias", (*at, "q_bias_NH"), (N * H,), (N, H)),
-            TensorSpec(pre + "self_attn.k_proj.weight", (*at, "k_KHD"), (K * H, D), (K, H, D)),
-            TensorSpec(pre + "self_attn.k_proj.bias", (*at, "k_bias_KH"), (K * H,), (K, H)),
-            TensorSpec(pre + "self_attn.v_proj.weight", (*at, "v_KHD"), (K * H, D), (K, H, D)),
-            TensorSpec(pre + "self_attn.v_proj.bias", (*at, "v_bias_KH"), (K * H,), (K, H)),
+            TensorSpec(pre + "self_attn.k_proj.weight", (*at, "k_XHD"), (X * H, D), (X, H, D)),
+            TensorSpec(pre + "self_attn.k_proj.bias", (*at, "k_bias_XH"), (X * H,), (X, H)),
+            TensorSpec(pre + "self_attn.v_proj.weight", (*at, "v_XHD"), (X * H, D), (X, H, D)),
+            TensorSpec(pre + "self_attn.v_proj.bias", (*at, "v_bias_XH"), (X * H,), (X, H)),
             TensorSpec(pre + "self_attn.o_proj.weight", (*at, "o_DNH"), (D, N * H), (D, N, H)),
             TensorSpec(
                 pre + "post_attention_layernorm.weight",

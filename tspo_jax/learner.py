@@ -7,7 +7,8 @@ them. The forward pass is ordinary jit-partitioned code; the loss (Eq. L of TSPO
 ``jax.shard_map`` over the batch axes, where ``tspo.policy_loss`` sums its numerators and
 denominators across devices, so the loss and its gradient are the same on any mesh shape.
 
-Shape letters: M micro-batches, B prompts, G samples per prompt, T tokens.
+Shape letters (the project's one key, README "Shape letters"): M micro-batches, B prompts, G
+samples per prompt, T tokens.
 """
 
 import dataclasses
@@ -304,6 +305,18 @@ def loss_fn(params, config, mesh: Mesh, settings: LossSettings, options, micro):
     )
 
 
+def is_max(name: str) -> bool:
+    """A ``*_max`` metric is a max over everything it is logged over; every other, a mean."""
+    return name.endswith("_max")
+
+
+def accumulate(total: dict, metrics: dict, tokens) -> dict:
+    """``total`` with one micro-batch's ``metrics`` added: a ``*_max`` by max, every other
+    weighted by the micro-batch's loss tokens (a token mean once divided by their sum)."""
+    add = lambda k, a: jnp.maximum(a, metrics[k]) if is_max(k) else a + tokens * metrics[k]
+    return {k: add(k, a) for k, a in total.items()}
+
+
 def update_step(
     state: TrainState, batch: UpdateBatch, *, config, mesh, optimizer, settings, options
 ):
@@ -314,7 +327,8 @@ def update_step(
     unrolled loop, measured on XLA:CPU, compiled slower, held 2.5x the temporaries, and ran no
     faster). Each micro-batch's gradient is weighted by its loss_denominator (see
     tspo.policy_loss), so the sum over micro-batches is the gradient of the loss over the whole
-    update batch. A non-finite loss or gradient skips the update (``metrics["skipped"]`` = 1).
+    update batch; the metrics are token means over it, a ``*_max`` the max over its micro-batches
+    (``accumulate``). A non-finite loss or gradient skips the update (``metrics["skipped"]`` = 1).
     The gradient sums are float32 and laid out like the params (sharded over fsdp).
     """
     layout = state_shardings(config, mesh, optimizer, state.opt_state)
@@ -327,7 +341,7 @@ def update_step(
         grad_sum, loss_sum, den, weighted, n_tokens = acc
         grad_sum = jax.tree.map(lambda a, g: a + w * g.astype(jnp.float32), grad_sum, grads)
         grad_sum = jax.lax.with_sharding_constraint(grad_sum, layout.params)
-        weighted = jax.tree.map(lambda a, m: a + tokens * m, weighted, metrics)
+        weighted = accumulate(weighted, metrics, tokens)
         return (grad_sum, loss_sum + w * loss, den + w, weighted, n_tokens + tokens), None
 
     first = jax.tree.map(lambda x: x[0], batch)
@@ -340,12 +354,12 @@ def update_step(
         jax.lax.with_sharding_constraint(jax.tree.map(zeros, state.params), layout.params),
         jnp.float32(0),
         jnp.float32(0),
-        jax.tree.map(zeros, metrics_like),
+        {k: jnp.float32(-jnp.inf) if is_max(k) else zeros(m) for k, m in metrics_like.items()},
         jnp.float32(0),
     )
     grad_sum, loss_sum, den, weighted, n_tokens = jax.lax.scan(micro_step, init, batch)[0]
     grads = jax.tree.map(lambda g: g / jnp.maximum(den, 1.0), grad_sum)
-    metrics = jax.tree.map(lambda m: m / jnp.maximum(n_tokens, 1.0), weighted)
+    metrics = {k: m if is_max(k) else m / jnp.maximum(n_tokens, 1.0) for k, m in weighted.items()}
     metrics.update(loss=loss_sum / jnp.maximum(den, 1.0), num_loss_tokens=n_tokens)
     grad_norm = optax.tree.norm(grads)
     ok = jnp.isfinite(grad_norm) & jnp.isfinite(metrics["loss"])

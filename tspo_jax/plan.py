@@ -15,7 +15,7 @@ element, r rows of a micro-batch and w rows of a rollout wave on the device, T =
     update temps      gradients, the layers' saved inputs (remat), one layer's activations,
                       the MLP in chunks (mlp_bytes), log-prob chunks (logits_bytes): UPDATE_FIT
     sampling weights  c P                    every device holds the whole policy
-    KV cache          2 w S L 2 K H c        a second copy: the TPU decoding loop's, or growth's;
+    KV cache          2 w S L 2 X H c        a second copy: the TPU decoding loop's, or growth's;
                                              S = T, or fewer (--rollout-slots: rows that
                                              outgrow S wait for a wave of fewer, longer rows)
     decode temps      one observation's append and the next-token logits of the wave
@@ -25,8 +25,8 @@ fixed part unless it waits in host memory while rollouts run (``offload``, train
 --offload-state), and at least fixed + sampling weights (the copy is gathered from the state
 before the state leaves).
 
-Shape letters as in qwen.py: L layers, D model dim, F MLP dim, N query / K key-value heads,
-H head dim, V vocabulary.
+Shape letters (the project's one key, README "Shape letters"): L layers, D model dim, F MLP
+dim, N query / X key-value heads, H head dim, V vocabulary, S cache slots, C appended tokens.
 """
 
 import functools
@@ -121,8 +121,8 @@ def param_shard_size(config: qwen.QwenConfig, data: int, fsdp: int) -> int:
 def layer_params(config: qwen.QwenConfig) -> int:
     """Parameters of one decoder layer."""
     D, F = config.hidden_size, config.intermediate_size
-    N, K, H = config.num_heads, config.num_kv_heads, config.head_dim
-    return 2 * D + 2 * N * H * D + N * H + 2 * (K * H * D + K * H) + 3 * F * D
+    N, X, H = config.num_heads, config.num_kv_heads, config.head_dim
+    return 2 * D + 2 * N * H * D + N * H + 2 * (X * H * D + X * H) + 3 * F * D
 
 
 def param_count(config: qwen.QwenConfig) -> int:
@@ -140,20 +140,20 @@ def update_terms(
     ``param_shard`` parameters on the device, ``options`` the update's qwen.ForwardOptions."""
     c = np.dtype(config.compute_dtype).itemsize
     V, D, F, L = config.vocab_size, config.hidden_size, config.intermediate_size, config.num_layers
-    N, K, H = config.num_heads, config.num_kv_heads, config.head_dim
+    N, X, H = config.num_heads, config.num_kv_heads, config.head_dim
     tokens = rows * length
     saved = {
         "full": (L + 1) * tokens * D * c,  # each layer's input
         "offload": 0,  # each layer's input, in host memory
-        "dots": L * tokens * c * (2 * D + 2 * F + (N + 2 * K) * H),  # the matmuls' outputs
-        "none": L * tokens * c * (2 * D + 3 * F + 4 * (N + 2 * K) * H),  # everything
+        "dots": L * tokens * c * (2 * D + 2 * F + (N + 2 * X) * H),  # the matmuls' outputs
+        "none": L * tokens * c * (2 * D + 3 * F + 4 * (N + 2 * X) * H),  # everything
     }[options.remat]
     mlp_chunk = qwen.block_size(length, rows * F * c, options.mlp_bytes)
     R, chunk = qwen.logits_chunks(rows, length, V, options.logits_bytes)
     return {
         "gradients": 4 * param_shard,  # float32 gradients, sharded like the params
         "saved": saved,  # what the backward pass keeps of each layer (remat)
-        "layer": tokens * c * (D + (N + 2 * K) * H),  # one layer's residual, q, k and v
+        "layer": tokens * c * (D + (N + 2 * X) * H),  # one layer's residual, q, k and v
         "mlp": rows * mlp_chunk * F * c,  # one chunk of the MLP's activations (mlp_bytes)
         "logits": 4 * (rows // R) * chunk * V,  # one chunk of float32 logits (logits_bytes)
     }
@@ -195,22 +195,22 @@ def decode_temporaries(
     shapes, within 10%), with the scores' weight then raised from 1.3 to 2 so that it is not
     under the TPU compiler's for the waves of the README's table (a prompt's prefill, whose
     whole chunk of queries fits one block of scores, is the largest there):
-      append: r C c (2 D + 2 F + (N + 2K) H) + 2 x one block of float32 scores + 3.5 r C S
+      append: r C c (2 D + 2 F + (N + 2X) H) + 2 x one block of float32 scores + 3.5 r C S
       decode step: 4 x 4 r V (logits, their scaled and filtered copies, float32)
     """
     c = np.dtype(config.compute_dtype).itemsize
     V, D, F = config.vocab_size, config.hidden_size, config.intermediate_size
-    N, K, H = config.num_heads, config.num_kv_heads, config.head_dim
+    N, X, H = config.num_heads, config.num_kv_heads, config.head_dim
     block = qwen.query_block(rows, N, chunk, slots, attention_bytes)
-    append = rows * chunk * c * (2 * D + 2 * F + (N + 2 * K) * H)
+    append = rows * chunk * c * (2 * D + 2 * F + (N + 2 * X) * H)
     append += 2 * 4 * rows * N * block * slots + 3.5 * rows * chunk * slots
     return int(max(append, 4 * 4 * rows * V))
 
 
 def kv_cache_bytes(config: qwen.QwenConfig, *, rows: int, slots: int) -> int:
     """The cache of ``rows`` rows, ``slots`` slots each, counted twice: from about 20 rows per
-    chip the TPU compiler's decoding loop keeps the cache in another layout (its [B, K, S, H]
-    arrays laid out in memory as B, S, K, H: copies before and after the loop in
+    chip the TPU compiler's decoding loop keeps the cache in another layout (its [B, X, S, H]
+    arrays laid out in memory as B, S, X, H: copies before and after the loop in
     ``compiled.as_text()``) and converts the wave's cache into it and back at each call, so
     both copies live during the loop (its temporaries equal the cache); and the last growth
     holds the old cache (half the slots) and the new one at once. Within a decoding step the

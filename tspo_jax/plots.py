@@ -4,10 +4,11 @@ python -m tspo_jax.plots runs/toyworld/metrics.jsonl [out.png]
 """
 
 import io
-import json
 import sys
 
 from etils import epath
+
+from tspo_jax import data
 
 # (metrics drawn, title): one line per metric, a legend when there are several.
 PANELS = (
@@ -26,14 +27,7 @@ PANELS = (
 def read_metrics(path) -> list[dict]:
     """The JSONL records of a run, one per step (a resumed run's repeats: the latest wins).
     ``path`` may be a URL (gs://...), as may ``out_png`` below."""
-    by_step = {}
-    for n, line in enumerate(epath.Path(path).read_text().splitlines(), start=1):
-        if line.strip():
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}: line {n} is not JSON ({e})") from None
-            by_step[record["step"]] = record
+    by_step = {record["step"]: record for _, record in data.jsonl_rows(path)}
     return [by_step[s] for s in sorted(by_step)]
 
 

@@ -62,13 +62,18 @@ class Action(NamedTuple):
 # Prompts
 
 
+def check_template(template: str) -> None:
+    """A prompt template must have a {question} field (where build_prompt puts the question)."""
+    if "{question}" not in template:
+        raise ValueError("the template has no {question} field")
+
+
 def build_prompt(
     question: str, *, tokenizer: Any = None, chat: bool = False, template: str = DEFAULT_TEMPLATE
 ) -> str:
     """The first prompt of an episode: plain text for base models, chat-formatted for instruct
     models (one user message, then the assistant's generation prompt)."""
-    if "{question}" not in template:
-        raise ValueError("template has no {question} placeholder")
+    check_template(template)
     text = template.replace("{question}", question.strip())
     return chat_prompt([{"role": "user", "content": text}], tokenizer=tokenizer, chat=chat)
 

@@ -2,7 +2,7 @@
 
 The architecture (the same as transformers' ``Qwen2ForCausalLM``): token embedding, then per
 layer ``x + attn(rms_norm(x))`` and ``x + mlp(rms_norm(x))``, a final RMSNorm and a tied or
-untied LM head. Attention is grouped-query (K key/value heads shared by G = N / K query heads
+untied LM head. Attention is grouped-query (X key/value heads shared by R = N / X query heads
 each) with biases on q, k and v and none on the output projection, and rotate-half RoPE. The MLP
 is SwiGLU: ``down(silu(gate(x)) * up(x))``.
 
@@ -21,7 +21,7 @@ q_proj.weight reshaped), so loading is a reshape, and ``dense`` can read them we
 when decoding:
     embed_VD                token embedding (also the LM head when tie_word_embeddings)
     layers[l].attn_norm.scale_D, layers[l].mlp_norm.scale_D
-    layers[l].attn.{q_NHD, q_bias_NH, k_KHD, k_bias_KH, v_KHD, v_bias_KH, o_DNH}
+    layers[l].attn.{q_NHD, q_bias_NH, k_XHD, k_bias_XH, v_XHD, v_bias_XH, o_DNH}
     layers[l].mlp.{gate_FD, up_FD, down_DF}
     final_norm.scale_D
     lm_head_VD              only when the head is untied
@@ -29,10 +29,12 @@ when decoding:
 Positions come from the mask: position = cumsum(mask) - 1 per row, so left padding and masked
 holes inside a sequence work, and masked keys are never attended to.
 
-Shape letters: B batch rows, T tokens (queries), S key slots (the sequence itself, or the KV
-cache), L layers, D model dim, N query heads, K key/value heads, G query heads per KV head,
-H head dim, F MLP hidden dim (or any output dim in ``dense``), V vocabulary, M tokens (rows of
-``dense``), Q = G * T query rows per key/value head; in token_logprobs, J chunks of c positions.
+Shape letters (the project's one key, README "Shape letters"): B batch rows, T tokens (queries;
+the rows of ``dense``), S key slots (the sequence itself, or the KV cache), C tokens appended to
+a cache, L layers, D model dim, N query heads, X key/value heads, R = N / X query heads per
+key/value head, Q = R * T query rows per key/value head, H head dim, F MLP hidden dim (or any
+output dim of ``dense``), V vocabulary, J blocks (of t queries in ``attend``, of c positions in
+``token_logprobs``).
 """
 
 import dataclasses
@@ -130,7 +132,7 @@ class QwenConfig:
     intermediate_size: int  # F, SwiGLU hidden width
     num_layers: int  # L, decoder layers (num_hidden_layers in config.json)
     num_heads: int  # N, query heads (num_attention_heads)
-    num_kv_heads: int  # K, key/value heads (num_key_value_heads); N must be a multiple
+    num_kv_heads: int  # X, key/value heads (num_key_value_heads); N must be a multiple
     head_dim: int  # H, per-head width (hidden_size // num_heads unless config.json says)
     rms_norm_eps: float = 1e-6  # epsilon inside every RMSNorm
     rope_theta: float = 1_000_000.0  # RoPE base (top-level or in rope_parameters)
@@ -311,42 +313,42 @@ def plain_or_cpu(plain, cpu, *args):
 
 
 # Decoding matmuls: up to WEIGHT_STATIONARY_MAX_TOKENS tokens, XLA:CPU computes w [F, D] @ x.T
-# [D, M] and transposes the small [F, M] result, streaming the weights at close to memory
-# bandwidth, where x @ w.T with few rows M reaches about 2/3 of it (decoding is memory bound).
+# [D, T] and transposes the small [F, T] result, streaming the weights at close to memory
+# bandwidth, where x @ w.T with few rows T reaches about 2/3 of it (decoding is memory bound).
 # (Decoding also runs the layers as a Python loop over one weight array per layer rather than
 # hidden_states' scan over stacked weights: 1.6x faster on XLA:CPU; a scan serves elsewhere.)
 WEIGHT_STATIONARY_MAX_TOKENS = 64
 _CONTRACT_LAST = (((1,), (1,)), ((), ()))
 
 
-def dense(x_MD: jax.Array, w_FD: jax.Array, preferred_element_type=None) -> jax.Array:
+def dense(x_TD: jax.Array, w_FD: jax.Array, preferred_element_type=None) -> jax.Array:
     """x @ w.T over the last axis of both ("...D,F...D->...F..."): w is [out..., in], the
     transformers layout, and x may have any leading axes. On XLA:CPU, few tokens (decoding)
     take the weight-stationary form (``weight_stationary``)."""
-    lead, out = x_MD.shape[:-1], w_FD.shape[:-1]
-    D = x_MD.shape[-1]
-    assert w_FD.shape[-1] == D, (x_MD.shape, w_FD.shape)
-    x2_MD, w2_FD = x_MD.reshape(-1, D), w_FD.reshape(-1, D)
+    lead, out = x_TD.shape[:-1], w_FD.shape[:-1]
+    D = x_TD.shape[-1]
+    assert w_FD.shape[-1] == D, (x_TD.shape, w_FD.shape)
+    x2_TD, w2_FD = x_TD.reshape(-1, D), w_FD.reshape(-1, D)
     matmul = functools.partial(
         jax.lax.dot_general,
         dimension_numbers=_CONTRACT_LAST,
         preferred_element_type=preferred_element_type,
     )
-    if x2_MD.shape[0] <= WEIGHT_STATIONARY_MAX_TOKENS:
+    if x2_TD.shape[0] <= WEIGHT_STATIONARY_MAX_TOKENS:
         cpu = functools.partial(weight_stationary, preferred_element_type=preferred_element_type)
-        y_MF = plain_or_cpu(matmul, cpu, x2_MD, w2_FD)
+        y_TF = plain_or_cpu(matmul, cpu, x2_TD, w2_FD)
     else:
-        y_MF = matmul(x2_MD, w2_FD)
-    return y_MF.reshape(*lead, *out)
+        y_TF = matmul(x2_TD, w2_FD)
+    return y_TF.reshape(*lead, *out)
 
 
-def weight_stationary(x_MD, w_FD, preferred_element_type=None):
+def weight_stationary(x_TD, w_FD, preferred_element_type=None):
     """XLA:CPU's faster x @ w.T for few rows: (w @ x.T).T, the optimization barrier keeping XLA
     from folding the transpose back into the dot."""
-    y_FM = jax.lax.dot_general(
-        w_FD, x_MD, _CONTRACT_LAST, preferred_element_type=preferred_element_type
+    y_FT = jax.lax.dot_general(
+        w_FD, x_TD, _CONTRACT_LAST, preferred_element_type=preferred_element_type
     )
-    return jax.lax.optimization_barrier(y_FM).T
+    return jax.lax.optimization_barrier(y_FT).T
 
 
 # ---------------------------------------------------------------------------------------------
@@ -354,14 +356,14 @@ def weight_stationary(x_MD, w_FD, preferred_element_type=None):
 
 
 def attend(
-    q_BTNH, k_BKSH, v_BKSH, mask_BTS, *, q_block: int = 0, options=PLAIN, new=None
+    q_BTNH, k_BXSH, v_BXSH, mask_BTS, *, q_block: int = 0, options=PLAIN, new=None
 ) -> jax.Array:
     """Grouped-query softmax attention (no repeat of K/V); the softmax is in float32.
 
-    Query head n uses key/value head n // G, as transformers' repeat_kv. The G query heads and
-    T positions that share a key/value head form one matrix of Q = G * T rows, so each score
-    and value product is a single batched matmul over (B, K) (twice as fast on XLA:CPU as
-    keeping G and T apart). A query with no attendable key (a left-padding token) gets a
+    Query head n uses key/value head n // R, as transformers' repeat_kv. The R query heads and
+    T positions that share a key/value head form one matrix of Q = R * T rows, so each score
+    and value product is a single batched matmul over (B, X) (twice as fast on XLA:CPU as
+    keeping R and T apart). A query with no attendable key (a left-padding token) gets a
     uniform average instead of NaN.
 
     q_block (a divisor of T; 0: all at once): queries run in blocks of q_block under a
@@ -378,94 +380,94 @@ def attend(
     """
     B, T, N, H = q_BTNH.shape
     if not q_block or q_block >= T:
-        return _attend_block(q_BTNH, k_BKSH, v_BKSH, mask_BTS, jnp.int32(0), new)
+        return _attend_block(q_BTNH, k_BXSH, v_BXSH, mask_BTS, jnp.int32(0), new)
     assert T % q_block == 0, (T, q_block)
-    J, S = T // q_block, k_BKSH.shape[2]
+    J, S = T // q_block, k_BXSH.shape[2]
     rows = options.constrain
     q_JBtNH = rows(q_BTNH.reshape(B, J, q_block, N, H).swapaxes(0, 1), 1)
     mask_JBtS = rows(mask_BTS.reshape(B, J, q_block, S).swapaxes(0, 1), 1)
     first_J = jnp.arange(J, dtype=jnp.int32) * q_block  # the block's first query position
     block = jax.checkpoint(lambda q, m, first, k, v, new: _attend_block(q, k, v, m, first, new))
     out_JBtNH = jax.lax.map(
-        lambda qmf: block(*qmf, k_BKSH, v_BKSH, new), (q_JBtNH, mask_JBtS, first_J)
+        lambda qmf: block(*qmf, k_BXSH, v_BXSH, new), (q_JBtNH, mask_JBtS, first_J)
     )
     return rows(out_JBtNH, 1).swapaxes(0, 1).reshape(B, T, N, H)
 
 
-def _attend_block(q_BTNH, k_BKSH, v_BKSH, mask_BTS, first, new=None) -> jax.Array:
+def _attend_block(q_BTNH, k_BXSH, v_BXSH, mask_BTS, first, new=None) -> jax.Array:
     """attend() for one block of T queries; ``first``: the position of its first query among
     the new tokens (for their causal mask)."""
     B, T, N, H = q_BTNH.shape
-    K = k_BKSH.shape[1]
-    G = N // K
-    q_BKQH = q_BTNH.reshape(B, T, K, G, H).transpose(0, 2, 3, 1, 4).reshape(B, K, G * T, H)
+    X = k_BXSH.shape[1]
+    R = N // X
+    q_BXQH = q_BTNH.reshape(B, T, X, R, H).transpose(0, 2, 3, 1, 4).reshape(B, X, R * T, H)
 
-    def scores(k_BKSH, mask_BTS):  # [B, K, G, T, S], masked
-        s_BKQS = jnp.einsum("BKQH,BKSH->BKQS", q_BKQH, k_BKSH, preferred_element_type=jnp.float32)
-        s_BKGTS = s_BKQS.reshape(B, K, G, T, -1) / math.sqrt(H)
-        return jnp.where(mask_BTS[:, None, None], s_BKGTS, jnp.finfo(jnp.float32).min)
+    def scores(k_BXSH, mask_BTS):  # [B, X, R, T, S], masked
+        s_BXQS = jnp.einsum("BXQH,BXSH->BXQS", q_BXQH, k_BXSH, preferred_element_type=jnp.float32)
+        s_BXRTS = s_BXQS.reshape(B, X, R, T, -1) / math.sqrt(H)
+        return jnp.where(mask_BTS[:, None, None], s_BXRTS, jnp.finfo(jnp.float32).min)
 
-    def mix(weight_BKGTS, v_BKSH):  # the values' weighted sum
-        weight_BKQS = weight_BKGTS.reshape(B, K, G * T, -1).astype(v_BKSH.dtype)
-        return jnp.einsum("BKQS,BKSH->BKQH", weight_BKQS, v_BKSH)
+    def mix(weight_BXRTS, v_BXSH):  # the values' weighted sum
+        weight_BXQS = weight_BXRTS.reshape(B, X, R * T, -1).astype(v_BXSH.dtype)
+        return jnp.einsum("BXQS,BXSH->BXQH", weight_BXQS, v_BXSH)
 
-    scores_BKGTS = scores(k_BKSH, mask_BTS)
+    scores_BXRTS = scores(k_BXSH, mask_BTS)
     if new is None:
-        out_BKQH = mix(jax.nn.softmax(scores_BKGTS, axis=-1), v_BKSH)
+        out_BXQH = mix(jax.nn.softmax(scores_BXRTS, axis=-1), v_BXSH)
     else:  # the appended tokens' own keys, after the cache's slots, under one softmax
-        k_BKCH, v_BKCH = new
-        C = k_BKCH.shape[2]
+        k_BXCH, v_BXCH = new
+        C = k_BXCH.shape[2]
         causal_TC = first + jnp.arange(T)[:, None] >= jnp.arange(C)[None, :]
-        own_BKGTC = scores(k_BKCH, jnp.broadcast_to(causal_TC, (B, T, C)))
+        own_BXRTC = scores(k_BXCH, jnp.broadcast_to(causal_TC, (B, T, C)))
         # The two parts are never joined: a [.., S + C] array would copy the scores, which at
         # hundreds of rows a chip is HBM traffic of its own.
-        max_BKGT1 = jnp.maximum(
-            jnp.max(scores_BKGTS, axis=-1, keepdims=True),
-            jnp.max(own_BKGTC, axis=-1, keepdims=True),
+        max_BXRT1 = jnp.maximum(
+            jnp.max(scores_BXRTS, axis=-1, keepdims=True),
+            jnp.max(own_BXRTC, axis=-1, keepdims=True),
         )
-        weight_BKGTS = jnp.exp(scores_BKGTS - max_BKGT1)
-        weight_BKGTC = jnp.exp(own_BKGTC - max_BKGT1)
-        total_BKGT1 = jnp.sum(weight_BKGTS, axis=-1, keepdims=True)
-        total_BKGT1 = total_BKGT1 + jnp.sum(weight_BKGTC, axis=-1, keepdims=True)
-        out_BKQH = mix(weight_BKGTS / total_BKGT1, v_BKSH) + mix(weight_BKGTC / total_BKGT1, v_BKCH)
-    return out_BKQH.reshape(B, K, G, T, H).transpose(0, 3, 1, 2, 4).reshape(B, T, N, H)
+        weight_BXRTS = jnp.exp(scores_BXRTS - max_BXRT1)
+        weight_BXRTC = jnp.exp(own_BXRTC - max_BXRT1)
+        total_BXRT1 = jnp.sum(weight_BXRTS, axis=-1, keepdims=True)
+        total_BXRT1 = total_BXRT1 + jnp.sum(weight_BXRTC, axis=-1, keepdims=True)
+        out_BXQH = mix(weight_BXRTS / total_BXRT1, v_BXSH) + mix(weight_BXRTC / total_BXRT1, v_BXCH)
+    return out_BXQH.reshape(B, X, R, T, H).transpose(0, 3, 1, 2, 4).reshape(B, T, N, H)
 
 
-def write_cache(cache_BKSH, new_BKTH, slots_BT) -> jax.Array:
+def write_cache(cache_BXSH, new_BXTH, slots_BT) -> jax.Array:
     """cache[b, :, slots[b, t]] = new[b, :, t]; a slot >= S writes nothing (padding).
 
     One scatter per row (vmapped, so the row axis stays a batch axis that a sharded cache
     keeps split), in place when the cache is donated.
     """
-    write = lambda c_KSH, n_KTH, s_T: c_KSH.at[:, s_T].set(n_KTH.astype(c_KSH.dtype), mode="drop")
-    return jax.vmap(write)(cache_BKSH, new_BKTH, slots_BT)
+    write = lambda c_XSH, n_XTH, s_T: c_XSH.at[:, s_T].set(n_XTH.astype(c_XSH.dtype), mode="drop")
+    return jax.vmap(write)(cache_BXSH, new_BXTH, slots_BT)
 
 
-def _attend_then_write(q_BTNH, k_BKTH, v_BKTH, k_BKSH, v_BKSH, mask_BTS, slots_BT, *, options):
+def _attend_then_write(q_BTNH, k_BXTH, v_BXTH, k_BXSH, v_BXSH, mask_BTS, slots_BT, *, options):
     """Attention of T new tokens over a cache and each other, then their keys and values
     written into the cache (``attend``'s ``new``): the cache is only read before it is written,
     in place. What TPU and GPU run."""
     B, T, N, _ = q_BTNH.shape
-    S = k_BKSH.shape[2] + T
+    S = k_BXSH.shape[2] + T
     q_block = query_block(options.local_rows(B), N, T, S, options.attention_bytes)
-    new = (k_BKTH, v_BKTH)
-    out_BTNH = attend(q_BTNH, k_BKSH, v_BKSH, mask_BTS, q_block=q_block, options=options, new=new)
-    return out_BTNH, write_cache(k_BKSH, k_BKTH, slots_BT), write_cache(v_BKSH, v_BKTH, slots_BT)
+    new = (k_BXTH, v_BXTH)
+    out_BTNH = attend(q_BTNH, k_BXSH, v_BXSH, mask_BTS, q_block=q_block, options=options, new=new)
+    return out_BTNH, write_cache(k_BXSH, k_BXTH, slots_BT), write_cache(v_BXSH, v_BXTH, slots_BT)
 
 
-def _write_then_attend(q_BTNH, k_BKTH, v_BKTH, k_BKSH, v_BKSH, mask_BTS, slots_BT, *, options):
+def _write_then_attend(q_BTNH, k_BXTH, v_BXTH, k_BXSH, v_BXSH, mask_BTS, slots_BT, *, options):
     """The same numbers with the new tokens written first and attended in the cache (a slot
     of the cache at most the query's own: slots are positions). XLA:CPU decodes about twice as
     fast so (a tiny model's 40 rows: 1,440-1,750 tokens/s against 790-810 with the write after
     the read, which makes it copy the cache); the TPU compiler, given this order, stages each
     layer's cache through its on-chip memory and writes all of it back at every step."""
-    k_BKSH, v_BKSH = write_cache(k_BKSH, k_BKTH, slots_BT), write_cache(v_BKSH, v_BKTH, slots_BT)
+    k_BXSH, v_BXSH = write_cache(k_BXSH, k_BXTH, slots_BT), write_cache(v_BXSH, v_BXTH, slots_BT)
     B, T, N, _ = q_BTNH.shape
-    S = k_BKSH.shape[2]
+    S = k_BXSH.shape[2]
     mask_BTS = mask_BTS | (jnp.arange(S) <= slots_BT[:, :, None])
     q_block = query_block(options.local_rows(B), N, T, S, options.attention_bytes)
-    out_BTNH = attend(q_BTNH, k_BKSH, v_BKSH, mask_BTS, q_block=q_block, options=options)
-    return out_BTNH, k_BKSH, v_BKSH
+    out_BTNH = attend(q_BTNH, k_BXSH, v_BXSH, mask_BTS, q_block=q_block, options=options)
+    return out_BTNH, k_BXSH, v_BXSH
 
 
 class RMSNorm(nnx.Module):
@@ -479,13 +481,13 @@ class RMSNorm(nnx.Module):
 
 class Attention(nnx.Module):
     def __init__(self, config: QwenConfig, *, rngs: nnx.Rngs, param_dtype):
-        D, N, K, H = config.hidden_size, config.num_heads, config.num_kv_heads, config.head_dim
+        D, N, X, H = config.hidden_size, config.num_heads, config.num_kv_heads, config.head_dim
         self.q_NHD = _param(rngs, (N, H, D), ("q_heads", "head_dim", "embed"), param_dtype)
         self.q_bias_NH = _param(rngs, (N, H), ("q_heads", "head_dim"), param_dtype, init="zeros")
-        self.k_KHD = _param(rngs, (K, H, D), ("kv_heads", "head_dim", "embed"), param_dtype)
-        self.k_bias_KH = _param(rngs, (K, H), ("kv_heads", "head_dim"), param_dtype, init="zeros")
-        self.v_KHD = _param(rngs, (K, H, D), ("kv_heads", "head_dim", "embed"), param_dtype)
-        self.v_bias_KH = _param(rngs, (K, H), ("kv_heads", "head_dim"), param_dtype, init="zeros")
+        self.k_XHD = _param(rngs, (X, H, D), ("kv_heads", "head_dim", "embed"), param_dtype)
+        self.k_bias_XH = _param(rngs, (X, H), ("kv_heads", "head_dim"), param_dtype, init="zeros")
+        self.v_XHD = _param(rngs, (X, H, D), ("kv_heads", "head_dim", "embed"), param_dtype)
+        self.v_bias_XH = _param(rngs, (X, H), ("kv_heads", "head_dim"), param_dtype, init="zeros")
         self.o_DNH = _param(rngs, (D, N, H), ("embed", "q_heads", "head_dim"), param_dtype)
 
     def __call__(
@@ -494,8 +496,8 @@ class Attention(nnx.Module):
         cos_BTH,
         sin_BTH,
         mask_BTS,
-        k_BKSH=None,
-        v_BKSH=None,
+        k_BXSH=None,
+        v_BXSH=None,
         slots_BT=None,
         options=PLAIN,
     ):
@@ -509,28 +511,28 @@ class Attention(nnx.Module):
         """
         dt = x_BTD.dtype
         q_BTNH = dense(x_BTD, self.q_NHD[...].astype(dt))  # "BTD,NHD->BTNH"
-        k_BTKH = dense(x_BTD, self.k_KHD[...].astype(dt))  # "BTD,KHD->BTKH"
-        v_BTKH = dense(x_BTD, self.v_KHD[...].astype(dt))
+        k_BTXH = dense(x_BTD, self.k_XHD[...].astype(dt))  # "BTD,XHD->BTXH"
+        v_BTXH = dense(x_BTD, self.v_XHD[...].astype(dt))
         q_BTNH = apply_rope(q_BTNH + self.q_bias_NH[...].astype(dt), cos_BTH, sin_BTH)
-        k_BTKH = apply_rope(k_BTKH + self.k_bias_KH[...].astype(dt), cos_BTH, sin_BTH)
-        v_BTKH = v_BTKH + self.v_bias_KH[...].astype(dt)
-        k_BKTH, v_BKTH = k_BTKH.transpose(0, 2, 1, 3), v_BTKH.transpose(0, 2, 1, 3)
+        k_BTXH = apply_rope(k_BTXH + self.k_bias_XH[...].astype(dt), cos_BTH, sin_BTH)
+        v_BTXH = v_BTXH + self.v_bias_XH[...].astype(dt)
+        k_BXTH, v_BXTH = k_BTXH.transpose(0, 2, 1, 3), v_BTXH.transpose(0, 2, 1, 3)
         B, T, N, H = q_BTNH.shape
         rows = options.local_rows(B)
-        if k_BKSH is None:
+        if k_BXSH is None:
             q_block = query_block(rows, N, T, T, options.attention_bytes)
-            out_BTNH = attend(q_BTNH, k_BKTH, v_BKTH, mask_BTS, q_block=q_block, options=options)
-            k_BKSH, v_BKSH = k_BKTH, v_BKTH
+            out_BTNH = attend(q_BTNH, k_BXTH, v_BXTH, mask_BTS, q_block=q_block, options=options)
+            k_BXSH, v_BXSH = k_BXTH, v_BXTH
         else:
-            new = (q_BTNH, k_BKTH, v_BKTH, k_BKSH.astype(dt), v_BKSH.astype(dt), mask_BTS, slots_BT)
-            out_BTNH, k_BKSH, v_BKSH = plain_or_cpu(
+            new = (q_BTNH, k_BXTH, v_BXTH, k_BXSH.astype(dt), v_BXSH.astype(dt), mask_BTS, slots_BT)
+            out_BTNH, k_BXSH, v_BXSH = plain_or_cpu(
                 functools.partial(_attend_then_write, options=options),
                 functools.partial(_write_then_attend, options=options),
                 *new,
             )
         o_DNH = self.o_DNH[...].astype(dt)
         y_BTD = dense(out_BTNH.reshape(B, T, N * H), o_DNH.reshape(-1, N * H))  # "BTNH,DNH->BTD"
-        return y_BTD, k_BKSH, v_BKSH
+        return y_BTD, k_BXSH, v_BXSH
 
 
 class MLP(nnx.Module):
@@ -574,17 +576,17 @@ class DecoderLayer(nnx.Module):
         cos_BTH,
         sin_BTH,
         mask_BTS,
-        k_BKSH=None,
-        v_BKSH=None,
+        k_BXSH=None,
+        v_BXSH=None,
         slots_BT=None,
         options=PLAIN,
     ):
-        y_BTD, k_BKSH, v_BKSH = self.attn(
-            self.attn_norm(x_BTD), cos_BTH, sin_BTH, mask_BTS, k_BKSH, v_BKSH, slots_BT, options
+        y_BTD, k_BXSH, v_BXSH = self.attn(
+            self.attn_norm(x_BTD), cos_BTH, sin_BTH, mask_BTS, k_BXSH, v_BXSH, slots_BT, options
         )
         x_BTD = x_BTD + y_BTD
         x_BTD = x_BTD + self.mlp(self.mlp_norm(x_BTD), options)
-        return x_BTD, k_BKSH, v_BKSH
+        return x_BTD, k_BXSH, v_BXSH
 
 
 class Qwen2(nnx.Module):
@@ -613,8 +615,8 @@ class Qwen2(nnx.Module):
         tokens_BT,
         pos_BT,
         mask_BTS,
-        k_LBKSH=None,
-        v_LBKSH=None,
+        k_LBXSH=None,
+        v_LBXSH=None,
         slots_BT=None,
         options: ForwardOptions = PLAIN,
     ):
@@ -623,13 +625,13 @@ class Qwen2(nnx.Module):
         cos_BTH, sin_BTH = rope_tables(pos_BT, cfg.head_dim, cfg.rope_theta)
         new_k, new_v = [], []
         for i, layer in enumerate(self.layers):
-            cache = (None, None) if k_LBKSH is None else (k_LBKSH[i], v_LBKSH[i])
-            x_BTD, k_BKSH, v_BKSH = layer(
+            cache = (None, None) if k_LBXSH is None else (k_LBXSH[i], v_LBXSH[i])
+            x_BTD, k_BXSH, v_BXSH = layer(
                 x_BTD, cos_BTH, sin_BTH, mask_BTS, *cache, slots_BT, options
             )
             x_BTD = options.constrain(x_BTD)
-            new_k.append(k_BKSH)
-            new_v.append(v_BKSH)
+            new_k.append(k_BXSH)
+            new_v.append(v_BXSH)
         return self.final_norm(x_BTD), tuple(new_k), tuple(new_v)
 
 
@@ -721,20 +723,20 @@ def forward(
     tokens_BT,
     pos_BT,
     mask_BTS,
-    k_LBKSH=None,
-    v_LBKSH=None,
+    k_LBXSH=None,
+    v_LBXSH=None,
     slots_BT=None,
     options: ForwardOptions = PLAIN,
 ):
-    """Decoder stack -> (final-normed x_BTD, k_LBKSH, v_LBKSH).
+    """Decoder stack -> (final-normed x_BTD, k_LBXSH, v_LBXSH).
 
     mask_BTS[b, t, s]: query t may attend key slot s. Without a cache S = T (the tokens
-    themselves); with one, s is a slot of each per-layer [B, K, S, H] cache, the T new tokens
+    themselves); with one, s is a slot of each per-layer [B, X, S, H] cache, the T new tokens
     also attend each other causally, their keys/values are then written at slots_BT
     (``write_cache``), and the updated caches are returned.
     ``options`` say how to run it (rematerialization, activation sharding, attention blocks).
     """
-    return module(params, config)(tokens_BT, pos_BT, mask_BTS, k_LBKSH, v_LBKSH, slots_BT, options)
+    return module(params, config)(tokens_BT, pos_BT, mask_BTS, k_LBXSH, v_LBXSH, slots_BT, options)
 
 
 def lm_head(params: Params, config: QwenConfig) -> jax.Array:

@@ -10,7 +10,7 @@ A rollout:
     state = restart(state, done_B)                   # rows that ended start over from slot 0
     state = append(params, config, state, *pad_chunk(next_prompts))  # ... with a new prompt
 
-The cache: one [B, K, S, H] key and value array per layer. Row b's tokens fill slots
+The cache: one [B, X, S, H] key and value array per layer. Row b's tokens fill slots
 0 .. length_B[b] - 1 in order, with no holes, so a token's slot is also its RoPE position and
 the keys a query may attend are exactly the slots before it. Every call writes each row's new
 tokens at that row's own end (a scatter: padding and rows with nothing to add write nowhere),
@@ -18,9 +18,9 @@ so a row's cache, and hence its tokens, do not depend on which other rows share 
 how long they are; the cache needs only as many slots as its longest row. A rewind moves a
 row's end back; a restart moves it to 0, and the row's next append writes a new sequence over
 the old one's slots (the slots past a row's end are never attended, so they need no clearing).
-Each row may stop at its own subset of the stop strings (``generate``'s stop_rows_BM,
+Each row may stop at its own subset of the stop strings (``generate``'s stop_rows_BW,
 ``sample_turn``'s stop_strings_B), so rows at different turns of a protocol share one call.
-(B, K) lead the layout because they are the batch axes of the attention matmuls: any other
+(B, X) lead the layout because they are the batch axes of the attention matmuls: any other
 order makes XLA transpose the whole cache at every step.
 
 Sharding: ``options.batch_sharding`` (qwen.ForwardOptions) splits the rows over the devices of
@@ -29,13 +29,14 @@ weights replicated. Rows never interact, so no device waits for another's rows.
 
 Compiled shapes (each distinct value compiles once; keep them to a few): batch B and cache slots
 S (``init_cache``, ``grow``), chunk length C (``append``; pad with ``pad_chunk`` to length
-buckets), ``max_new_tokens`` N, the stop table [M, J] and the number of EOS ids E
+buckets), ``max_new_tokens`` T, the stop table [W, U] and the number of EOS ids E
 (``generate``), and the flags greedy, top_k and (top_p < 1). Temperature, the top_p value, the
 per-row limits and the per-row stop masks are traced, not static.
 
-Shape letters: B rows, S cache slots, C appended tokens, N new tokens, V vocabulary, L layers,
-K key/value heads, H head dim, D model dim, M stop sequences, J tokens per stop sequence
-(right-aligned, left-padded with -1), E EOS ids.
+Shape letters (the project's one key, README "Shape letters"): B rows, S cache slots, C appended
+tokens, T new tokens, V vocabulary, L layers, X key/value heads, H head dim, D model dim, W stop
+sequences, U tokens of a stop sequence (right-aligned, left-padded with -1), E EOS ids, J blocks
+of the vocabulary; lower case: n a row's cached tokens, b a block's entries.
 """
 
 import functools
@@ -78,8 +79,8 @@ class SamplingParams(NamedTuple):
 class DecodeState(NamedTuple):
     """Everything a batch of partial sequences needs to continue; donated to every call."""
 
-    k_LBKSH: tuple[jax.Array, ...]  # per layer [B, K, S, H] keys (RoPE applied)
-    v_LBKSH: tuple[jax.Array, ...]  # per layer [B, K, S, H] values
+    k_LBXSH: tuple[jax.Array, ...]  # per layer [B, X, S, H] keys (RoPE applied)
+    v_LBXSH: tuple[jax.Array, ...]  # per layer [B, X, S, H] values
     length_B: jax.Array  # int32: row b's tokens are in slots 0 .. length - 1 (its next position)
     logits_BV: jax.Array  # float32: next-token logits of each row (after its last token)
 
@@ -87,8 +88,8 @@ class DecodeState(NamedTuple):
 class Generation(NamedTuple):
     """What generate() sampled, as sampled (never re-tokenized)."""
 
-    tokens_BN: jax.Array  # int32, 0 after each row's length
-    logp_BN: jax.Array  # float32 log-probs of tokens_BN (see sample_logits), 0 after length
+    tokens_BT: jax.Array  # int32, 0 after each row's length
+    logp_BT: jax.Array  # float32 log-probs of tokens_BT (see sample_logits), 0 after length
     length_B: jax.Array  # int32 tokens generated per row, the EOS / stop token included
     stop_B: jax.Array  # int32 LENGTH, EOS, STOP_STRING or INACTIVE
     start_B: jax.Array  # int32: row b's j-th generated token is in slot start_B[b] + j
@@ -113,8 +114,8 @@ def init_cache(config: qwen.QwenConfig, batch: int, slots: int, *, sharding=None
     shape = (batch, config.num_kv_heads, slots, config.head_dim)
     zeros = lambda shape, dtype: jnp.zeros(shape, dtype, device=sharding)
     return DecodeState(
-        k_LBKSH=tuple(zeros(shape, dtype) for _ in range(config.num_layers)),
-        v_LBKSH=tuple(zeros(shape, dtype) for _ in range(config.num_layers)),
+        k_LBXSH=tuple(zeros(shape, dtype) for _ in range(config.num_layers)),
+        v_LBXSH=tuple(zeros(shape, dtype) for _ in range(config.num_layers)),
         length_B=zeros((batch,), jnp.int32),
         logits_BV=zeros((batch, config.vocab_size), jnp.float32),
     )
@@ -122,15 +123,15 @@ def init_cache(config: qwen.QwenConfig, batch: int, slots: int, *, sharding=None
 
 def slots(state: DecodeState) -> int:
     """S, the cache's slots per row."""
-    return state.k_LBKSH[0].shape[2]
+    return state.k_LBXSH[0].shape[2]
 
 
 @functools.partial(jax.jit, static_argnums=1)
 def _grow(state: DecodeState, slots: int) -> DecodeState:
-    pad = slots - state.k_LBKSH[0].shape[2]
-    kv = lambda x_BKSH: jnp.pad(x_BKSH, ((0, 0), (0, 0), (0, pad), (0, 0)))
+    pad = slots - state.k_LBXSH[0].shape[2]
+    kv = lambda x_BXSH: jnp.pad(x_BXSH, ((0, 0), (0, 0), (0, pad), (0, 0)))
     return state._replace(
-        k_LBKSH=tuple(map(kv, state.k_LBKSH)), v_LBKSH=tuple(map(kv, state.v_LBKSH))
+        k_LBXSH=tuple(map(kv, state.k_LBXSH)), v_LBXSH=tuple(map(kv, state.v_LBXSH))
     )
 
 
@@ -163,14 +164,14 @@ def _append(params, config, state: DecodeState, tokens_BC, n_B, options: qwen.Fo
     write_BC = jnp.where(jnp.arange(C) < n_B[:, None], slot_BC, S)
     # The rows' cached tokens (no holes); the new tokens also see each other, causally.
     mask_BCS = jnp.broadcast_to(jnp.arange(S) < state.length_B[:, None, None], (len(n_B), C, S))
-    x_BCD, k_LBKSH, v_LBKSH = qwen.forward(
+    x_BCD, k_LBXSH, v_LBXSH = qwen.forward(
         params,
         config,
         tokens_BC.astype(jnp.int32),
         slot_BC,
         mask_BCS,
-        state.k_LBKSH,
-        state.v_LBKSH,
+        state.k_LBXSH,
+        state.v_LBXSH,
         write_BC,
         options,
     )
@@ -178,8 +179,8 @@ def _append(params, config, state: DecodeState, tokens_BC, n_B, options: qwen.Fo
     x_BD = jnp.take_along_axis(x_BCD, last_B[:, None, None], axis=1)[:, 0]
     logits_BV = qwen.head_logits(x_BD, qwen.lm_head(params, config))
     return DecodeState(
-        k_LBKSH=k_LBKSH,
-        v_LBKSH=v_LBKSH,
+        k_LBXSH=k_LBXSH,
+        v_LBXSH=v_LBXSH,
         length_B=state.length_B + n_B,
         logits_BV=options.constrain(jnp.where((n_B > 0)[:, None], logits_BV, state.logits_BV)),
     )
@@ -315,14 +316,14 @@ def _cpu_inverse_cdf(weight_BV, u_B, block: int = 1024):
     nothing scans the whole vocabulary sequentially (about 10x cheaper there than a cumsum over
     [B, V], and than jax.random.categorical's Gumbel noise)."""
     B, V = weight_BV.shape
-    R = -(-V // block)
-    w_BRb = jnp.pad(weight_BV, ((0, 0), (0, R * block - V))).reshape(B, R, block)
-    block_BR = jnp.sum(w_BRb, axis=-1)
-    cum_BR = jnp.cumsum(block_BR, axis=-1)
-    u_B = u_B * cum_BR[:, -1]
-    r_B = jnp.minimum(jnp.sum(cum_BR <= u_B[:, None], axis=-1), R - 1)
-    inner_Bb = jnp.take_along_axis(w_BRb, r_B[:, None, None], axis=1)[:, 0]
-    u_B = u_B - jnp.take_along_axis(cum_BR - block_BR, r_B[:, None], axis=1)[:, 0]
+    J = -(-V // block)
+    w_BJb = jnp.pad(weight_BV, ((0, 0), (0, J * block - V))).reshape(B, J, block)
+    block_BJ = jnp.sum(w_BJb, axis=-1)
+    cum_BJ = jnp.cumsum(block_BJ, axis=-1)
+    u_B = u_B * cum_BJ[:, -1]
+    r_B = jnp.minimum(jnp.sum(cum_BJ <= u_B[:, None], axis=-1), J - 1)
+    inner_Bb = jnp.take_along_axis(w_BJb, r_B[:, None, None], axis=1)[:, 0]
+    u_B = u_B - jnp.take_along_axis(cum_BJ - block_BJ, r_B[:, None], axis=1)[:, 0]
     i_B = jnp.minimum(jnp.sum(jnp.cumsum(inner_Bb, axis=-1) <= u_B[:, None], axis=-1), block - 1)
     return jnp.minimum(r_B * block + i_B, V - 1).astype(jnp.int32)
 
@@ -370,7 +371,7 @@ def _generate(
     state: DecodeState,
     key,
     limit_B,
-    stop_table_MJ,
+    stop_table_WU,
     eos_E,
     temperature,
     top_p,
@@ -380,20 +381,20 @@ def _generate(
     use_top_p: bool,
     greedy: bool,
     options: qwen.ForwardOptions,
-    stop_rows_BM=None,
+    stop_rows_BW=None,
 ):
     B = state.length_B.shape[0]
-    N = max_new_tokens
-    M, J = stop_table_MJ.shape
-    if stop_rows_BM is None:
-        stop_rows_BM = jnp.ones((B, M), bool)
+    T = max_new_tokens
+    W, U = stop_table_WU.shape
+    if stop_rows_BW is None:
+        stop_rows_BW = jnp.ones((B, W), bool)
 
     def cond(carry):
         step, _, _, _, _, alive_B, _, _ = carry
-        return (step < N) & jnp.any(alive_B)
+        return (step < T) & jnp.any(alive_B)
 
     def body(carry):
-        step, state, tokens_BN, logp_BN, window_BJ, alive_B, length_B, stop_B = carry
+        step, state, tokens_BT, logp_BT, window_BU, alive_B, length_B, stop_B = carry
         tok_B, logp_B = sample_logits(
             state.logits_BV,
             fold_in_rows(key, step),
@@ -404,35 +405,35 @@ def _generate(
             greedy=greedy,
         )
         tok_B = jnp.where(alive_B, tok_B, 0)
-        tokens_BN = jax.lax.dynamic_update_slice(tokens_BN, tok_B[:, None], (0, step))
-        logp_BN = jax.lax.dynamic_update_slice(
-            logp_BN, jnp.where(alive_B, logp_B, 0.0)[:, None], (0, step)
+        tokens_BT = jax.lax.dynamic_update_slice(tokens_BT, tok_B[:, None], (0, step))
+        logp_BT = jax.lax.dynamic_update_slice(
+            logp_BT, jnp.where(alive_B, logp_B, 0.0)[:, None], (0, step)
         )
         # The last J sampled tokens against every right-aligned stop sequence (-1 = wildcard).
-        window_BJ = jnp.concatenate([window_BJ[:, 1:], jnp.where(alive_B, tok_B, -2)[:, None]], 1)
-        match_BMJ = (stop_table_MJ[None] == -1) | (stop_table_MJ[None] == window_BJ[:, None, :])
-        hit_B = jnp.any(jnp.all(match_BMJ, axis=-1) & stop_rows_BM, axis=-1)
+        window_BU = jnp.concatenate([window_BU[:, 1:], jnp.where(alive_B, tok_B, -2)[:, None]], 1)
+        match_BWU = (stop_table_WU[None] == -1) | (stop_table_WU[None] == window_BU[:, None, :])
+        hit_B = jnp.any(jnp.all(match_BWU, axis=-1) & stop_rows_BW, axis=-1)
         eos_B = jnp.any(tok_B[:, None] == eos_E[None, :], axis=-1)
         state = _append(params, config, state, tok_B[:, None], alive_B.astype(jnp.int32), options)
         stop_B = jnp.where(alive_B & eos_B, EOS, jnp.where(alive_B & hit_B, STOP_STRING, stop_B))
         length_B = length_B + alive_B
         alive_B = alive_B & ~eos_B & ~hit_B & (length_B < limit_B)
-        return step + 1, state, tokens_BN, logp_BN, window_BJ, alive_B, length_B, stop_B
+        return step + 1, state, tokens_BT, logp_BT, window_BU, alive_B, length_B, stop_B
 
     active_B = limit_B > 0
     carry = (
         jnp.zeros((), jnp.int32),
         state,
-        options.constrain(jnp.zeros((B, N), jnp.int32)),
-        options.constrain(jnp.zeros((B, N), jnp.float32)),
-        options.constrain(jnp.full((B, J), -2, jnp.int32)),
+        options.constrain(jnp.zeros((B, T), jnp.int32)),
+        options.constrain(jnp.zeros((B, T), jnp.float32)),
+        options.constrain(jnp.full((B, U), -2, jnp.int32)),
         active_B,
         jnp.zeros_like(state.length_B),
         jnp.where(active_B, LENGTH, INACTIVE).astype(jnp.int32),
     )
     start_B = state.length_B
-    _, state, tokens_BN, logp_BN, _, _, length_B, stop_B = jax.lax.while_loop(cond, body, carry)
-    return state, Generation(tokens_BN, logp_BN, length_B, stop_B, start_B)
+    _, state, tokens_BT, logp_BT, _, _, length_B, stop_B = jax.lax.while_loop(cond, body, carry)
+    return state, Generation(tokens_BT, logp_BT, length_B, stop_B, start_B)
 
 
 def generate(
@@ -445,14 +446,14 @@ def generate(
     sampling_params: SamplingParams,
     active_B=None,
     limit_B=None,
-    stop_rows_BM=None,
+    stop_rows_BW=None,
     options: qwen.ForwardOptions = qwen.PLAIN,
 ) -> tuple[DecodeState, Generation]:
     """Samples up to max_new_tokens per row in one lax.while_loop; ``state`` is donated.
 
     Each step samples from every live row's logits, writes the tokens at the rows' ends and
     runs the model on them. A row stops on an EOS id, when its last tokens equal a row of
-    the stop table (``SamplingParams.with_stops``) that applies to it (stop_rows_BM[b, m],
+    the stop table (``SamplingParams.with_stops``) that applies to it (stop_rows_BW[b, m],
     bool; default: every row of the table, for every row), or after limit_B[b] tokens (default
     max_new_tokens); its stopping token is kept, both in the output and in the cache, and the
     state's logits then predict the token after it, so the cache can continue. The loop ends
@@ -466,27 +467,27 @@ def generate(
     limit_B = np.full((B,), max_new_tokens) if limit_B is None else np.asarray(limit_B)
     limit_B = np.where(active_B, np.clip(limit_B, 0, max_new_tokens), 0).astype(np.int32)
     _check_room(state, limit_B, "generate")
-    table_MJ = np.full((0, 1), -1, np.int32) if sp.stop_table is None else sp.stop_table
+    table_WU = np.full((0, 1), -1, np.int32) if sp.stop_table is None else sp.stop_table
     eos_ids = config.eos_token_ids if sp.eos_ids is None else sp.eos_ids
     if not sp.greedy and not sp.temperature > 0:
         raise ValueError("generate: temperature must be > 0 (use greedy=True for argmax)")
     if key.ndim not in (0, 1) or (key.ndim == 1 and key.shape[0] != B):
         raise ValueError(f"generate: key must be one key or {B} per-row keys, got {key.shape}")
-    if stop_rows_BM is not None:
-        stop_rows_BM = np.asarray(stop_rows_BM, bool)
-        if stop_rows_BM.shape != (B, len(table_MJ)):
+    if stop_rows_BW is not None:
+        stop_rows_BW = np.asarray(stop_rows_BW, bool)
+        if stop_rows_BW.shape != (B, len(table_WU)):
             raise ValueError(
-                f"generate: stop_rows_BM must be [{B}, {len(table_MJ)}] (rows x stop-table rows), "
-                f"got {stop_rows_BM.shape}"
+                f"generate: stop_rows_BW must be [{B}, {len(table_WU)}] (rows x stop-table rows), "
+                f"got {stop_rows_BW.shape}"
             )
-        stop_rows_BM = _rows(stop_rows_BM, options)
+        stop_rows_BW = _rows(stop_rows_BW, options)
     return _generate(
         params,
         config,
         state,
         key if key.ndim == 0 else _rows(key, options),
         _rows(limit_B, options),
-        np.asarray(table_MJ, np.int32),
+        np.asarray(table_WU, np.int32),
         np.asarray(eos_ids, np.int32).reshape(-1),
         jnp.float32(sp.temperature),
         jnp.float32(sp.top_p),
@@ -495,7 +496,7 @@ def generate(
         use_top_p=bool(not sp.greedy and sp.top_p < 1.0),
         greedy=bool(sp.greedy),
         options=options,
-        stop_rows_BM=stop_rows_BM,
+        stop_rows_BW=stop_rows_BW,
     )
 
 
@@ -526,8 +527,8 @@ def rewind(
     length_B = np.asarray(generation.length_B)
     if np.any((keep_B < length_B) & (keep_B < 1)) or np.any(keep_B > length_B):
         raise ValueError("rewind: need 1 <= keep_B <= length_B on rows that are cut")
-    tokens_BN = np.asarray(generation.tokens_BN)
-    last_B = tokens_BN[np.arange(len(keep_B)), np.maximum(keep_B - 1, 0)]
+    tokens_BT = np.asarray(generation.tokens_BT)
+    last_B = tokens_BT[np.arange(len(keep_B)), np.maximum(keep_B - 1, 0)]
     args = (generation.start_B, *(_rows(x, options) for x in (keep_B, length_B, last_B)))
     return _rewind(params, config, state, *args, options)
 
@@ -548,33 +549,33 @@ def restart(state: DecodeState, rows_B, options: qwen.ForwardOptions = qwen.PLAI
 class SavedRow(NamedTuple):
     """One row's cache off the devices (``save_row``), to go on in another wave (``load_row``)."""
 
-    k_LKnH: np.ndarray  # [L, K, n, H]: the keys of its n cached tokens
-    v_LKnH: np.ndarray
+    k_LXnH: np.ndarray  # [L, X, n, H]: the keys of its n cached tokens
+    v_LXnH: np.ndarray
     logits_V: np.ndarray  # float32 logits of the token after its last
 
 
 @jax.jit
 def _take_row(state: DecodeState, b):
     take = lambda x: jax.lax.dynamic_index_in_dim(x, b, keepdims=False)
-    k_LKSH, v_LKSH = (
-        jnp.stack(list(map(take, state.k_LBKSH))),
-        jnp.stack(list(map(take, state.v_LBKSH))),
+    k_LXSH, v_LXSH = (
+        jnp.stack(list(map(take, state.k_LBXSH))),
+        jnp.stack(list(map(take, state.v_LBXSH))),
     )
-    return k_LKSH, v_LKSH, take(state.logits_BV), take(state.length_B)
+    return k_LXSH, v_LXSH, take(state.logits_BV), take(state.length_B)
 
 
 def save_row(state: DecodeState, b: int) -> SavedRow:
     """Row b's cache, copied to the host (its slots past the row's length left out)."""
-    k_LKSH, v_LKSH, logits_V, n = jax.device_get(_take_row(state, np.int32(b)))
-    return SavedRow(k_LKSH[:, :, :n], v_LKSH[:, :, :n], logits_V)
+    k_LXSH, v_LXSH, logits_V, n = jax.device_get(_take_row(state, np.int32(b)))
+    return SavedRow(k_LXSH[:, :, :n], v_LXSH[:, :, :n], logits_V)
 
 
 @functools.partial(jax.jit, donate_argnums=0)
-def _put_row(state: DecodeState, b, k_LKSH, v_LKSH, n, logits_V):
+def _put_row(state: DecodeState, b, k_LXSH, v_LXSH, n, logits_V):
     put = lambda x, row: jax.lax.dynamic_update_index_in_dim(x, row.astype(x.dtype), b, 0)
     return DecodeState(
-        k_LBKSH=tuple(put(x, k_KSH) for x, k_KSH in zip(state.k_LBKSH, k_LKSH, strict=True)),
-        v_LBKSH=tuple(put(x, v_KSH) for x, v_KSH in zip(state.v_LBKSH, v_LKSH, strict=True)),
+        k_LBXSH=tuple(put(x, k_XSH) for x, k_XSH in zip(state.k_LBXSH, k_LXSH, strict=True)),
+        v_LBXSH=tuple(put(x, v_XSH) for x, v_XSH in zip(state.v_LBXSH, v_LXSH, strict=True)),
         length_B=put(state.length_B, n),
         logits_BV=put(state.logits_BV, logits_V),
     )
@@ -583,26 +584,26 @@ def _put_row(state: DecodeState, b, k_LKSH, v_LKSH, n, logits_V):
 def load_row(state: DecodeState, b: int, saved: SavedRow) -> DecodeState:
     """``state`` (donated) with row b holding ``saved``, bit for bit as save_row took it, so
     that the row goes on exactly as it would have where it was saved."""
-    n = saved.k_LKnH.shape[2]
+    n = saved.k_LXnH.shape[2]
     if n > slots(state):
         raise ValueError(f"load_row: a row of {n} tokens does not fit {slots(state)} slots")
     pad = ((0, 0), (0, 0), (0, slots(state) - n), (0, 0))
-    k_LKSH, v_LKSH = np.pad(saved.k_LKnH, pad), np.pad(saved.v_LKnH, pad)
-    return _put_row(state, np.int32(b), k_LKSH, v_LKSH, np.int32(n), saved.logits_V)
+    k_LXSH, v_LXSH = np.pad(saved.k_LXnH, pad), np.pad(saved.v_LXnH, pad)
+    return _put_row(state, np.int32(b), k_LXSH, v_LXSH, np.int32(n), saved.logits_V)
 
 
 def make_stop_table(tokenizer, stop_strings: Sequence[str]) -> np.ndarray:
-    """Token-id sequences of the stop strings, right-aligned in an int32 [M, J] table padded
+    """Token-id sequences of the stop strings, right-aligned in an int32 [W, U] table padded
     with -1 on the left. Each string is tokenized alone and after a space (" </search>" starts
     with the token " </"); a stop string that the model emits merged into a larger token
     (">\\n\\n") is not in the table and is caught on the host by sample_turn.
     """
     seqs = _stop_sequences(tokenizer, stop_strings)
-    J = max((len(q) for q in seqs), default=1)
-    table_MJ = np.full((len(seqs), J), -1, np.int32)
+    U = max((len(q) for q in seqs), default=1)
+    table_WU = np.full((len(seqs), U), -1, np.int32)
     for m, ids in enumerate(seqs):
-        table_MJ[m, J - len(ids) :] = ids
-    return table_MJ
+        table_WU[m, U - len(ids) :] = ids
+    return table_WU
 
 
 def _stop_sequences(tokenizer, stop_strings: Sequence[str]) -> list[tuple[int, ...]]:
@@ -619,8 +620,8 @@ def _stop_sequences(tokenizer, stop_strings: Sequence[str]) -> list[tuple[int, .
 def stop_rows(
     tokenizer, stop_strings: Sequence[str], stop_strings_B: Sequence[Sequence[str]]
 ) -> np.ndarray:
-    """[B, M] bool: which rows of make_stop_table(tokenizer, stop_strings) end row b, whose
-    own stop strings stop_strings_B[b] are a subset of stop_strings (generate's stop_rows_BM)."""
+    """[B, W] bool: which rows of make_stop_table(tokenizer, stop_strings) end row b, whose
+    own stop strings stop_strings_B[b] are a subset of stop_strings (generate's stop_rows_BW)."""
     table = _stop_sequences(tokenizer, stop_strings)
     rows = {}  # a row's strings -> its mask, made once per distinct set
     for own in map(tuple, stop_strings_B):
@@ -629,8 +630,8 @@ def stop_rows(
                 raise ValueError(f"stop strings {own} are not among the table's {stop_strings}")
             mine = set(_stop_sequences(tokenizer, own))
             rows[own] = np.array([seq in mine for seq in table], bool)
-    mask_BM = np.array([rows[tuple(own)] for own in stop_strings_B], bool)
-    return mask_BM.reshape(len(stop_strings_B), len(table))
+    mask_BW = np.array([rows[tuple(own)] for own in stop_strings_B], bool)
+    return mask_BW.reshape(len(stop_strings_B), len(table))
 
 
 def find_stop(
@@ -679,9 +680,9 @@ def sample_turn(
     stop_strings = sampling_params.stop_strings
     if sampling_params.stop_table is None and stop_strings:
         sampling_params = sampling_params.with_stops(tokenizer, stop_strings)
-    stop_rows_BM = None
+    stop_rows_BW = None
     if stop_strings_B is not None:
-        stop_rows_BM = stop_rows(tokenizer, stop_strings, stop_strings_B)
+        stop_rows_BW = stop_rows(tokenizer, stop_strings, stop_strings_B)
     state, gen = generate(
         params,
         config,
@@ -691,16 +692,16 @@ def sample_turn(
         sampling_params=sampling_params,
         active_B=active_B,
         limit_B=limit_B,
-        stop_rows_BM=stop_rows_BM,
+        stop_rows_BW=stop_rows_BW,
         options=options,
     )
-    tokens_BN, logp_BN, length_B, stop_B = jax.device_get(
-        (gen.tokens_BN, gen.logp_BN, gen.length_B, gen.stop_B)
+    tokens_BT, logp_BT, length_B, stop_B = jax.device_get(
+        (gen.tokens_BT, gen.logp_BT, gen.length_B, gen.stop_B)
     )
     keep_B = length_B.copy()
     samples = []
     for b in range(len(length_B)):
-        tokens = tokens_BN[b, : length_B[b]].tolist()
+        tokens = tokens_BT[b, : length_B[b]].tolist()
         own = stop_strings if stop_strings_B is None else stop_strings_B[b]
         n, found = find_stop(tokenizer, tokens, own)
         reason = STOP_NAMES[stop_B[b]] if found is None else "stop"
@@ -708,7 +709,7 @@ def sample_turn(
         samples.append(
             TurnSample(
                 tokens=tokens[:n],
-                logps=logp_BN[b, :n].tolist(),
+                logps=logp_BT[b, :n].tolist(),
                 text=tokenizer.decode(tokens[:n]),
                 stop=reason,
                 stop_string=found,

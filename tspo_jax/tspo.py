@@ -5,7 +5,8 @@ only jax, jax.numpy and the standard library. The math is ``docs/TSPO.md`` (Ma e
 Breaking the Double Homogenization Dilemma in Multi-turn Search Policy Optimization",
 arXiv:2601.22776), whose equations are tagged below where they are computed.
 
-Shape letters: B prompts, G samples per prompt (a group), K turns (``max_turns``), T tokens.
+Shape letters (the project's one key, README "Shape letters"): B prompts, G samples per prompt
+(a group), K turns (``max_turns``), T tokens.
 
 Host-side inputs, one per trajectory: ``outcome`` o in [0, 1] (score of the final answer),
 ``first_hit`` h (first turn whose observation contains a gold answer, -1 if none), ``num_turns``
@@ -102,6 +103,24 @@ LOG_RATIO_CLAMP = 20.0
 REF_KL_CLAMP = 10.0
 
 
+def check_settings(
+    *, latent_reward=0.0, clip_low=0.2, clip_high=0.2, kl_coef=0.0, clip_ratio_c=None, tis_cap=None
+):
+    """Raises ValueError naming the first of Eq. F's and Eq. L's scalar settings out of range
+    (None: off). folr_turn_rewards and policy_loss call it; a trainer may call it at start-up,
+    before any work, with the settings it will pass them."""
+    if not 0.0 <= latent_reward < 1.0:
+        raise ValueError(f"latent_reward must lie in [0, 1), got {latent_reward}")
+    if not (0 <= clip_low < 1 and clip_high >= 0):
+        raise ValueError(f"need 0 <= clip_low < 1 and clip_high >= 0, got {clip_low}, {clip_high}")
+    if kl_coef < 0:
+        raise ValueError(f"kl_coef must be >= 0, got {kl_coef}")
+    if clip_ratio_c is not None and not clip_ratio_c > 1:
+        raise ValueError(f"clip_ratio_c (dual-clip) must be > 1, got {clip_ratio_c}")
+    if tis_cap is not None and not tis_cap > 0:
+        raise ValueError(f"tis_cap must be > 0, got {tis_cap}")
+
+
 def _check_group(name, x_BG):
     if x_BG.ndim != 2:
         raise ValueError(f"{name} must have shape [B, G], got {x_BG.shape}")
@@ -144,8 +163,7 @@ def folr_turn_rewards(
     alpha is 0 in groups where FOLR does not apply (``folr_applies``).
     """
     _check_group("outcome_BG", outcome_BG)
-    if not 0.0 <= latent_reward < 1.0:
-        raise ValueError(f"latent_reward must lie in [0, 1), got {latent_reward}")
+    check_settings(latent_reward=latent_reward)
     if folr_credit not in FOLR_CREDITS:
         raise ValueError(f"folr_credit must be one of {FOLR_CREDITS}, got {folr_credit!r}")
     if max_turns < 1:
@@ -275,8 +293,9 @@ def policy_loss(
 
     ``old_logp`` is the learner's recomputation of the sampling policy's log-probs;
     ``sampler_logp`` what the sampler recorded for the same tokens (needed with ``tis_cap``).
-    Returns (loss, metrics); metrics are token means over loss tokens of the global batch, plus
-    ``loss_denominator`` (what the loss's numerator was divided by, for gradient accumulation).
+    Returns (loss, metrics); metrics are token means over loss tokens of the global batch
+    (``ratio_max``: the max over them), plus ``loss_denominator`` (what the loss's numerator was
+    divided by, for gradient accumulation).
     """
     shape = logp_BGT.shape
     for name, x in (("old_logp_BGT", old_logp_BGT), ("adv_BGT", adv_BGT)):
@@ -287,21 +306,19 @@ def policy_loss(
     if loss_agg not in LOSS_AGGS:
         raise ValueError(f"loss_agg must be one of {LOSS_AGGS}, got {loss_agg!r}")
     kl_coef = kl_coef or 0.0  # None: no reference term (train.py's default is Search-R1's)
-    if kl_coef < 0:
-        raise ValueError(f"kl_coef must be >= 0, got {kl_coef}")
+    check_settings(
+        clip_low=clip_low,
+        clip_high=clip_high,
+        kl_coef=kl_coef,
+        clip_ratio_c=clip_ratio_c,
+        tis_cap=tis_cap,
+    )
     if kl_coef > 0 and ref_logp_BGT is None:
         raise ValueError("kl_coef > 0 needs ref_logp_BGT (log-probs under the reference policy)")
     if ref_logp_BGT is not None and ref_logp_BGT.shape != shape:
         raise ValueError(f"ref_logp_BGT has shape {ref_logp_BGT.shape}, logp_BGT has {shape}")
-    if not (0 <= clip_low < 1 and clip_high >= 0):
-        raise ValueError(f"need 0 <= clip_low < 1 and clip_high >= 0, got {clip_low}, {clip_high}")
-    if clip_ratio_c is not None and not clip_ratio_c > 1:
-        raise ValueError(f"clip_ratio_c (dual-clip) must be > 1, got {clip_ratio_c}")
-    if tis_cap is not None:
-        if not tis_cap > 0:
-            raise ValueError(f"tis_cap must be > 0, got {tis_cap}")
-        if sampler_logp_BGT is None:
-            raise ValueError("tis_cap needs sampler_logp_BGT (the sampler's log-probs)")
+    if tis_cap is not None and sampler_logp_BGT is None:
+        raise ValueError("tis_cap needs sampler_logp_BGT (the sampler's log-probs)")
     if sampler_logp_BGT is not None and sampler_logp_BGT.shape != shape:
         raise ValueError(
             f"sampler_logp_BGT has shape {sampler_logp_BGT.shape}, logp_BGT has {shape}"
@@ -377,18 +394,22 @@ def policy_loss(
 
 @jax.jit
 def homogenization_stats(adv_BGK, outcome_BG, first_hit_BG):
-    """The two numbers behind "double homogenization", plus the near-miss rate.
+    """The numbers behind "double homogenization", per group, as fractions of the groups.
 
     zero_adv_group_frac: groups whose advantages are all zero (no gradient from the group).
-    outcome_tie_group_frac: groups whose outcomes are all equal (where GRPO alone gets none).
-    folr_hit_rate: trajectories whose observations contained a gold answer (h >= 0).
-    near_miss_rate: trajectories that found the answer but did not earn full credit.
+    outcome_tie_group_frac: groups whose outcomes are all equal (where GRPO alone gets none):
+      all_wrong_group_frac (every outcome 0) and all_correct_group_frac (every outcome 1) are
+      two kinds of them.
+    all_wrong_hit_frac: of the all-wrong groups, those in which some trajectory's observations
+      held a gold answer (h >= 0): where FOLR gives a signal that GRPO does not (0 if none).
     """
     _check_group("outcome_BG", outcome_BG)
-    hit_BG = first_hit_BG >= 0
+    wrong_B = outcome_BG.max(axis=1) == 0
+    hit_B = jnp.any(first_hit_BG >= 0, axis=1)
     return {
         "zero_adv_group_frac": jnp.mean(jnp.all(adv_BGK == 0, axis=(1, 2))),
         "outcome_tie_group_frac": jnp.mean(outcome_BG.max(axis=1) == outcome_BG.min(axis=1)),
-        "folr_hit_rate": jnp.mean(hit_BG),
-        "near_miss_rate": jnp.mean(hit_BG & (outcome_BG < 1)),
+        "all_wrong_group_frac": jnp.mean(wrong_B),
+        "all_correct_group_frac": jnp.mean(outcome_BG.min(axis=1) == 1),
+        "all_wrong_hit_frac": jnp.sum(wrong_B & hit_B) / jnp.maximum(jnp.sum(wrong_B), 1),
     }

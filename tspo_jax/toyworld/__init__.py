@@ -1,6 +1,6 @@
 """The embedded default: a toy world in which TSPO can be seen working end to end, on one CPU,
 with no downloads. Not part of the reference implementation: nothing in tspo_jax/ proper,
-train.py or rollout.py imports it, except train.py's ``embedded_default``.
+train.py or rollout.py imports it, except tspo_jax/runtime.py's ``embedded_default``.
 
     world.py           entities, facts as Search-R1 passages, multi-hop questions
     tokenizer.py       a byte-level BPE in which a name is always its syllables

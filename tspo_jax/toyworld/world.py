@@ -55,6 +55,7 @@ from tspo_jax.protocol import (
     DEFAULT_TEMPLATE,
     INVALID_ACTION_OBSERVATION,
     build_prompt,
+    check_template,
     format_observation,
 )
 from tspo_jax.retrieval import Passage
@@ -166,8 +167,7 @@ class ToyWorldConfig:
             raise ValueError(f"early_answer rates must lie in [0, 1], got {self.early_answer}")
         if self.demo_top_k < 1:
             raise ValueError(f"demo_top_k must be >= 1, got {self.demo_top_k}")
-        if "{question}" not in self.template:
-            raise ValueError("template has no {question} field")
+        check_template(self.template)
 
 
 # ---------------------------------------------------------------------------------------------
