@@ -709,6 +709,15 @@ def summarize(trajectories: Sequence[Trajectory]) -> dict:
     }
 
 
+def sample_rows(step: int, trajs, adv_BGK) -> list[dict]:
+    """samples.jsonl's rows of a step: each trajectory with its outcome and turn advantages."""
+    adv_rows = np.asarray(adv_BGK).reshape(len(trajs), -1)
+    return [
+        {"step": step, "outcome": t.outcome, "advantages": a[: len(t.turns)].tolist()} | to_json(t)
+        for t, a in zip(trajs, adv_rows, strict=True)
+    ]
+
+
 def to_json(traj: Trajectory) -> dict:
     """A readable record of a trajectory (for the evaluation's JSONL output)."""
     return {

@@ -9,14 +9,10 @@ Read in this order. "The TSPO step" is the algorithm, in the order of docs/TSPO.
            packed to [B, G, T]; Eq. F (turn rewards) and Eq. A (turn advantages) per group;
   learn    token advantages; old-policy (and reference) log-probs; Eq. L updates (learner.py:
            mini-batches, micro-batches with exact gradient accumulation, AdamW).
-"The loop" runs the steps and, after each, saves, evaluates, logs and exports. "The options"
-are the Config dataclass (every option, with its help) and the embedded default's preset; "Set-up"
-builds what a step uses. A first read may skip tspo_jax/runtime.py: checkpoints, preemption and
-resume, multi-host collectives, the memory plan's wiring, when to evaluate and export.
-
-With no --model, the embedded default builds the toy world of tspo_jax/toyworld/ and a
-warm-started tiny policy (once, cached) and applies TOYWORLD_PRESET to every option not given
-on the command line.
+Then the loop (after each step: save, evaluate, log, export), the options (Config), and what
+reads rollout.py. A first read may skip tspo_jax/runtime.py (set-up, checkpoints, preemption,
+resume, multi-host, the memory plan). With no --model, the embedded default: the toy world of
+tspo_jax/toyworld/ and its warm-started tiny policy (built once, cached), under TOYWORLD_PRESET.
 """
 
 import dataclasses
@@ -26,7 +22,6 @@ import threading
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
@@ -41,42 +36,20 @@ from tspo_jax.runtime import Run
 
 def collect(run: Run, policy: rollout.KVCachePolicy, step: int):
     """Rollouts of this process's prompts of ``step`` by ``policy`` (rollout_policy), packed,
-    with their turn rewards (Eq. F) and turn advantages (Eq. A) per group.
-
-    Returns (trajectories, timing, batch, adv_BGK). Groups never cross processes, so the
-    advantages need no communication.
-    """
+    with their turn rewards (Eq. F) and advantages (Eq. A) per group (no communication: groups
+    never cross processes). Returns (trajectories, timing, batch, adv_BGK, counts)."""
     cfg = run.cfg
     # ROLLOUT: G samples of each prompt, turn by turn; retrieval on the host between turns.
-    prompts, positions = runtime.step_prompts(run.train_set, step, cfg)
-    trajs, timing = runtime.all_or_none_failed(
-        lambda: rollout.run_episodes(
-            policy,
-            run.tokenizer,
-            run.retriever,
-            prompts,
-            group_size=cfg.group_size,
-            key=jax.random.key(cfg.seed),
-            cfg=cfg.agent,
-            example_ids=positions,
-            wave_rows=run.memory.rollout_batch,
-            wave_slots=cfg.rollout_slots or None,
-        )
-    )
+    trajs, timing = rollouts(run, policy, step)
+    counts = {"rollouts": runtime.process_sum(len(trajs))}
+    if cfg.dynamic_sampling:  # DAPO: the groups with a signal, from further prompts if need be
+        trajs, timing, counts = dynamic_sampling(run, policy, step, trajs, timing)
     # PACK: [B, G, T] tokens, loss mask, turn ids; outcome, first hit and turns per trajectory.
     longest = max(map(rollout.sequence_length, trajs))
     T = runtime.agreed_length(sampling.bucket_length(longest))
     batch = rollout.pack(trajs, cfg.group_size, length=T, pad_id=run.tokenizer.pad_token_id or 0)
     # TURN REWARDS, Eq. F: the outcome, plus FOLR's latent credit up to the first hit.
-    reward_BGK = tspo.folr_turn_rewards(
-        batch.outcome_BG,
-        batch.first_hit_BG,
-        batch.num_turns_BG,
-        max_turns=cfg.agent.max_turns,
-        latent_reward=cfg.alpha,
-        folr_groups=cfg.folr_groups,
-        folr_credit=cfg.folr_credit,
-    )
+    reward_BGK = turn_rewards(cfg, batch)
     # TURN ADVANTAGES, Eq. A: each turn's reward against its group's returns.
     adv_BGK = tspo.turn_advantages(
         reward_BGK,
@@ -88,7 +61,68 @@ def collect(run: Run, policy: rollout.KVCachePolicy, step: int):
             batch.outcome_BG, latent_reward=cfg.alpha, folr_groups=cfg.folr_groups
         ),
     )
-    return trajs, timing, batch, adv_BGK
+    return trajs, timing, batch, adv_BGK, counts
+
+
+def turn_rewards(cfg: "Config", batch: rollout.Batch):
+    """Eq. F of the run's settings (alpha = 0 for GRPO)."""
+    return tspo.folr_turn_rewards(
+        batch.outcome_BG,
+        batch.first_hit_BG,
+        batch.num_turns_BG,
+        max_turns=cfg.agent.max_turns,
+        latent_reward=cfg.alpha,
+        folr_groups=cfg.folr_groups,
+        folr_credit=cfg.folr_credit,
+    )
+
+
+def rollouts(run: Run, policy: rollout.KVCachePolicy, step: int, draw: int = 0):
+    """(trajectories, timing) of this process's prompts of ``step`` (with ``draw`` > 0, of the
+    step's draw-th further batch: other prompts, other keys), G samples each."""
+    cfg = run.cfg
+    prompts, positions = runtime.step_prompts(run.train_set, step, cfg, draw=draw)
+    key = jax.random.key(cfg.seed)
+    return runtime.all_or_none_failed(
+        lambda: rollout.run_episodes(
+            policy,
+            run.tokenizer,
+            run.retriever,
+            prompts,
+            group_size=cfg.group_size,
+            key=jax.random.fold_in(key, draw) if draw else key,
+            cfg=cfg.agent,
+            example_ids=positions,
+            wave_rows=run.memory.rollout_batch,
+            wave_slots=cfg.rollout_slots or None,
+        )
+    )
+
+
+def dynamic_sampling(run: Run, policy, step: int, trajs, timing):
+    """DAPO's dynamic sampling (verl's filter_groups): keeps the groups whose returns are not
+    all equal (tspo.tied_groups, after Eq. F: under TSPO an all-wrong group with a hit is kept)
+    and draws further prompts while any process lacks its share of them, --max-draws batches in
+    all (a collective decision: every process keeps exactly its share, short of which tied
+    groups fill in, ``groups_short``). Returns (trajectories, timing, counts)."""
+    G, max_draws = run.cfg.group_size, run.cfg.max_draws
+    share, kept, tied, draws = len(trajs) // G, [], [], 0
+    while True:
+        groups = [trajs[i : i + G] for i in range(0, len(trajs), G)]
+        batch = rollout.pack(trajs, G, length=max(map(rollout.sequence_length, trajs)))
+        tied_B = tspo.tied_groups(turn_rewards(run.cfg, batch), batch.num_turns_BG)
+        for group, tie in zip(groups, tied_B, strict=True):
+            (tied if tie else kept).append(group)
+        draws += 1
+        if draws == max_draws or not runtime.process_sum(len(kept) < share):
+            break
+        trajs, more = rollouts(run, policy, step, draw=draws)
+        timing = rollout.Timing(*(a + b for a, b in zip(timing, more, strict=True)))
+    short = max(share - len(kept), 0)
+    counts = dict(rollouts=draws * share * G, groups_drawn=draws * share, groups_short=short)
+    counts = {k: runtime.process_sum(v) for k, v in counts.items()}  # over all processes
+    trajs = [t for group in (kept + tied)[:share] for t in group]
+    return trajs, timing, counts
 
 
 def learn(run: Run, state, batch: rollout.Batch, adv_BGK, *, report_memory: bool):
@@ -112,7 +146,7 @@ def learn(run: Run, state, batch: rollout.Batch, adv_BGK, *, report_memory: bool
     # initial policy's for the KL term (kl_coef > 0).
     static = dict(config=run.model_config, options=run.options)
     old_logp = learner.batch_logprobs(state.params, tokens, mask, **static)
-    gap = logprob_gap(old_logp, sampler_logp, loss_mask)
+    gap = learner.logprob_gap(old_logp, sampler_logp, loss_mask)
     ref_logp = None
     if run.ref_params is not None:
         ref_logp = learner.batch_logprobs(run.ref_params, tokens, mask, **static)
@@ -140,17 +174,9 @@ def learn(run: Run, state, batch: rollout.Batch, adv_BGK, *, report_memory: bool
     return state, jax.device_get(metrics)
 
 
-@jax.jit
-def logprob_gap(learner_logp, sampler_logp, loss_mask) -> dict:
-    """|sampler - learner| log-prob of the sampled tokens, mean and max over loss tokens: what
-    sampling (its dtype, its kernels) and the learner's recomputation disagree by."""
-    gap = jnp.where(loss_mask, jnp.abs(sampler_logp - learner_logp), 0.0)
-    return {"logp_gap_mean": gap.sum() / jnp.maximum(loss_mask.sum(), 1), "logp_gap_max": gap.max()}
-
-
-def step_record(run: Run, state, step, batch, adv_BGK, trajs, timing, update_metrics, seconds):
+def step_record(run: Run, state, step, batch, adv_BGK, trajs, timing, update_metrics):
     """The training half of step's metrics row: rollouts (rollout.summarize), groups
-    (tspo.homogenization_stats), updates (over_updates) and times, over processes."""
+    (tspo.homogenization_stats), updates (learner.over_updates) and times, over processes."""
     homog = jax.device_get(tspo.homogenization_stats(adv_BGK, batch.outcome_BG, batch.first_hit_BG))
     summary = rollout.summarize(trajs)
     return runtime.over_processes(
@@ -159,41 +185,14 @@ def step_record(run: Run, state, step, batch, adv_BGK, trajs, timing, update_met
             "reward": float(np.mean(batch.outcome_BG)),
             **{k: v for k, v in summary.items() if k != "first_hit_turns"},
             **{k: float(v) for k, v in homog.items()},
-            **over_updates(update_metrics),
+            **learner.over_updates(update_metrics),
             "lr": float(run.lr_fn(max(int(state.step) - 1, 0))),
             "time_rollout": timing.sample_s,
             "time_retrieval": timing.retrieval_s,
-            "time_update": seconds["update"],
-            "time_step": seconds["step"],
             "tokens_per_s": timing.sampled_tokens / max(timing.sample_s, 1e-9),
             "decode_utilization": timing.utilization,
         }
     )
-
-
-def over_updates(update_metrics: list[dict]) -> dict:
-    """A step's update metrics as one number each: a ``*_max`` the max over the updates (each
-    a max over micro-batches and devices already), every other the mean over the updates."""
-    pick = lambda k, values: max(values) if learner.is_max(k) else np.mean(values)
-    return {k: float(pick(k, [m[k] for m in update_metrics])) for k in update_metrics[0]}
-
-
-def skipped_in_a_row(before: int, update_metrics: list[dict]) -> int:
-    """Non-finite (skipped) updates in a row at the end of a step's updates, counting on from
-    the ``before`` that ended the previous step."""
-    for m in update_metrics:
-        before = before + 1 if m["skipped"] else 0
-    return before
-
-
-def sample_rows(step: int, trajs, adv_BGK) -> list[dict]:
-    """samples.jsonl's rows of a step: each trajectory with its outcome and turn advantages."""
-    adv_rows = np.asarray(adv_BGK).reshape(len(trajs), -1)
-    return [
-        {"step": step, "outcome": t.outcome, "advantages": a[: len(t.turns)].tolist()}
-        | rollout.to_json(t)
-        for t, a in zip(trajs, adv_rows, strict=True)
-    ]
 
 
 # =============================================================================================
@@ -214,7 +213,9 @@ def train_loop(cfg: "Config", notice: threading.Event) -> dict:
     runtime.start_jax(cfg)
     if cfg.plan_only:
         return runtime.plan_only(cfg)
-    run, state, start = setup(cfg)
+    # The retrieval server first (a log line above the progress bar), then runtime.setup.
+    server = rollout.connect(cfg.retriever, log=lambda line: tqdm.write(line, file=sys.stderr))
+    run, state, start = runtime.setup(cfg, server=server, rollout_mesh=rollout.rollout_mesh())
     cfg, history = run.cfg, begin_logs(run, state, start)
     bar = tqdm(total=cfg.steps, initial=start, desc="train", disable=not run.lead, file=sys.stderr)
     skipped, preempted = 0, False
@@ -224,17 +225,16 @@ def train_loop(cfg: "Config", notice: threading.Event) -> dict:
         run, state = runtime.state_in(run, state, "pinned_host")  # frees the chips for the waves
         last = history[-1] if history else None  # saved if collect fails, e.g. retrieval down
         with runtime.saved_on_failure(run, step, state, last, agreed=True):
-            trajs, timing, batch, adv_BGK = collect(run, policy, step)
+            trajs, timing, batch, adv_BGK, counts = collect(run, policy, step)
         del policy  # its weights and cache
         run, state = runtime.state_in(run, state, "device")
         t1 = time.perf_counter()
         state, update_metrics = learn(run, state, batch, adv_BGK, report_memory=step == start)
         seconds = {"update": time.perf_counter() - t1, "step": time.perf_counter() - t0}
-        record = step_record(
-            run, state, step, batch, adv_BGK, trajs, timing, update_metrics, seconds
-        )
+        record = step_record(run, state, step, batch, adv_BGK, trajs, timing, update_metrics)
+        record |= counts | {"time_update": seconds["update"], "time_step": seconds["step"]}
         if run.lead and cfg.log_samples and (step + 1) % cfg.log_samples == 0:
-            rows = sample_rows(step + 1, trajs, adv_BGK)
+            rows = rollout.sample_rows(step + 1, trajs, adv_BGK)
             runtime.write_jsonl(run.out / "samples.jsonl", rows, append=True)
         # The checkpoint first: neither the evaluation nor the export can lose the step.
         preempted = runtime.checkpoint_step(run, step + 1, state, record, notice)
@@ -245,7 +245,7 @@ def train_loop(cfg: "Config", notice: threading.Event) -> dict:
             runtime.write_jsonl(run.out / "metrics.jsonl", [record], append=True)
         bar.set_postfix(reward=f"{record['reward']:.3f}", refresh=False)
         bar.update(1)
-        skipped = skipped_in_a_row(skipped, update_metrics)
+        skipped = learner.skipped_in_a_row(skipped, update_metrics)
         if skipped >= cfg.max_bad_steps:
             raise FloatingPointError(
                 f"step {step + 1}: the last {skipped} updates had a non-finite loss or gradient "
@@ -261,8 +261,8 @@ def train_loop(cfg: "Config", notice: threading.Event) -> dict:
 
 
 def begin_logs(run: Run, state, start: int) -> list[dict]:
-    """The metrics rows this run adds before its first step: at --resume, the row of the
-    resumed step if its evaluation was owed; in a new run, the warm start's evaluation."""
+    """The rows a run adds before its first step: at --resume, the resumed step's if its
+    evaluation was owed; in a new run, the warm start's evaluation."""
     if run.cfg.resume:
         row, due = runtime.resume_logs(run, start)
         evaluate_step(run, start, state, row, due=bool(due[0]))
@@ -293,6 +293,7 @@ class Config:
 
     # What to train on.
     model: str = option("", "HF Qwen2/Qwen2.5 checkpoint folder ('': the embedded toy world)")
+    world: str = option("default", "toy world without --model", choices=("default", "hard"))
     data: str = option("", "training questions: Search-R1 parquet, or JSONL")
     eval_data: str = option("", "held-out questions for periodic evaluation ('': none)")
     retriever: rollout.RetrieverConfig = rollout.RetrieverConfig()
@@ -321,6 +322,10 @@ class Config:
     tis_cap: float = option(
         0.0, "truncated IS: weight each token's pg loss by min(exp(learner - sampler), C) (0: off)"
     )
+    dynamic_sampling: bool = option(
+        False, "DAPO: drop groups whose returns are all equal, draw more prompts to fill the step"
+    )
+    max_draws: int = option(10, "with --dynamic-sampling: batches of prompts a step draws at most")
     # Batches.
     prompts_per_step: int = option(512, "B, prompts per step over all processes")
     mini_batch: int = option(256, "prompts per optimizer update")
@@ -402,6 +407,7 @@ class Config:
         )
         least = dict.fromkeys(("steps", "policy_epochs", "prompts_per_step", "mini_batch"), 1)
         least |= dict.fromkeys(("keep_checkpoints", "attention_mb", "logits_mb", "mlp_mb"), 1)
+        least |= {"max_draws": 1}
         least |= dict.fromkeys(("warmup_steps", "rollout_batch", "plan_devices"), 0)
         for name, bound in (least | {"device_memory_gb": 0}).items():
             if (value := getattr(self, name)) < bound:
@@ -501,22 +507,22 @@ TOYWORLD_PRESET = dict(
 
 
 def parse_config(argv=None) -> Config:
-    """The command line, with TOYWORLD_PRESET under it when no --model is given."""
-    cfg = cli.parse(
-        Config, argv, defaults=lambda given: {} if given.get("model") else TOYWORLD_PRESET
-    )
+    """The command line, with TOYWORLD_PRESET under it when no --model is given (a world other
+    than the default writes to runs/toyworld-<world>)."""
+
+    def preset(given: dict) -> dict:
+        world = given.get("world", "default")
+        out = {} if world == "default" else {"out_dir": f"runs/toyworld-{world}"}
+        return {} if given.get("model") else TOYWORLD_PRESET | out
+
+    cfg = cli.parse(Config, argv, defaults=preset)
+    if cfg.world != "default" and cfg.model:  # (the embedded default sets --model itself)
+        raise ValueError("--world picks the embedded default's toy world: leave out --model")
     return dataclasses.replace(cfg, agent=rollout.read_template_file(cfg.agent))
 
 
 # =============================================================================================
-# Set-up (what every step uses), the sampler, evaluation and exports.
-
-
-def setup(cfg: Config) -> tuple[Run, learner.TrainState, int]:
-    """(run, train state, first step): runtime.setup, with the retrieval server reached first
-    (a log line above the progress bar) and the rollout mesh over this process's devices."""
-    server = rollout.connect(cfg.retriever, log=lambda line: tqdm.write(line, file=sys.stderr))
-    return runtime.setup(cfg, server=server, rollout_mesh=rollout.rollout_mesh())
+# What reads rollout.py: the sampler, the evaluation, the export's rollout settings.
 
 
 def rollout_policy(run: Run, params, *, wave_rows=0, slots=0) -> rollout.KVCachePolicy:

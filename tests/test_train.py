@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import orbax.checkpoint as ocp
@@ -21,7 +22,7 @@ from safetensors.numpy import load_file
 
 import rollout
 import train
-from tspo_jax import cli, data, hf_io, protocol
+from tspo_jax import cli, data, hf_io, learner, protocol
 
 ROOT = Path(__file__).resolve().parents[1]
 # Gold answers that the briefly warm-started test policy often writes and retrieves (relation
@@ -88,12 +89,23 @@ def test_mesh_shapes_give_the_same_losses(small_world, small_policy, questions, 
 
 
 def test_grpo_logs_grpo_advantages(small_world, small_policy, questions, tmp_path):
-    """With --algo grpo the logged advantages are the group-normalized outcomes, every turn."""
+    """With --algo grpo the logged advantages are the group-normalized outcomes, every turn.
+    With --dynamic-sampling the update's groups all have mixed outcomes, but for as many tied
+    ones as the metrics row says were short (filled in after --max-draws batches)."""
     out = tmp_path / "grpo"
-    grpo = ("--algo", "grpo", "--log-samples", "1", "--steps", "1")
-    train.main(args(small_world, small_policy, questions, out, *grpo))
+    grpo = ("--algo", "grpo", "--log-samples", "1", "--steps", "1", "--dynamic-sampling")
+    train.main(args(small_world, small_policy, questions, out, *grpo, "--max-draws", "3"))
     rows = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
     assert len(rows) == 8 * 4
+    (metrics,) = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert (
+        metrics["groups_drawn"] in (8, 16, 24)
+        and metrics["rollouts"] == 4 * metrics["groups_drawn"]
+    )
+    outcomes = np.array([r["outcome"] for r in rows]).reshape(8, 4)
+    tied = int(np.sum(outcomes.max(axis=1) == outcomes.min(axis=1)))
+    assert tied == metrics["groups_short"]
+    assert tied == 0 or metrics["groups_drawn"] == 24  # short only once every draw was spent
     checked = 0
     for g in range(8):
         group = rows[4 * g : 4 * g + 4]
@@ -579,13 +591,60 @@ def test_step_metrics_over_updates_by_hand():
         {"loss": 3.0, "ratio_max": 1.2, "skipped": 1.0},
         {"loss": 5.0, "ratio_max": 1.4, "skipped": 1.0},
     ]
-    assert train.over_updates(updates) == pytest.approx(
+    assert learner.over_updates(updates) == pytest.approx(
         {"loss": 3.0, "ratio_max": 1.5, "skipped": 2 / 3}
     )
-    assert train.skipped_in_a_row(0, updates) == 2
-    assert train.skipped_in_a_row(4, updates) == 2  # its first update was fine: counted anew
-    assert train.skipped_in_a_row(4, updates[1:]) == 6  # 4 at the end of the step before
-    assert train.skipped_in_a_row(2, updates[:1]) == 0
+    assert learner.skipped_in_a_row(0, updates) == 2
+    assert learner.skipped_in_a_row(4, updates) == 2  # its first update was fine: counted anew
+    assert learner.skipped_in_a_row(4, updates[1:]) == 6  # 4 at the end of the step before
+    assert learner.skipped_in_a_row(2, updates[:1]) == 0
+
+
+def _group(tag, *trajectories):
+    """A group of hand-made trajectories (outcome, first hit), two turns each, named ``tag``."""
+    turn = rollout.Turn(
+        [], [7, 8], [-0.5, -0.5], "x", protocol.Action("answer", "a", ""), (), None, []
+    )
+    return [
+        rollout.Trajectory(tag, ("a",), "q", [5], [turn, turn], "a", o, o, o, h, "answer")
+        for o, h in trajectories
+    ]
+
+
+def test_dynamic_sampling_by_hand(monkeypatch):
+    """Two prompts a draw, two samples each, one process. Draw 0: an all-wrong group in which
+    one trajectory hit the answer (A), an all-correct group (B); draw 1: a mixed group (C), an
+    all-wrong group without a hit (D); draw 2: two mixed groups (E, F). TSPO keeps A (its
+    returns after FOLR are 0.5 and 0) and C, from 2 draws; GRPO finds no signal in A, keeps C,
+    E, takes 3 draws; with --max-draws 2 it is one group short and fills in A (tied)."""
+    draws = [
+        _group("A", (0, 1), (0, -1)) + _group("B", (1, 0), (1, 0)),
+        _group("C", (1, -1), (0, -1)) + _group("D", (0, -1), (0, -1)),
+        _group("E", (1, 0), (0, 1)) + _group("F", (0, 0), (1, -1)),
+    ]
+    timing = rollout.Timing(1.0, 0.5, 10, 4, 8)
+    monkeypatch.setattr(train, "rollouts", lambda run, policy, step, draw=0: (draws[draw], timing))
+
+    def run(algo, max_draws=10):
+        cfg = train.Config(
+            algo=algo, group_size=2, prompts_per_step=2, mini_batch=2, max_draws=max_draws,
+            dynamic_sampling=True,
+        )  # fmt: skip
+        trajs, spent, counts = train.dynamic_sampling(
+            SimpleNamespace(cfg=cfg), None, 0, draws[0], timing
+        )
+        return [t.question for t in trajs][::2], spent, counts
+
+    groups, spent, counts = run("tspo")
+    assert groups == ["A", "C"]
+    assert counts == {"rollouts": 8, "groups_drawn": 4, "groups_short": 0}
+    assert spent == rollout.Timing(2.0, 1.0, 20, 8, 16)  # both draws' time
+    groups, _, counts = run("grpo")
+    assert groups == ["C", "E"]
+    assert counts == {"rollouts": 12, "groups_drawn": 6, "groups_short": 0}
+    groups, _, counts = run("grpo", max_draws=2)
+    assert groups == ["C", "A"]  # short of signal: a tied group fills the step
+    assert counts == {"rollouts": 8, "groups_drawn": 4, "groups_short": 1}
 
 
 def test_bad_input_gets_a_clear_message(small_world, small_policy, questions, tmp_path, capsys):
@@ -599,6 +658,7 @@ def test_bad_input_gets_a_clear_message(small_world, small_policy, questions, tm
         (["--mesh-fsdp", "3"], "--mesh-fsdp 3 must divide the 8 device(s) evenly"),
         (["--latent-reward", "1.5"], "latent_reward must lie in [0, 1), got 1.5"),
         (["--mini-batch", "0"], "--mini-batch must be >= 1, got 0"),
+        (["--world", "hard"], "--world picks the embedded default's toy world: leave out --model"),
     ]
     for extra, needle in cases:
         with pytest.raises(SystemExit) as exit_info:

@@ -589,6 +589,19 @@ def test_homogenization_stats_by_hand():
     np.testing.assert_allclose(none_wrong["all_wrong_hit_frac"], 0.0)
 
 
+def test_tied_groups_read_the_returns_after_folr():
+    """Dynamic sampling's test: an all-wrong group with a hit (0) is tied under GRPO, not under
+    TSPO; all right (1), mixed (2), all wrong without a hit (3) alike under both."""
+    outcome = jnp.array([[0.0, 0.0], [1.0, 1.0], [1.0, 0.0], [0.0, 0.0]])
+    first_hit = jnp.array([[1, -1], [0, 0], [-1, -1], [-1, -1]])
+    num_turns = jnp.full((4, 2), 2)
+    for alpha, expected in ((0.5, [False, True, False, True]), (0.0, [True, True, False, True])):
+        r = tspo.folr_turn_rewards(outcome, first_hit, num_turns, max_turns=3, latent_reward=alpha)
+        np.testing.assert_array_equal(tspo.tied_groups(r, num_turns), expected)
+        A = tspo.turn_advantages(r, num_turns)  # tied: zero advantage on every turn
+        np.testing.assert_array_equal(jnp.all(A == 0, axis=(1, 2)), expected)
+
+
 def test_bad_arguments_raise_clear_errors():
     o, h, n = jnp.zeros((2, 3)), -jnp.ones((2, 3), jnp.int32), jnp.ones((2, 3), jnp.int32)
     with pytest.raises(ValueError, match="G >= 2"):

@@ -404,3 +404,29 @@ def abstract_batch(mesh: Mesh, micro_batches: int, prompts: int, group: int, len
     spec = lambda dtype: jax.ShapeDtypeStruct(shape, dtype, sharding=sharding)
     f32 = spec(jnp.float32)
     return UpdateBatch(spec(jnp.int32), spec(bool), spec(bool), f32, f32, f32 if ref else None)
+
+
+# Metrics of a step's updates.
+
+
+@jax.jit
+def logprob_gap(learner_logp, sampler_logp, loss_mask) -> dict:
+    """|sampler - learner| log-prob of the sampled tokens, mean and max over loss tokens: what
+    sampling (its dtype, its kernels) and the learner's recomputation disagree by."""
+    gap = jnp.where(loss_mask, jnp.abs(sampler_logp - learner_logp), 0.0)
+    return {"logp_gap_mean": gap.sum() / jnp.maximum(loss_mask.sum(), 1), "logp_gap_max": gap.max()}
+
+
+def over_updates(update_metrics: list[dict]) -> dict:
+    """A step's update metrics as one number each: a ``*_max`` the max over the updates (each
+    a max over micro-batches and devices already), every other the mean over the updates."""
+    pick = lambda k, values: max(values) if is_max(k) else np.mean(values)
+    return {k: float(pick(k, [m[k] for m in update_metrics])) for k in update_metrics[0]}
+
+
+def skipped_in_a_row(before: int, update_metrics: list[dict]) -> int:
+    """Non-finite (skipped) updates in a row at the end of a step's updates, counting on from
+    the ``before`` that ended the previous step."""
+    for m in update_metrics:
+        before = before + 1 if m["skipped"] else 0
+    return before

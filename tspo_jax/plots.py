@@ -15,12 +15,18 @@ PANELS = (
     (("reward",), "training reward (outcome)"),
     (("eval_em",), "held-out exact match"),
     (("zero_adv_group_frac",), "groups with zero advantage"),
+    (
+        ("all_wrong_group_frac", "all_correct_group_frac", "all_wrong_hit_frac"),
+        "groups: all wrong, all right; with a hit",
+    ),
     (("folr_hit_rate",), "FOLR hit rate"),
     (("turns",), "turns per trajectory"),
     (("answer_rate",), "answer rate"),
     (("clip_frac",), "clip fraction"),
     (("approx_kl_old",), "KL to the old policy"),
     (("logp_gap_mean", "logp_gap_max"), "|sampler - learner| log-prob"),
+    (("rollouts",), "rollouts per step (--dynamic-sampling draws more)"),
+    (("groups_short",), "groups short of a signal (--dynamic-sampling)"),
 )
 
 
@@ -39,7 +45,7 @@ def plot_metrics(path, out_png) -> epath.Path:
     import matplotlib.pyplot as plt
 
     records = read_metrics(path)
-    fig, axes = plt.subplots(3, 3, figsize=(13, 9.5))
+    fig, axes = plt.subplots(3, 4, figsize=(17, 9.5))
     for ax, (keys, title) in zip(axes.flat, PANELS, strict=True):
         for key in keys:
             points = [(r["step"], r[key]) for r in records if isinstance(r.get(key), int | float)]

@@ -167,19 +167,21 @@ def make_optimizer(cfg: Config):
 
 
 def embedded_default(cfg: Config, world_cfg=None, policy_cfg=None) -> Config:
-    """Builds (once) the toy world and its warm-started policy; points cfg at them.
+    """Builds (once) the toy world of --world and its warm-started policy; points cfg at them.
 
-    world_cfg / policy_cfg: a toyworld.ToyWorldConfig / toyworld.WarmStartConfig other than the
-    defaults (tests shrink them); the world's demonstrations always use the run's template."""
+    world_cfg / policy_cfg: a toyworld.ToyWorldConfig / toyworld.WarmStartConfig other than
+    --world's (tests shrink them); the world's demonstrations always use the run's template.
+    Each world is cached in its own folders (toyworld, toyworld-policy for the default one)."""
     from tspo_jax import toyworld
 
-    world_cfg = world_cfg or toyworld.ToyWorldConfig()
+    world_cfg = world_cfg or toyworld.WORLDS[cfg.world]
     policy_cfg = policy_cfg or toyworld.WarmStartConfig()
 
     root = Path(os.environ.get("TSPO_JAX_CACHE", Path.home() / ".cache" / "tspo_jax"))
+    name = "toyworld" if cfg.world == "default" else f"toyworld-{cfg.world}"
     world_cfg = dataclasses.replace(world_cfg, template=cfg.agent.template)  # the demos' prompt
-    world = toyworld.build(root / "toyworld", world_cfg)
-    model_dir = toyworld.warm_start(world, root / "toyworld-policy", policy_cfg)
+    world = toyworld.build(root / name, world_cfg)
+    model_dir = toyworld.warm_start(world, root / f"{name}-policy", policy_cfg)
     retriever = cfg.retriever
     if not (retriever.corpus or retriever.retriever_url):
         retriever = dataclasses.replace(retriever, corpus=str(world.corpus))
@@ -208,13 +210,14 @@ def start_jax(cfg: Config) -> None:
 # Data: every process draws its own share of each step's prompts, in a seeded order.
 
 
-def step_prompts(examples, step: int, cfg: Config):
+def step_prompts(examples, step: int, cfg: Config, draw: int = 0):
     """This process's prompts of ``step`` and their global positions (their sampling ids).
 
     The step takes global positions step*B .. step*B + B - 1 of a sequence of seeded shuffles
-    of the data (one shuffle per pass). Each micro-batch of them is split evenly over the
-    processes, so that a micro-batch holds the same prompts whatever the number of processes:
-    this process's rows come micro-batch by micro-batch.
+    of the data (one shuffle per pass); its draw-th further batch (--dynamic-sampling) the same
+    positions of another such sequence, seeded with ``draw`` as well. Each micro-batch of them
+    is split evenly over the processes, so that a micro-batch holds the same prompts whatever
+    the number of processes: this process's rows come micro-batch by micro-batch.
     """
     n, B, P = len(examples), cfg.prompts_per_step, jax.process_count()
     micro = cfg.micro_size
@@ -225,7 +228,8 @@ def step_prompts(examples, step: int, cfg: Config):
         for i in range(first, first + share):
             epoch, pos = divmod(i, n)
             if epoch not in orders:
-                orders[epoch] = np.random.default_rng([cfg.seed, epoch]).permutation(n)
+                seed = [cfg.seed, epoch, draw] if draw else [cfg.seed, epoch]
+                orders[epoch] = np.random.default_rng(seed).permutation(n)
             picked.append(examples[orders[epoch][pos]])
             positions.append(i)
     return picked, positions
@@ -257,6 +261,13 @@ def agreed_length(local_length: int) -> int:
     if jax.process_count() == 1:
         return local_length
     return int(np.max(multihost_utils.process_allgather(np.int32(local_length))))
+
+
+def process_sum(x: int) -> int:
+    """The sum of an integer over processes."""
+    if jax.process_count() == 1:
+        return x
+    return int(np.sum(multihost_utils.process_allgather(np.int64(x))))
 
 
 def over_processes(values: dict) -> dict:

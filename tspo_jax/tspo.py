@@ -180,6 +180,27 @@ def folr_turn_rewards(
     return jnp.where(valid_BGK, r_BGK, 0.0)
 
 
+def group_returns(reward_BGK, num_turns_BG):
+    """R[b,g] = max_{k<n} r[b,g,k], the trajectory return of Eq. A (0 where n = 0)."""
+    valid_BGK = jnp.arange(reward_BGK.shape[-1]) < num_turns_BG[..., None]
+    R_BG = jnp.where(valid_BGK, reward_BGK.astype(jnp.float32), -jnp.inf).max(axis=-1)
+    return jnp.where(num_turns_BG > 0, R_BG, 0.0)
+
+
+def _tied(R_BG):
+    """Groups whose returns are all equal (max == min, not std == 0: see deviation 4)."""
+    return R_BG.max(axis=1) == R_BG.min(axis=1)
+
+
+@jax.jit
+def tied_groups(reward_BGK, num_turns_BG):
+    """[B] bool: groups whose returns R (Eq. A) are all equal, which Eq. A gives zero advantage
+    on every turn. DAPO's dynamic sampling drops them. The returns are the turn-level ones of
+    Eq. F, so under TSPO an all-wrong group in which some trajectory hit the answer is not tied
+    (where FOLR applies), while under GRPO (alpha = 0) it is."""
+    return _tied(group_returns(reward_BGK, num_turns_BG))
+
+
 @functools.partial(jax.jit, static_argnames=("scale", "eps", "answer_stage"))
 def turn_advantages(
     reward_BGK,
@@ -211,15 +232,13 @@ def turn_advantages(
     r_BGK = reward_BGK.astype(jnp.float32)
     k_K = jnp.arange(r_BGK.shape[-1])
     valid_BGK = k_K < num_turns_BG[..., None]
-    R_BG = jnp.where(valid_BGK, r_BGK, -jnp.inf).max(axis=-1)
-    R_BG = jnp.where(num_turns_BG > 0, R_BG, 0.0)
+    R_BG = group_returns(r_BGK, num_turns_BG)
     mu_B = R_BG.mean(axis=1)
     A_BGK = r_BGK - mu_B[:, None, None]  # Eq. A
     if scale:
         sigma_B = R_BG.std(axis=1, ddof=1)
         A_BGK = A_BGK / (sigma_B[:, None, None] + eps)  # Eq. A
-    homogeneous_B = R_BG.max(axis=1) == R_BG.min(axis=1)
-    keep_BGK = valid_BGK & ~homogeneous_B[:, None, None]
+    keep_BGK = valid_BGK & ~_tied(R_BG)[:, None, None]
     if answer_stage == "neutral":
         h_BGK = first_hit_BG[..., None]
         answer_stage_BGK = (h_BGK >= 0) & (k_K > h_BGK) & folr_applies_B[:, None, None]

@@ -11,6 +11,6 @@ train.py or rollout.py imports it, except tspo_jax/runtime.py's ``embedded_defau
 
 from tspo_jax.toyworld.files import ToyWorldPaths, build
 from tspo_jax.toyworld.policy import WarmStartConfig, warm_start
-from tspo_jax.toyworld.world import ToyWorldConfig
+from tspo_jax.toyworld.world import WORLDS, ToyWorldConfig
 
-__all__ = ["ToyWorldConfig", "ToyWorldPaths", "WarmStartConfig", "build", "warm_start"]
+__all__ = ["WORLDS", "ToyWorldConfig", "ToyWorldPaths", "WarmStartConfig", "build", "warm_start"]

@@ -170,6 +170,17 @@ class ToyWorldConfig:
         check_template(self.template)
 
 
+# The worlds of train.py's --world (the embedded default's). "hard": no 1-hop questions, 70%
+# 3-hop (the default: 20% 1-hop, 40% 3-hop), and demonstrations that answer one hop early 85%
+# of the time (the default: 60%), so that the warm start's groups start all wrong and stay so
+# longer: the regime where GRPO has no signal and FOLR may give one. (More demonstration
+# worlds: each holds at most 500 3-hop questions.)
+WORLDS = {
+    "default": ToyWorldConfig(),
+    "hard": ToyWorldConfig(hop_mix=(0.0, 0.3, 0.7), early_answer=(0.0, 0.85, 0.85), demo_worlds=24),
+}
+
+
 # ---------------------------------------------------------------------------------------------
 # Containers
 
