@@ -41,7 +41,7 @@ def collect(run: Run, policy: rollout.KVCachePolicy, step: int):
     cfg = run.cfg
     # ROLLOUT: G samples of each prompt, turn by turn; retrieval on the host between turns.
     trajs, timing = rollouts(run, policy, step)
-    counts = {"rollouts": runtime.process_sum(len(trajs))}
+    counts = {"rollouts": cfg.prompts_per_step * cfg.group_size}  # over all processes
     if cfg.dynamic_sampling:  # DAPO: the groups with a signal, from further prompts if need be
         trajs, timing, counts = dynamic_sampling(run, policy, step, trajs, timing)
     # PACK: [B, G, T] tokens, loss mask, turn ids; outcome, first hit and turns per trajectory.
@@ -118,9 +118,9 @@ def dynamic_sampling(run: Run, policy, step: int, trajs, timing):
             break
         trajs, more = rollouts(run, policy, step, draw=draws)
         timing = rollout.Timing(*(a + b for a, b in zip(timing, more, strict=True)))
-    short = max(share - len(kept), 0)
-    counts = dict(rollouts=draws * share * G, groups_drawn=draws * share, groups_short=short)
-    counts = {k: runtime.process_sum(v) for k, v in counts.items()}  # over all processes
+    drawn = draws * run.cfg.prompts_per_step  # every process drew as many batches
+    short = runtime.process_sum(max(share - len(kept), 0))  # over all processes
+    counts = dict(rollouts=drawn * G, groups_drawn=drawn, groups_short=short)
     trajs = [t for group in (kept + tied)[:share] for t in group]
     return trajs, timing, counts
 
@@ -230,9 +230,9 @@ def train_loop(cfg: "Config", notice: threading.Event) -> dict:
         run, state = runtime.state_in(run, state, "device")
         t1 = time.perf_counter()
         state, update_metrics = learn(run, state, batch, adv_BGK, report_memory=step == start)
-        seconds = {"update": time.perf_counter() - t1, "step": time.perf_counter() - t0}
+        t2 = time.perf_counter()
         record = step_record(run, state, step, batch, adv_BGK, trajs, timing, update_metrics)
-        record |= counts | {"time_update": seconds["update"], "time_step": seconds["step"]}
+        record |= counts | {"time_update": t2 - t1, "time_step": t2 - t0}
         if run.lead and cfg.log_samples and (step + 1) % cfg.log_samples == 0:
             rows = rollout.sample_rows(step + 1, trajs, adv_BGK)
             runtime.write_jsonl(run.out / "samples.jsonl", rows, append=True)

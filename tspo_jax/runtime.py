@@ -89,7 +89,7 @@ def setup(cfg: Config, *, server, rollout_mesh) -> tuple[Run, learner.TrainState
     mesh = learner.make_mesh(
         cfg.mesh_data, cfg.mesh_fsdp, dcn_data=cfg.mesh_dcn_data or learner.slice_count()
     )
-    model_config = dataclasses.replace(hf_io.read_config(cfg.model), dtype=cfg.compute_dtype)
+    model_config = compute_config(cfg)
     optimizer, lr_fn = make_optimizer(cfg)
     manager = checkpoint_manager(cfg)
     state, ref_params, start = initial_state(cfg, model_config, mesh, optimizer, manager)
@@ -123,6 +123,11 @@ def setup(cfg: Config, *, server, rollout_mesh) -> tuple[Run, learner.TrainState
         manager=manager,
     )
     return run, state, start
+
+
+def compute_config(cfg: Config) -> qwen.QwenConfig:
+    """--model's config.json, with --compute-dtype as the dtype the model computes in."""
+    return dataclasses.replace(hf_io.read_config(cfg.model), dtype=cfg.compute_dtype)
 
 
 def initial_state(cfg: Config, model_config, mesh, optimizer, manager):
@@ -627,8 +632,7 @@ def memory_plan(cfg: Config, *, check: bool = True) -> plan.Plan:
             f"--rollout-batch {cfg.rollout_batch} must divide evenly over the {local} devices "
             "of each process"
         )
-    model_config = hf_io.read_config(cfg.model)
-    model_config = dataclasses.replace(model_config, dtype=cfg.compute_dtype)
+    model_config = compute_config(cfg)
     memory = plan.make_plan(
         model_config,
         data=dp,
@@ -711,8 +715,7 @@ def compile_plan(cfg: Config, devices, *, where: str, capacity: int) -> aot.Comp
     """The run's programs compiled for ``devices`` (one host's; a mesh over all of them), at
     --micro-batch (else the largest smaller one that fits) and --rollout-batch (0: the largest
     wave that fits WAVE_MARGIN of a chip)."""
-    model_config = hf_io.read_config(cfg.model)
-    model_config = dataclasses.replace(model_config, dtype=cfg.compute_dtype)
+    model_config = compute_config(cfg)
     dp, fsdp = learner.mesh_shape(cfg.mesh_data, cfg.mesh_fsdp, len(devices))
     micro = cfg.micro_size
     smaller = [m for m in range(len(devices), micro, len(devices)) if cfg.mini_batch % m == 0]
