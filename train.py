@@ -294,6 +294,7 @@ class Config:
     # What to train on.
     model: str = option("", "HF Qwen2/Qwen2.5 checkpoint folder ('': the embedded toy world)")
     world: str = option("default", "toy world without --model", choices=("default", "hard"))
+    warm_start_seed: int = option(0, "without --model: seed of the toy policy's warm start")
     data: str = option("", "training questions: Search-R1 parquet, or JSONL")
     eval_data: str = option("", "held-out questions for periodic evaluation ('': none)")
     retriever: rollout.RetrieverConfig = rollout.RetrieverConfig()
@@ -409,6 +410,7 @@ class Config:
         least |= dict.fromkeys(("keep_checkpoints", "attention_mb", "logits_mb", "mlp_mb"), 1)
         least |= {"max_draws": 1}
         least |= dict.fromkeys(("warmup_steps", "rollout_batch", "plan_devices"), 0)
+        least |= {"warm_start_seed": 0}
         for name, bound in (least | {"device_memory_gb": 0}).items():
             if (value := getattr(self, name)) < bound:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= {bound}, got {value}")
@@ -507,17 +509,17 @@ TOYWORLD_PRESET = dict(
 
 
 def parse_config(argv=None) -> Config:
-    """The command line, with TOYWORLD_PRESET under it when no --model is given (a world other
-    than the default writes to runs/toyworld-<world>)."""
+    """The command line, with TOYWORLD_PRESET under it when no --model is given (a world or a
+    warm start other than the default writes to runs/toyworld[-<world>][-seed<N>])."""
 
     def preset(given: dict) -> dict:
-        world = given.get("world", "default")
-        out = {} if world == "default" else {"out_dir": f"runs/toyworld-{world}"}
-        return {} if given.get("model") else TOYWORLD_PRESET | out
+        world, seed = given.get("world", "default"), given.get("warm_start_seed", 0)
+        out = "runs/" + runtime.toyworld_folder(world, seed)
+        return {} if given.get("model") else TOYWORLD_PRESET | {"out_dir": out}
 
     cfg = cli.parse(Config, argv, defaults=preset)
-    if cfg.world != "default" and cfg.model:  # (the embedded default sets --model itself)
-        raise ValueError("--world picks the embedded default's toy world: leave out --model")
+    if cfg.model and (cfg.world != "default" or cfg.warm_start_seed):  # (given by the user)
+        raise ValueError("--world and --warm-start-seed pick the toy world: leave out --model")
     return dataclasses.replace(cfg, agent=rollout.read_template_file(cfg.agent))
 
 

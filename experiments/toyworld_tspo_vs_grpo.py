@@ -1,18 +1,28 @@
-"""TSPO vs GRPO on the embedded default: five arms, five seeds, paired intervals.
+"""TSPO vs GRPO, and dynamic sampling, on a toy world: arms x seeds, paired intervals.
 
-    python -m experiments.toyworld_tspo_vs_grpo                # 25 runs, then figure + table
-    python -m experiments.toyworld_tspo_vs_grpo --report-only  # figure + table from the runs
+    python -m experiments.toyworld_tspo_vs_grpo --arms grpo tspo tspo-hit tspo-neutral
+    python -m experiments.toyworld_tspo_vs_grpo --world hard --arms grpo tspo grpo-ds tspo-ds
+    python -m experiments.toyworld_tspo_vs_grpo --world hard --arms ... --report-only
     python -m experiments.toyworld_tspo_vs_grpo --arms grpo tspo --seeds 0 --steps 2  # smoke
 
-Arms (each passes every option it depends on, so that a change of train.py's defaults does not
-change what an arm is):
+``--world``: train.py's (the embedded default's toy world, or the hard one); runs go to
+runs/tspo_vs_grpo[-<world>]/, the figure and table to experiments/toyworld_tspo_vs_grpo
+[-<world>].png / .md. Arms (each passes every option it depends on, so that a change of
+train.py's defaults does not change what an arm is):
 - grpo: ``--algo grpo`` (latent_reward 0: outcome-only group advantages);
 - tspo: TSPO.md's Eq. F / Eq. A as first reconstructed (search-stage credit, outcome answer
   stage);
 - tspo-hit: the latent term on the first-hit turn only (``--folr-credit hit-turn``);
 - tspo-neutral: A = 0 on the turns after the first hit where FOLR applies
   (``--answer-stage neutral``);
-- tspo-both: both.
+- tspo-both: both;
+- grpo-ds, tspo-ds: grpo and tspo with DAPO's dynamic sampling (``--dynamic-sampling
+  --max-draws 3``): groups whose returns are all equal (under TSPO, its turn-level returns
+  after FOLR) leave the update, and up to 2 further batches of prompts are drawn for the step
+  to replace them; short of that, tied groups fill the step. 3 draws (verl's DAPO recipe
+  allows 10) keep a run within about 1.5x GRPO's time on 2 cores; the table says how often
+  the bound was hit (groups short per step). Their training-rollout measures (zero-advantage
+  groups, answer rate, ...) are over the groups kept for the update.
 
 Each run is `python train.py <arm's options> --seed SEED` with the embedded default's preset
 (TOYWORLD_PRESET: the same steps, batch, learning rate and held-out set for every arm), plus
@@ -35,7 +45,18 @@ narrow (it cannot be wider than the range of the 5 values).
 From metrics.jsonl: held-out EM (greedy, 200 questions of the held-out world) at steps 20, 40
 and 100, and its area under the curve: the trapezoid rule over the evaluations (steps 0, 20,
 ..., 100) divided by the steps, i.e. the held-out EM averaged over training, on the EM scale;
-zero-advantage groups and answer rate (training rollouts), means over all steps.
+zero-advantage groups and answer rate (training rollouts), means over all steps. Equal
+rollouts: dynamic sampling buys signal with extra rollouts, so each run's held-out EM is also
+read at the same number of training rollouts, the least any run spent (GRPO's 100 steps x 16
+prompts x 5 samples = 8,000), linear between the two evaluations around it; for an arm without
+dynamic sampling it is its final EM. Rollouts per step, groups short of a signal per step, and
+the all-wrong groups over steps 1-40 (and, of those, the ones with a hit) are described.
+
+Decision rule, fixed before these runs (after single-seed pilots): an arm is recommended over
+``grpo`` when the paired 95% interval of its difference lies above 0 on final held-out EM or on
+the area under the EM curve, and not below 0 on the other; a dynamic-sampling arm must in
+addition not be behind at equal rollouts (its paired interval there not entirely below 0).
+
 From samples.jsonl, per step of training rollouts:
 - over-search: the trajectory found the gold answer in an observation (first_hit >= 0) and
   searched again after that turn (mean over all steps; the figure shows it per step);
@@ -75,6 +96,11 @@ ARMS = {
     ],
     "tspo-both": ["--algo", "tspo", "--folr-credit", "hit-turn", "--answer-stage", "neutral"],
 }
+# DAPO's dynamic sampling on top of an arm: the same options plus --dynamic-sampling with
+# DS_DRAWS batches at most per step (verl's max_num_gen_batches; see the module docstring).
+DS_DRAWS = 3
+for _arm in ("grpo", "tspo"):
+    ARMS[f"{_arm}-ds"] = [*ARMS[_arm], "--dynamic-sampling", "--max-draws", str(DS_DRAWS)]
 BASELINE = "grpo"
 COLORS = {
     "grpo": "tab:blue",
@@ -82,6 +108,8 @@ COLORS = {
     "tspo-hit": "tab:orange",
     "tspo-neutral": "tab:green",
     "tspo-both": "tab:purple",
+    "grpo-ds": "tab:cyan",
+    "tspo-ds": "tab:pink",
 }
 EXTRA = ["--eval-every", "20", "--log-samples", "1"]
 EM_STEPS = (20, 40)
@@ -206,11 +234,34 @@ def em_auc(run: dict) -> float:
     return float(np.sum((x[1:] - x[:-1]) * (y[1:] + y[:-1]) / 2) / x[-1])
 
 
-def mean_over_steps(run: dict, key: str) -> float:
+def mean_over_steps(run: dict, key: str, last: int | None = None) -> float:
+    """Mean of ``key`` over the training steps (steps 1 to ``last``, or all)."""
     values = [
-        r[key] for r in run["records"] if r["step"] > 0 and isinstance(r.get(key), int | float)
+        r[key]
+        for r in run["records"]
+        if 0 < r["step"] <= (last or r["step"]) and isinstance(r.get(key), int | float)
     ]
     return float(np.nanmean(values)) if values else float("nan")
+
+
+def rollouts_spent(run: dict):
+    """[n, 2] array of (rollouts spent up to the step, held-out EM) at each evaluation."""
+    spent, total = {0: 0}, 0
+    for r in run["records"]:
+        if r["step"] > 0:
+            total += r.get("rollouts", float("nan"))
+            spent[r["step"]] = total
+    evals = curve(run, "eval_em")
+    return np.array([(spent[int(s)], em) for s, em in evals], float).reshape(-1, 2)
+
+
+def em_at_rollouts(run: dict, budget: float) -> float:
+    """Held-out EM after ``budget`` training rollouts: linear between the two evaluations
+    around it (nan past the run's last one)."""
+    xy = rollouts_spent(run)
+    if not len(xy) or budget > xy[-1, 0]:
+        return float("nan")
+    return float(np.interp(budget, xy[:, 0], xy[:, 1]))
 
 
 # (key, row name, decimals): one number per run; each row of the tables is one of these.
@@ -221,6 +272,7 @@ MEASURES = (
     ("zero_adv", "zero-advantage groups (mean over steps)", 3),
     ("over_search", "over-search rate (mean over steps)", 3),
     ("answer_rate", "answer rate (training, mean over steps)", 3),
+    ("em_rollouts", "held-out EM at equal rollouts ({budget:,} per run)", 3),
 )
 # Described, without intervals.
 DESCRIBED = (
@@ -231,11 +283,16 @@ DESCRIBED = (
     ("over_search_peak", "over-search rate, peak (5-step mean)", 3),
     ("near_miss_adv", "advantage of near-miss answers in all-wrong groups", 2),
     ("wall", "RL wall time per run (s, evaluations excluded)", 0),
+    ("rollouts", "rollouts per step (mean)", 0),
+    ("groups_short", "groups short of a signal per step (dynamic sampling)", 2),
+    ("all_wrong_40", "all-wrong groups, steps 1-40 (mean)", 3),
+    ("all_wrong_40_min", "all-wrong groups, steps 1-40 (least of a step)", 3),
+    ("all_wrong_hit_40", "of those, with a hit (steps 1-40, mean)", 3),
 )
 
 
-def measures(run: dict) -> dict[str, float]:
-    """Every number of the tables for one run."""
+def measures(run: dict, budget: float) -> dict[str, float]:
+    """Every number of the tables for one run (``budget``: rollouts, for em_rollouts)."""
     evals = curve(run, "eval_em")
     over = curve(run, "over_search")
     turns = [r["turns"] for r in run["records"][-10:] if isinstance(r.get("turns"), int | float)]
@@ -253,6 +310,12 @@ def measures(run: dict) -> dict[str, float]:
         "over_search_peak": float(np.nanmax(smooth(over[:, 1]))) if len(over) else float("nan"),
         "near_miss_adv": mean_over_steps(run, "near_miss_answer_adv"),
         "wall": max(run["wall"].values()),
+        "em_rollouts": em_at_rollouts(run, budget),
+        "rollouts": mean_over_steps(run, "rollouts"),
+        "groups_short": mean_over_steps(run, "groups_short"),
+        "all_wrong_40": mean_over_steps(run, "all_wrong_group_frac", last=40),
+        "all_wrong_40_min": float(curve(run, "all_wrong_group_frac")[:40, 1].min()),
+        "all_wrong_hit_40": mean_over_steps(run, "all_wrong_hit_frac", last=40),
     }
 
 
@@ -300,7 +363,7 @@ def figure(data: dict, stats: dict, out_png: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(2, 4, figsize=(20, 8.5))
+    fig, axes = plt.subplots(3, 4, figsize=(20, 12.75))
     n = len(next(iter(data.values())))
     ax = axes[0, 0]
     for arm, runs in data.items():
@@ -336,24 +399,40 @@ def figure(data: dict, stats: dict, out_png: Path) -> None:
         (axes[1, 1], "over_search", "over-search: searched again\nafter finding the answer"),
         (axes[1, 2], "answer_rate", "answer rate\n(training rollouts)"),
         (axes[1, 3], "turns", "turns per trajectory\n(training rollouts)"),
+        (axes[2, 1], "all_wrong_group_frac", "all-wrong groups\n(training rollouts)"),
+        (axes[2, 2], "all_wrong_hit_frac", "of the all-wrong groups,\nthose with a hit"),
+        (axes[2, 3], "rollouts", "rollouts per step\n(dynamic sampling draws more)"),
     ]
     for ax, key, title in panels:
         for arm, runs in data.items():
             x, ys = aligned(runs, key, smoothed=True)
-            band(ax, x, ys, COLORS[arm], arm)
+            if len(x):
+                band(ax, x, ys, COLORS[arm], arm)
         ax.set_title(f"{title} (5-step mean)")
+    ax = axes[2, 0]
+    for arm, runs in data.items():
+        xy = np.array([rollouts_spent(run) for run in runs])  # [seeds, evaluations, 2]
+        band(ax, xy[:, :, 0].mean(0), xy[:, :, 1], COLORS[arm], arm, marker="o")
+    ax.axvline(equal_budget(data), color="k", lw=0.8, ls=":")
+    ax.set_title("held-out EM against training rollouts spent\n(dotted: the equal budget)")
     for ax in axes.flat:
         ax.grid(alpha=0.3)
         if ax is not axes[0, 2]:
-            ax.set_xlabel("step")
+            ax.set_xlabel("rollouts" if ax is axes[2, 0] else "step")
     fig.tight_layout()
     fig.savefig(out_png, dpi=80)
     plt.close(fig)
 
 
+def equal_budget(data: dict) -> int:
+    """The rollouts every run spent: the least of the runs' totals (GRPO's steps x batch)."""
+    return int(min(rollouts_spent(run)[-1, 0] for runs in data.values() for run in runs))
+
+
 def statistics(data: dict) -> dict:
     """arm -> per-seed measures, t intervals, and paired differences against the baseline."""
-    per_run = {arm: [measures(run) for run in runs] for arm, runs in data.items()}
+    budget = equal_budget(data)
+    per_run = {arm: [measures(run, budget) for run in runs] for arm, runs in data.items()}
     keys = [k for k, _, _ in MEASURES + DESCRIBED]
     out = {}
     for arm, rows in per_run.items():
@@ -370,7 +449,7 @@ def statistics(data: dict) -> dict:
 
 
 def table(data: dict, stats: dict, seeds, steps: int) -> str:
-    arms = list(data)
+    arms, budget = list(data), equal_budget(data)
     fmt = lambda x, p: "n/a" if math.isnan(x) else f"{x:.{p}f}"
     sfmt = lambda x, p: "n/a" if math.isnan(x) else f"{x:+.{p}f}"
     ci = lambda m, lo, hi, p, f=fmt: f"{f(m, p)} [{f(lo, p)}, {f(hi, p)}]"
@@ -385,7 +464,7 @@ def table(data: dict, stats: dict, seeds, steps: int) -> str:
     ]
     for key, name, p in MEASURES:
         cells = [ci(*stats[a]["ci"][key], p) for a in arms]
-        lines.append(f"| {name.format(steps=steps)} | {' | '.join(cells)} |")
+        lines.append(f"| {name.format(steps=steps, budget=budget)} | {' | '.join(cells)} |")
     others = [a for a in arms if a != BASELINE]
     if BASELINE in data and others:
         lines += [
@@ -401,7 +480,7 @@ def table(data: dict, stats: dict, seeds, steps: int) -> str:
             for a in others:
                 up, down = stats[a]["wins"][key]
                 cells.append(f"{ci(*stats[a]['diff'][key], p, sfmt)} ({up}/{down})")
-            lines.append(f"| {name.format(steps=steps)} | {' | '.join(cells)} |")
+            lines.append(f"| {name.format(steps=steps, budget=budget)} | {' | '.join(cells)} |")
     lines += [
         "",
         "Per seed, and described without intervals (means over seeds):",
@@ -422,10 +501,14 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     parser.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS))
-    parser.add_argument("--runs", type=Path, default=ROOT / "runs" / "tspo_vs_grpo")
+    parser.add_argument("--world", default="default", help="train.py's --world")
+    parser.add_argument("--runs", type=Path, help="runs/tspo_vs_grpo[-<world>]")
     parser.add_argument("--out", type=Path, default=HERE, help="folder of the PNG and table")
     parser.add_argument("--report-only", action="store_true", help="no training")
     args, extra = parser.parse_known_args(argv)
+    suffix = "" if args.world == "default" else f"-{args.world}"
+    args.runs = args.runs or ROOT / "runs" / f"tspo_vs_grpo{suffix}"
+    extra += ["--world", args.world]
     if not args.report_only:
         t0, ran = time.perf_counter(), 0
         for seed in args.seeds:
@@ -438,9 +521,9 @@ def main(argv=None):
     )
     stats = statistics(data)
     args.out.mkdir(parents=True, exist_ok=True)
-    figure(data, stats, args.out / f"{NAME}.png")
+    figure(data, stats, args.out / f"{NAME}{suffix}.png")
     text = table(data, stats, args.seeds, steps["steps"])
-    (args.out / f"{NAME}.md").write_text(text)
+    (args.out / f"{NAME}{suffix}.md").write_text(text)
     print(text)
 
 

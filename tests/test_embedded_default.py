@@ -105,6 +105,26 @@ def test_world_and_policy_are_built_once(default_run):
     assert [p.stat().st_mtime_ns for p in stamps] == before  # nothing rebuilt
 
 
+def test_a_warm_start_seed_gets_a_warm_start_and_folder_of_its_own(default_run):
+    """--warm-start-seed 1: another initialization and order of the demonstrations, cached
+    beside the default's, on the same world; the default's folders are left as they were."""
+    _, cache, out = default_run
+    default = cache / "toyworld-policy"
+    before = (default / "warm_start.json").stat().st_mtime_ns
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("TSPO_JAX_CACHE", str(cache))
+        cfg = train.parse_config(["--out-dir", str(out), "--warm-start-seed", "1"])
+        cfg = runtime.embedded_default(cfg, TINY_WORLD, TINY_POLICY)
+    assert cfg.model == str(cache / "toyworld-policy-seed1")
+    assert cfg.data == str(cache / "toyworld" / "train.jsonl")
+    info = json.loads((cache / "toyworld-policy-seed1" / "warm_start.json").read_text())
+    assert info["config"] == dataclasses.asdict(TINY_POLICY) | {"seed": 1}
+    assert (default / "warm_start.json").stat().st_mtime_ns == before
+    _, seed0 = hf_io.load_hf(str(default))
+    _, seed1 = hf_io.load_hf(cfg.model)
+    assert not np.allclose(seed0["embed_VD"], seed1["embed_VD"])
+
+
 def test_warm_start_loads_and_follows_the_tag_protocol(default_run):
     result, cache, _ = default_run
     cfg = result["config"]

@@ -658,7 +658,8 @@ def test_bad_input_gets_a_clear_message(small_world, small_policy, questions, tm
         (["--mesh-fsdp", "3"], "--mesh-fsdp 3 must divide the 8 device(s) evenly"),
         (["--latent-reward", "1.5"], "latent_reward must lie in [0, 1), got 1.5"),
         (["--mini-batch", "0"], "--mini-batch must be >= 1, got 0"),
-        (["--world", "hard"], "--world picks the embedded default's toy world: leave out --model"),
+        (["--world", "hard"], "--world and --warm-start-seed pick the toy world: leave out"),
+        (["--warm-start-seed", "-1"], "--warm-start-seed must be >= 0, got -1"),
     ]
     for extra, needle in cases:
         with pytest.raises(SystemExit) as exit_info:

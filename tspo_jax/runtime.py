@@ -175,18 +175,20 @@ def embedded_default(cfg: Config, world_cfg=None, policy_cfg=None) -> Config:
     """Builds (once) the toy world of --world and its warm-started policy; points cfg at them.
 
     world_cfg / policy_cfg: a toyworld.ToyWorldConfig / toyworld.WarmStartConfig other than
-    --world's (tests shrink them); the world's demonstrations always use the run's template.
-    Each world is cached in its own folders (toyworld, toyworld-policy for the default one)."""
+    --world's (tests shrink them); the world's demonstrations always use the run's template,
+    the warm start the seed --warm-start-seed. Each world and each warm start is cached in its
+    own folder (``toyworld_folder``)."""
     from tspo_jax import toyworld
 
     world_cfg = world_cfg or toyworld.WORLDS[cfg.world]
-    policy_cfg = policy_cfg or toyworld.WarmStartConfig()
-
+    policy_cfg = dataclasses.replace(
+        policy_cfg or toyworld.WarmStartConfig(), seed=cfg.warm_start_seed
+    )
     root = Path(os.environ.get("TSPO_JAX_CACHE", Path.home() / ".cache" / "tspo_jax"))
-    name = "toyworld" if cfg.world == "default" else f"toyworld-{cfg.world}"
     world_cfg = dataclasses.replace(world_cfg, template=cfg.agent.template)  # the demos' prompt
-    world = toyworld.build(root / name, world_cfg)
-    model_dir = toyworld.warm_start(world, root / f"{name}-policy", policy_cfg)
+    world = toyworld.build(root / toyworld_folder(cfg.world), world_cfg)
+    policy_dir = root / toyworld_folder(cfg.world, cfg.warm_start_seed, policy=True)
+    model_dir = toyworld.warm_start(world, policy_dir, policy_cfg)
     retriever = cfg.retriever
     if not (retriever.corpus or retriever.retriever_url):
         retriever = dataclasses.replace(retriever, corpus=str(world.corpus))
@@ -197,6 +199,13 @@ def embedded_default(cfg: Config, world_cfg=None, policy_cfg=None) -> Config:
         eval_data=cfg.eval_data or str(world.heldout),
         retriever=retriever,
     )
+
+
+def toyworld_folder(world: str, seed: int = 0, *, policy: bool = False) -> str:
+    """Name of the folder of a toy world, or of a warm start on it (its cache, its runs):
+    toyworld[-<world>][-policy][-seed<N>], the defaults (world "default", seed 0) left out."""
+    name = "toyworld" + ("" if world == "default" else f"-{world}")
+    return name + ("-policy" if policy else "") + (f"-seed{seed}" if seed else "")
 
 
 def start_jax(cfg: Config) -> None:
