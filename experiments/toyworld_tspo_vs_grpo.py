@@ -62,7 +62,9 @@ From samples.jsonl, per step of training rollouts:
   searched again after that turn (mean over all steps; the figure shows it per step);
 - near-miss answer advantage: the mean advantage of the answer turn of near-misses (gold
   retrieved, answered wrong) in groups where every trajectory was wrong, the turn that
-  TSPO's FOLR pushes down (Eq. A of TSPO.md) and ``--answer-stage neutral`` leaves at 0.
+  TSPO's FOLR pushes down (Eq. A of TSPO.md) and ``--answer-stage neutral`` leaves at 0;
+- the mean advantage of the turns up to and including the first hit, and of those after it
+  (of every trajectory with a hit; means over the steps).
 
 Writes experiments/toyworld_tspo_vs_grpo.png and experiments/toyworld_tspo_vs_grpo.md.
 """
@@ -170,12 +172,15 @@ def sample_stats(path: Path) -> dict[int, dict]:
             by_step.setdefault(row["step"], []).append(row)
     out = {}
     for step, rows in sorted(by_step.items()):
-        over, answer_adv = [], []
+        over, answer_adv, up_to_hit, after_hit = [], [], [], []
         groups: dict[str, list[dict]] = {}
         for row in rows:
             hit, actions = row["first_hit"], [t["action"] for t in row["turns"]]
             over.append(hit >= 0 and "search" in actions[hit + 1 :])
             groups.setdefault(row["question"], []).append(row)
+            if hit >= 0:
+                up_to_hit += row["advantages"][: hit + 1]
+                after_hit += row["advantages"][hit + 1 : len(actions)]
         for group in groups.values():
             if any(r["em"] > 0 for r in group):
                 continue
@@ -186,6 +191,8 @@ def sample_stats(path: Path) -> dict[int, dict]:
         out[step] = {
             "over_search": float(np.mean(over)),
             "near_miss_answer_adv": float(np.mean(answer_adv)) if answer_adv else float("nan"),
+            "up_to_hit_adv": float(np.mean(up_to_hit)) if up_to_hit else float("nan"),
+            "after_hit_adv": float(np.mean(after_hit)) if after_hit else float("nan"),
         }
     return out
 
@@ -282,6 +289,8 @@ DESCRIBED = (
     ("eval_searches", "searches per held-out question (final)", 2),
     ("over_search_peak", "over-search rate, peak (5-step mean)", 3),
     ("near_miss_adv", "advantage of near-miss answers in all-wrong groups", 2),
+    ("up_to_hit_adv", "advantage of the turns up to the first hit", 2),
+    ("after_hit_adv", "advantage of the turns after the first hit", 2),
     ("wall", "RL wall time per run (s, evaluations excluded)", 0),
     ("rollouts", "rollouts per step (mean)", 0),
     ("groups_short", "groups short of a signal per step (dynamic sampling)", 2),
@@ -309,6 +318,8 @@ def measures(run: dict, budget: float) -> dict[str, float]:
         "eval_searches": float(curve(run, "eval_searches")[-1, 1]),
         "over_search_peak": float(np.nanmax(smooth(over[:, 1]))) if len(over) else float("nan"),
         "near_miss_adv": mean_over_steps(run, "near_miss_answer_adv"),
+        "up_to_hit_adv": mean_over_steps(run, "up_to_hit_adv"),
+        "after_hit_adv": mean_over_steps(run, "after_hit_adv"),
         "wall": max(run["wall"].values()),
         "em_rollouts": em_at_rollouts(run, budget),
         "rollouts": mean_over_steps(run, "rollouts"),
