@@ -368,7 +368,7 @@ def aligned(runs: list[dict], key: str, smoothed: bool):
     return np.array(steps), np.array(ys, float).reshape(len(curves), len(steps))
 
 
-def figure(data: dict, stats: dict, out_png: Path) -> None:
+def figure(data: dict, stats: dict, budget: int, out_png: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -424,7 +424,7 @@ def figure(data: dict, stats: dict, out_png: Path) -> None:
     for arm, runs in data.items():
         xy = np.array([rollouts_spent(run) for run in runs])  # [seeds, evaluations, 2]
         band(ax, xy[:, :, 0].mean(0), xy[:, :, 1], COLORS[arm], arm, marker="o")
-    ax.axvline(equal_budget(data), color="k", lw=0.8, ls=":")
+    ax.axvline(budget, color="k", lw=0.8, ls=":")
     ax.set_title("held-out EM against training rollouts spent\n(dotted: the equal budget)")
     for ax in axes.flat:
         ax.grid(alpha=0.3)
@@ -440,9 +440,8 @@ def equal_budget(data: dict) -> int:
     return int(min(rollouts_spent(run)[-1, 0] for runs in data.values() for run in runs))
 
 
-def statistics(data: dict) -> dict:
+def statistics(data: dict, budget: int) -> dict:
     """arm -> per-seed measures, t intervals, and paired differences against the baseline."""
-    budget = equal_budget(data)
     per_run = {arm: [measures(run, budget) for run in runs] for arm, runs in data.items()}
     keys = [k for k, _, _ in MEASURES + DESCRIBED]
     out = {}
@@ -459,8 +458,8 @@ def statistics(data: dict) -> dict:
     return out
 
 
-def table(data: dict, stats: dict, seeds, steps: int) -> str:
-    arms, budget = list(data), equal_budget(data)
+def table(data: dict, stats: dict, budget: int, seeds, steps: int) -> str:
+    arms = list(data)
     fmt = lambda x, p: "n/a" if math.isnan(x) else f"{x:.{p}f}"
     sfmt = lambda x, p: "n/a" if math.isnan(x) else f"{x:+.{p}f}"
     ci = lambda m, lo, hi, p, f=fmt: f"{f(m, p)} [{f(lo, p)}, {f(hi, p)}]"
@@ -530,10 +529,11 @@ def main(argv=None):
     steps = json.loads(
         (run_dir(args.runs, args.arms[0], args.seeds[0]) / "config.json").read_text()
     )
-    stats = statistics(data)
+    budget = equal_budget(data)
+    stats = statistics(data, budget)
     args.out.mkdir(parents=True, exist_ok=True)
-    figure(data, stats, args.out / f"{NAME}{suffix}.png")
-    text = table(data, stats, args.seeds, steps["steps"])
+    figure(data, stats, budget, args.out / f"{NAME}{suffix}.png")
+    text = table(data, stats, budget, args.seeds, steps["steps"])
     (args.out / f"{NAME}{suffix}.md").write_text(text)
     print(text)
 

@@ -427,7 +427,7 @@ def homogenization_stats(adv_BGK, outcome_BG, first_hit_BG):
     hit_B = jnp.any(first_hit_BG >= 0, axis=1)
     return {
         "zero_adv_group_frac": jnp.mean(jnp.all(adv_BGK == 0, axis=(1, 2))),
-        "outcome_tie_group_frac": jnp.mean(outcome_BG.max(axis=1) == outcome_BG.min(axis=1)),
+        "outcome_tie_group_frac": jnp.mean(_tied(outcome_BG)),
         "all_wrong_group_frac": jnp.mean(wrong_B),
         "all_correct_group_frac": jnp.mean(outcome_BG.min(axis=1) == 1),
         "all_wrong_hit_frac": jnp.sum(wrong_B & hit_B) / jnp.maximum(jnp.sum(wrong_B), 1),
