@@ -5,14 +5,15 @@
         --eval-data test.parquet --retriever-url http://127.0.0.1:8000/retrieve
 
 Read in this order. "The TSPO step" is the algorithm, in the order of docs/TSPO.md:
-  collect  rollouts of B prompts x G samples (rollout.py: turns, with retrieval on the host),
-           packed to [B, G, T]; Eq. F (turn rewards) and Eq. A (turn advantages) per group;
+  collect  rollouts of B prompts x G samples (tspo_jax/rollout.py: turns, with retrieval on the
+           host), packed to [B, G, T]; Eq. F (turn rewards) and Eq. A (turn advantages) per group;
   learn    token advantages; old-policy (and reference) log-probs; Eq. L updates (learner.py:
            mini-batches, micro-batches with exact gradient accumulation, AdamW).
-Then the loop (after each step: save, evaluate, log, export), the options (Config), and what
-reads rollout.py. A first read may skip tspo_jax/runtime.py (set-up, checkpoints, preemption,
-resume, multi-host, the memory plan). With no --model, the embedded default: the toy world of
-tspo_jax/toyworld/ and its warm-started tiny policy (built once, cached), under TOYWORLD_PRESET.
+Then the loop (after each step: save, evaluate, log, export), the embedded default's preset,
+and what reads tspo_jax/rollout.py. The options are tspo_jax/config.py's ``Config``. A first
+read may skip tspo_jax/runtime.py (set-up, checkpoints, preemption, resume, multi-host, the
+memory plan). With no --model, the embedded default: the toy world of tspo_jax/toyworld/ and
+its warm-started tiny policy (built once, cached), under TOYWORLD_PRESET.
 """
 
 import dataclasses
@@ -25,9 +26,8 @@ import jax
 import numpy as np
 from tqdm import tqdm
 
-import rollout
-from tspo_jax import aot, cli, learner, qwen, runtime, sampling, tspo
-from tspo_jax.cli import option
+from tspo_jax import cli, learner, rollout, runtime, sampling, tspo
+from tspo_jax.config import Config
 from tspo_jax.runtime import Run
 
 # =============================================================================================
@@ -49,7 +49,7 @@ def collect(run: Run, policy: rollout.KVCachePolicy, step: int):
     T = runtime.agreed_length(sampling.bucket_length(longest))
     batch = rollout.pack(trajs, cfg.group_size, length=T, pad_id=run.tokenizer.pad_token_id or 0)
     # TURN REWARDS, Eq. F: the outcome, plus FOLR's latent credit up to the first hit.
-    reward_BGK = turn_rewards(cfg, batch)
+    reward_BGK, folr_applies_B = turn_rewards(cfg, batch)
     # TURN ADVANTAGES, Eq. A: each turn's reward against its group's returns.
     adv_BGK = tspo.turn_advantages(
         reward_BGK,
@@ -57,15 +57,14 @@ def collect(run: Run, policy: rollout.KVCachePolicy, step: int):
         scale=cfg.scale_advantages,
         answer_stage=cfg.answer_stage,
         first_hit_BG=batch.first_hit_BG,
-        folr_applies_B=tspo.folr_applies(
-            batch.outcome_BG, latent_reward=cfg.alpha, folr_groups=cfg.folr_groups
-        ),
+        folr_applies_B=folr_applies_B,
     )
     return trajs, timing, batch, adv_BGK, counts
 
 
-def turn_rewards(cfg: "Config", batch: rollout.Batch):
-    """Eq. F of the run's settings (alpha = 0 for GRPO)."""
+def turn_rewards(cfg: Config, batch: rollout.Batch):
+    """Eq. F of the run's settings (alpha = 0 for GRPO) -> (turn rewards, the groups where FOLR
+    applied)."""
     return tspo.folr_turn_rewards(
         batch.outcome_BG,
         batch.first_hit_BG,
@@ -74,6 +73,7 @@ def turn_rewards(cfg: "Config", batch: rollout.Batch):
         latent_reward=cfg.alpha,
         folr_groups=cfg.folr_groups,
         folr_credit=cfg.folr_credit,
+        return_applies=True,
     )
 
 
@@ -110,7 +110,7 @@ def dynamic_sampling(run: Run, policy, step: int, trajs, timing):
     while True:
         groups = [trajs[i : i + G] for i in range(0, len(trajs), G)]
         batch = rollout.pack(trajs, G, length=max(map(rollout.sequence_length, trajs)))
-        tied_B = tspo.tied_groups(turn_rewards(run.cfg, batch), batch.num_turns_BG)
+        tied_B = tspo.tied_groups(turn_rewards(run.cfg, batch)[0], batch.num_turns_BG)
         for group, tie in zip(groups, tied_B, strict=True):
             (tied if tie else kept).append(group)
         draws += 1
@@ -205,7 +205,7 @@ def main(argv=None) -> dict:
         return train_loop(cfg, notice)
 
 
-def train_loop(cfg: "Config", notice: threading.Event) -> dict:
+def train_loop(cfg: Config, notice: threading.Event) -> dict:
     """Set-up, then the steps; ``notice`` set: stop after the step in progress (a preemption).
     Each step: collect with the sampler's copy of the weights (the train state waiting in host
     memory with --offload-state), learn, then checkpoint, evaluate, log and export."""
@@ -281,212 +281,8 @@ def begin_logs(run: Run, state, start: int) -> list[dict]:
 
 
 # =============================================================================================
-# The options: one frozen dataclass (every field a command-line option), and the embedded
-# default's preset.
-
-AUTO_ON_OFF = ("auto", "on", "off")
-
-
-@dataclasses.dataclass(frozen=True, kw_only=True)
-class Config:
-    """TSPO training. Defaults follow TSPO.md and Search-R1's GRPO script where it has one."""
-
-    # What to train on.
-    model: str = option("", "HF Qwen2/Qwen2.5 checkpoint folder ('': the embedded toy world)")
-    world: str = option("default", "toy world without --model", choices=("default", "hard"))
-    warm_start_seed: int = option(0, "without --model: seed of the toy policy's warm start")
-    data: str = option("", "training questions: Search-R1 parquet, or JSONL")
-    eval_data: str = option("", "held-out questions for periodic evaluation ('': none)")
-    retriever: rollout.RetrieverConfig = rollout.RetrieverConfig()
-    out_dir: str = option("runs/tspo", "run folder, or a gs:// URL: metrics, checkpoints, exports")
-    # The algorithm (TSPO.md).
-    algo: str = option("tspo", "tspo, or grpo (latent_reward 0)", choices=("tspo", "grpo"))
-    latent_reward: float = option(0.5, "alpha of Eq. F, in [0, 1)")
-    folr_groups: str = option("homogeneous", "groups FOLR applies in", choices=tspo.FOLR_GROUPS)
-    folr_credit: str = option(
-        "search-stage", "turns Eq. F credits: up to the first hit, or it", choices=tspo.FOLR_CREDITS
-    )
-    answer_stage: str = option(
-        "outcome",
-        "Eq. A on turns after the first hit where FOLR applies (neutral: A = 0)",
-        choices=tspo.ANSWER_STAGES,
-    )
-    scale_advantages: bool = option(True, "divide advantages by the group std (false: Dr. GRPO)")
-    group_size: int = option(5, "G, samples per prompt")
-    clip_low: float = option(0.2, "eps_low of the clipped ratio")
-    clip_high: float = option(0.2, "eps_high of the clipped ratio")
-    kl_coef: float = option(0.001, "beta, k3 KL to the initial policy (0: no reference model)")
-    loss_agg: str = option("token-mean", "loss aggregation of Eq. L", choices=tspo.LOSS_AGGS)
-    clip_ratio_c: float = option(
-        0.0, "dual-clip: bound the loss of adv < 0 tokens by -c * adv, c > 1 (verl: 3; 0: off)"
-    )
-    tis_cap: float = option(
-        0.0, "truncated IS: weight each token's pg loss by min(exp(learner - sampler), C) (0: off)"
-    )
-    dynamic_sampling: bool = option(
-        False, "DAPO: drop groups whose returns are all equal, draw more prompts to fill the step"
-    )
-    max_draws: int = option(10, "with --dynamic-sampling: batches of prompts a step draws at most")
-    # Batches.
-    prompts_per_step: int = option(512, "B, prompts per step over all processes")
-    mini_batch: int = option(256, "prompts per optimizer update")
-    micro_batch: int = option(0, "prompts per forward/backward pass (0: the mini-batch)")
-    policy_epochs: int = option(1, "passes over each step's rollouts")
-    # Optimizer.
-    lr: float = option(1e-6, "peak learning rate of AdamW")
-    warmup_steps: int = option(0, "optimizer updates of linear warm-up")
-    lr_schedule: str = option("constant", "after warm-up", choices=("constant", "cosine"))
-    weight_decay: float = option(0.01, "AdamW weight decay")
-    grad_clip: float = option(1.0, "clip gradients to this global norm")
-    adam_b1: float = option(0.9, "AdamW beta1")
-    adam_b2: float = option(0.999, "AdamW beta2")
-    # Numerics and devices.
-    param_dtype: str = option("float32", "master weights", choices=("float32", "bfloat16"))
-    compute_dtype: str = option("float32", "activations", choices=("float32", "bfloat16"))
-    remat: str = option("full", "per-layer rematerialization", choices=tuple(qwen.REMAT_POLICIES))
-    attention_mb: int = option(512, "MiB bound on one block of attention scores per device")
-    logits_mb: int = option(256, "MiB bound on one chunk of log-softmax logits per device")
-    mlp_mb: int = option(128, "MiB bound on one chunk of MLP activations per device")
-    mesh_data: int = option(-1, "data-parallel mesh axis (-1: devices / mesh_fsdp)")
-    mesh_fsdp: int = option(1, "parameter-sharding (ZeRO-3) mesh axis")
-    mesh_dcn_data: int = option(0, "slices the data axis spans (0: one per TPU slice)")
-    compile_cache: str = option("auto", "JAX compilation cache ('auto': <out-dir>/jax_cache)")
-    rollout_batch: int = option(0, "rows per rollout wave per process (0: the plan's largest)")
-    rollout_slots: int = option(
-        0,
-        "KV-cache slots per row of a rollout wave (0: --max-context); rows that need more wait "
-        "and finish in waves of fewer rows at --max-context slots (the same memory)",
-    )
-    offload_state: str = option(
-        "auto",
-        "keep the train state and reference in host memory while rollouts run (auto: on GPU / "
-        "TPU), so that the chips hold only the sampling copy and the waves' KV cache",
-        choices=AUTO_ON_OFF,
-    )
-    device_memory_gb: float = option(0.0, "GiB per device where the backend does not say")
-    plan_only: bool = option(False, "print the memory plan from config.json and exit")
-    plan_devices: int = option(0, "plan for a slice of N devices instead of those present")
-    plan_target: str = option(
-        "", "with --plan-only: plan by the TPU compiler for this slice", choices=("", *aot.TARGETS)
-    )
-    distributed: bool = option(False, "multi-host: call jax.distributed.initialize() first")
-    coordinator: str = option("", "host:port of process 0 ('': auto-detect, TPU / SLURM / MPI)")
-    num_processes: int = option(0, "processes in all, with --coordinator")
-    process_id: int = option(-1, "this process's index, with --coordinator")
-    # Schedule.
-    steps: int = option(200, "RL steps")
-    seed: int = option(0, "root of every random key and of the data order")
-    eval_every: int = option(50, "evaluate every N steps, and at the end (0: never)")
-    eval_size: int = option(500, "held-out questions per evaluation (0: all)")
-    eval_batch: int = option(64, "questions per evaluation rollout batch")
-    checkpoint_every: int = option(50, "save a checkpoint every N steps (0: only at the end)")
-    async_checkpoint: str = option(
-        "auto", "write checkpoints in the background (auto: on GPU / TPU)", choices=AUTO_ON_OFF
-    )
-    keep_checkpoints: int = option(3, "checkpoints kept")
-    resume: bool = option(False, "continue from the latest checkpoint in out_dir")
-    export_every: int = option(0, "also export HF safetensors every N steps (0: at the end only)")
-    export_dtype: str = option(
-        "source", "dtype of HF exports", choices=("source", "float32", "bfloat16", "float16")
-    )
-    log_samples: int = option(0, "write every Nth step's trajectories to samples.jsonl (0: off)")
-    max_bad_steps: int = option(5, "stop after this many non-finite (skipped) updates in a row")
-    plot: bool = option(True, "draw metrics.png from metrics.jsonl at the end")
-    agent: rollout.RolloutConfig = rollout.RolloutConfig()
-
-    def __post_init__(self):
-        if self.group_size < 2:
-            raise ValueError(f"--group-size must be >= 2 (GRPO groups), got {self.group_size}")
-        loss = self.loss_settings  # Eq. F's and L's ranges are tspo.py's to check
-        tspo.check_settings(
-            latent_reward=self.latent_reward,
-            clip_low=loss.clip_low,
-            clip_high=loss.clip_high,
-            kl_coef=loss.kl_coef,
-            clip_ratio_c=loss.clip_ratio_c,
-            tis_cap=loss.tis_cap,
-        )
-        least = dict.fromkeys(("steps", "policy_epochs", "prompts_per_step", "mini_batch"), 1)
-        least |= dict.fromkeys(("keep_checkpoints", "attention_mb", "logits_mb", "mlp_mb"), 1)
-        least |= {"max_draws": 1}
-        least |= dict.fromkeys(("warmup_steps", "rollout_batch", "plan_devices"), 0)
-        least |= {"warm_start_seed": 0}
-        for name, bound in (least | {"device_memory_gb": 0}).items():
-            if (value := getattr(self, name)) < bound:
-                raise ValueError(f"--{name.replace('_', '-')} must be >= {bound}, got {value}")
-        if self.prompts_per_step % self.mini_batch or self.mini_batch % self.micro_size:
-            raise ValueError(
-                f"--prompts-per-step {self.prompts_per_step} must be a multiple of --mini-batch "
-                f"{self.mini_batch}, and that of --micro-batch {self.micro_size}"
-            )
-        if self.lr <= 0 or self.grad_clip <= 0:
-            raise ValueError("--lr and --grad-clip must be positive")
-        if self.param_dtype == "bfloat16":
-            raise ValueError(
-                "--param-dtype bfloat16 would keep AdamW's moments and apply its updates in "
-                "bfloat16, where a step of lr 1e-6 on a weight of about 0.02 rounds to nothing "
-                "and the policy stops learning; keep float32 master weights (the default) and "
-                "set --compute-dtype bfloat16 for bfloat16 matmuls"
-            )
-        if self.plan_target and not self.plan_only:
-            raise ValueError("--plan-target plans a run for other chips: give it with --plan-only")
-        if self.rollout_batch % self.group_size:
-            raise ValueError(
-                f"--rollout-batch {self.rollout_batch} must be whole groups: a multiple of "
-                f"--group-size {self.group_size}"
-            )
-        context, turn = self.agent.max_context, self.agent.max_new_tokens
-        if self.rollout_slots and not turn < self.rollout_slots <= context:
-            raise ValueError(
-                f"--rollout-slots {self.rollout_slots} must be 0 (--max-context) or more than "
-                f"--max-new-tokens {turn} (a prompt and its first turn) and at most "
-                f"--max-context {context}"
-            )
-
-    # Quantities derived from the options, each computed here once.
-
-    @property
-    def alpha(self) -> float:
-        """latent_reward of Eq. F as the algorithm uses it (0 for GRPO)."""
-        return 0.0 if self.algo == "grpo" else self.latent_reward
-
-    @property
-    def micro_size(self) -> int:
-        """Prompts per micro-batch: --micro-batch, or the mini-batch when it is 0."""
-        return self.micro_batch or self.mini_batch
-
-    @property
-    def updates_per_step(self) -> int:
-        """Optimizer updates per RL step: mini-batches x policy epochs."""
-        return self.prompts_per_step // self.mini_batch * self.policy_epochs
-
-    @property
-    def attention_bytes(self) -> int:
-        return self.attention_mb << 20
-
-    @property
-    def forward_options(self) -> qwen.ForwardOptions:
-        """How the update's forward pass runs (its batch sharding is the mesh's, added in setup)."""
-        return qwen.ForwardOptions(
-            remat=self.remat,
-            attention_bytes=self.attention_bytes,
-            logits_bytes=self.logits_mb << 20,
-            mlp_bytes=self.mlp_mb << 20,
-        )
-
-    @property
-    def loss_settings(self) -> learner.LossSettings:
-        """Eq. L's settings (0 turns dual-clip and truncated IS off)."""
-        return learner.LossSettings(
-            clip_low=self.clip_low,
-            clip_high=self.clip_high,
-            kl_coef=self.kl_coef,
-            loss_agg=self.loss_agg,
-            norm_length=self.agent.max_context,
-            clip_ratio_c=self.clip_ratio_c or None,
-            tis_cap=self.tis_cap or None,
-        )
-
+# The options (tspo_jax/config.py: one frozen dataclass, every field a command-line option), and
+# the embedded default's preset.
 
 # Settings of the embedded default (no --model): a tiny policy learns in minutes on 2 CPU cores.
 TOYWORLD_PRESET = dict(
@@ -524,7 +320,7 @@ def parse_config(argv=None) -> Config:
 
 
 # =============================================================================================
-# What reads rollout.py: the sampler, the evaluation, the export's rollout settings.
+# What reads tspo_jax/rollout.py: the sampler and the evaluation.
 
 
 def rollout_policy(run: Run, params, *, wave_rows=0, slots=0) -> rollout.KVCachePolicy:
@@ -554,24 +350,11 @@ def export_step(run, step: int, state, record: dict, due: bool | None = None) ->
     """The HF export of ``step`` when it is due (or ``due``)."""
     with runtime.saved_on_failure(run, step, state, record):
         if runtime.export_due(run.cfg, step) if due is None else due:
-            runtime.export(run, state.params, runtime.export_dir(run, step), rollout_settings)
-
-
-def rollout_settings(run: Run, folder: str) -> None:
-    """An export's rollout settings (rollout.SETTINGS_FILE): those of train.py's evaluation,
-    which rollout.py reads."""
-    cfg = run.cfg
-    settings = eval_rollout_config(cfg)
-    rollout.save_settings(folder, settings, batch_size=cfg.eval_batch, dtype=cfg.compute_dtype)
-
-
-def eval_rollout_config(cfg: Config) -> rollout.RolloutConfig:
-    """The rollout settings of train.py's evaluation: the run's, greedy."""
-    return dataclasses.replace(cfg.agent, greedy=True)
+            runtime.export(run, state.params, runtime.export_dir(run, step))
 
 
 def eval_metrics(run: Run, params) -> dict:
-    """Greedy held-out evaluation through rollout.py, by process 0 ("eval_*" metrics)."""
+    """Greedy held-out evaluation (rollout.evaluate), by process 0 ("eval_*" metrics)."""
     policy = rollout_policy(run, params, wave_rows=run.cfg.eval_batch)  # all processes
     if not run.lead:
         return {}
@@ -581,7 +364,7 @@ def eval_metrics(run: Run, params) -> dict:
         run.tokenizer,
         run.retriever,
         run.eval_set,
-        cfg=eval_rollout_config(run.cfg),
+        cfg=run.cfg.eval_agent,
         batch_size=run.cfg.eval_batch,
         progress=False,
         mesh=run.rollout_mesh,

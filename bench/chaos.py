@@ -18,8 +18,12 @@ end it compares the two runs and prints, last:
 each": metrics.jsonl has every step once, each row equal to the straight run's (times aside).
 "lost steps": steps whose row a run had written (the step was done) that the checkpoint it was
 resumed from did not hold, so that they ran again. A preempted run must also exit 0. The exit
-status is 1 if any of this fails. A bench, not a test: its timing is random (tests/test_chaos.py
-runs it with a fixed seed and 3 faults on a small config).
+status is 1 if any of this fails. A bench, not a test: its timing is random
+(tests/test_train.py's test_chaos_soak_with_a_fixed_seed_loses_nothing runs it with a fixed seed
+and 3 faults on a small config).
+
+Every run reads and writes one compilation cache, ``<--out>/jax_cache``, unless the train.py
+options give their own ``--compile-cache`` (the tests' session cache).
 """
 
 import argparse
@@ -289,8 +293,9 @@ def main(argv=None):
         *train_argv,
         *("--steps", str(args.steps), "--plot", "false"),
         *("--retriever-url", server.url, "--retriever-max-wait", str(args.retry_budget)),
-        *("--compile-cache", str(out / "jax_cache")),  # every restart reuses the compilations
     ]
+    if not any(a.startswith("--compile-cache") for a in train_argv):
+        common += ["--compile-cache", str(out / "jax_cache")]  # restarts reuse the compilations
     try:
         t0 = time.monotonic()
         reference = out / "straight"

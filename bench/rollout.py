@@ -3,9 +3,10 @@
     python -m bench.rollout [--config tiny] [--prompts 16] [--group 5] [--runs 3] [--wave-rows 0]
 
 Search-R1 re-tokenizes and re-prefills each row's whole context (prompt, turns, observations)
-before every turn; rollout.py appends each observation to the cache and keeps decoding. Both
-run the same 4-turn rollout batch here: the same policy weights, prompts, keys and retrieval
-(BM25 over the toy world's corpus of ~13k passages), so they sample the same trajectories.
+before every turn; tspo_jax/rollout.py appends each observation to the cache and keeps
+decoding. Both run the same 4-turn rollout batch here: the same policy weights, prompts, keys
+and retrieval (BM25 over the toy world's corpus of ~13k passages), so they sample the same
+trajectories.
 The policy is a model of the named shape warm-started briefly on the toy world's
 demonstrations (so that it searches and answers; cached), with the toy world's tokenizer.
 Prints the median wall time of each after a warm-up run, the share of time spent in retrieval,
@@ -24,8 +25,7 @@ from pathlib import Path
 
 import jax
 
-import rollout
-from tspo_jax import data, retrieval, sampling, toyworld
+from tspo_jax import data, retrieval, rollout, sampling, toyworld
 
 SHAPES = {
     # The tiny shape of bench/decode.py (its vocabulary is the toy world tokenizer's here).

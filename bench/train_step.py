@@ -117,7 +117,7 @@ def run_jax(path, rows, length, steps):
     )  # fmt: skip
     optimizer = optax.adamw(1e-6)
     state = learner.init_state(params, config, mesh, optimizer)
-    settings = learner.LossSettings(kl_coef=0.0, clip_low=CLIP, clip_high=CLIP)
+    settings = learner.LossSettings(kl_coef=None, clip_low=CLIP, clip_high=CLIP)
     # No remat and no attention blocks: the same computation as PyTorch's (which keeps
     # every activation); log-prob chunks of 128 positions x rows, as before.
     options = learner.forward_options(

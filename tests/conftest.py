@@ -1,10 +1,17 @@
-"""Shared test set-up: 8 fake CPU devices for the sharding tests.
+"""Shared test set-up: 8 fake CPU devices for the sharding tests, and one persistent JAX
+compilation cache for the session.
 
-XLA reads the flag when the backend starts, so it is set here, before any test imports jax.
-Library code never sets it.
+XLA reads the flag when the backend starts, and JAX decides at its first compilation whether a
+process uses a persistent cache, so both are set here, before any test imports jax. The cache
+is in the environment, so that train.py's subprocesses (resumes, the chaos soak, two processes)
+share it with this process and with each other: a program compiled once in the session is read
+back, not compiled again. Library code never sets either.
 """
 
+import atexit
 import os
+import shutil
+import tempfile
 
 os.environ["XLA_FLAGS"] = (
     os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
@@ -12,6 +19,10 @@ os.environ["XLA_FLAGS"] = (
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="tspo_jax_tests_jax_cache_")
+    atexit.register(shutil.rmtree, os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -210,3 +210,84 @@ def test_hbm_traffic_counts_what_crosses_hbm_where_the_cost_model_counts_more(v5
     update = lambda a, row, i: jax.lax.dynamic_update_slice(a, row, (i, 0))
     hbm, _ = traffic(update, spec((256, 4096)), spec((1, 4096)), spec((), jnp.int32), donate=0)
     assert hbm <= 4 * 4096 * 2 + 64  # the array is 256 * 4096 * 2 bytes
+
+
+def test_hbm_traffic_charges_a_loop_its_body_times_its_trips_never_its_carried_tuple(v5e_4):
+    """A fori_loop of 7 trips, compiled for one TPU v5e chip, carrying a 2 MiB table and a
+    2 MiB donated buffer (4 MiB of carried tuple, in and out): each trip reads row i of the
+    table (4,096 bf16: 8,192 bytes) and writes it, doubled, into row i of the buffer (8,192
+    bytes): 7 x 16,384 = 114,688 bytes, plus the loop counter and the row index (a few
+    4-byte scalars a trip, under 64 bytes). The trip count is not in the TPU compiler's text;
+    the loop's counter shows it (0 to 7 by 1). With the trip count a traced argument, nobody
+    knows it: trip_counts says None, and one trip is charged."""
+    mesh = jax.sharding.Mesh(v5e_4[:1], ("x",))
+    whole = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    spec = lambda shape, dtype=jnp.bfloat16: jax.ShapeDtypeStruct(shape, dtype, sharding=whole)
+    R, D, trips = 256, 4096, 7
+    row = D * 2
+
+    def copy_rows(table_RD, buf_RD, n):
+        def body(i, buf_RD):
+            row_1D = jax.lax.dynamic_slice(table_RD, (i, 0), (1, D))
+            return jax.lax.dynamic_update_slice(buf_RD, row_1D * 2, (i, 0))
+
+        return jax.lax.fori_loop(0, n, body, buf_RD)
+
+    def compiled(n):
+        args = (spec((R, D)), spec((R, D)))
+        if n is None:  # the trip count a traced argument
+            lowered = jax.jit(copy_rows, donate_argnums=1).lower(*args, spec((), jnp.int32))
+        else:
+            lowered = jax.jit(lambda t, b: copy_rows(t, b, n), donate_argnums=1).lower(*args)
+        text = lowered.compile().as_text()
+        assert len(re.findall(r" while\(", text)) == 1 and "known_trip_count" not in text
+        return aot.hbm_traffic(text), list(aot.trip_counts(text).values())
+
+    hbm, counts = compiled(trips)
+    assert counts == [trips]
+    assert trips * 2 * row <= hbm <= trips * (2 * row + 64), hbm  # 114,688 bytes and scalars
+    hbm, counts = compiled(None)
+    assert counts == [None]
+    assert 2 * row <= hbm <= 2 * row + 128, hbm  # one trip: 16,384 bytes and scalars
+
+
+def test_trip_counts_reads_a_trip_count_the_compiler_states():
+    """XLA:CPU writes known_trip_count into a while's backend_config (inside a call), which
+    trip_counts takes as it is (the TPU compiler writes none; the loop's counter says the same
+    there). Counted by hand from that program: 5 trips of sin on f32[4] (16 bytes in, 16 out)
+    and the counter's add (4 + 4 in, 4 out); 6 tests (4 + 4 in, 1 out); before the loop, x
+    and the counter copied into the carried tuple (16 + 16, 4 + 4)."""
+    text = (
+        jax.jit(lambda x: jax.lax.fori_loop(0, 5, lambda i, x: jnp.sin(x), x))
+        .lower(jnp.zeros((4,)))
+        .compile()
+        .as_text()
+    )
+    assert '"known_trip_count":{"n":"5"}' in text
+    assert list(aot.trip_counts(text).values()) == [5]
+    assert aot.hbm_traffic(text) == 5 * (32 + 12) + 6 * 9 + 40
+
+
+def test_decode_step_least_counts_an_untied_embedding_by_its_rows(v5e_4):
+    """aot.decode_step's least against the config's arithmetic, on 4 TPU v5e chips at 5 rows
+    a chip: the weights (tied: 6,033,920 bytes) and one copy of the cache (2,621,440), except
+    that an untied model's step reads only its tokens' rows of the input embedding: 5 rows x
+    256 x 2 = 2,560 bytes, where the table is 4,096 x 256 x 2 = 2 MiB. A tied model reads its
+    table whole as the LM head. The compiler agrees: the untied step moves the tied one's bytes
+    (its LM head the size of the tied table) and those 2,560 more; both move at least their
+    least."""
+    untied = dataclasses.replace(TINY, tie_word_embeddings=False)
+    rows = tiny_run().wave // 4
+    D = TINY.hidden_size
+    table, looked_up = TINY.vocab_size * D * 2, rows * D * 2
+    steps = {}
+    for config, embedding in ((TINY, table), (untied, looked_up)):
+        weights = plan.param_count(config) * 2  # bfloat16, whole on every chip
+        cache = plan.kv_cache_bytes(config, rows=rows, slots=512) // 2  # one copy
+        step, minimum = aot.decode_step(tiny_run(config=config), v5e_4)
+        assert minimum == weights - table + embedding + cache, config
+        assert minimum <= step.hbm_bytes, (step.hbm_bytes, minimum)
+        steps[config.tie_word_embeddings] = step.hbm_bytes, minimum
+    assert steps[True][1] == 6_033_920 + 2_621_440 and looked_up == 2_560
+    assert steps[False][1] - steps[True][1] == looked_up
+    assert steps[False][0] - steps[True][0] == looked_up

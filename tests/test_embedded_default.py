@@ -14,9 +14,9 @@ import jax
 import numpy as np
 import pytest
 
-import rollout
+import rollout as rollout_cli
 import train
-from tspo_jax import data, hf_io, protocol, qwen, retrieval, runtime, toyworld
+from tspo_jax import data, hf_io, protocol, qwen, retrieval, rollout, runtime, toyworld
 from tspo_jax.toyworld.demonstrations import load_demonstrations
 from tspo_jax.toyworld.world import QUESTION_RELATIONS
 
@@ -111,14 +111,15 @@ def test_a_warm_start_seed_gets_a_warm_start_and_folder_of_its_own(default_run):
     _, cache, out = default_run
     default = cache / "toyworld-policy"
     before = (default / "warm_start.json").stat().st_mtime_ns
+    quick = dataclasses.replace(TINY_POLICY, epochs=1)  # a warm start of its own, a short one
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("TSPO_JAX_CACHE", str(cache))
         cfg = train.parse_config(["--out-dir", str(out), "--warm-start-seed", "1"])
-        cfg = runtime.embedded_default(cfg, TINY_WORLD, TINY_POLICY)
+        cfg = runtime.embedded_default(cfg, TINY_WORLD, quick)
     assert cfg.model == str(cache / "toyworld-policy-seed1")
     assert cfg.data == str(cache / "toyworld" / "train.jsonl")
     info = json.loads((cache / "toyworld-policy-seed1" / "warm_start.json").read_text())
-    assert info["config"] == dataclasses.asdict(TINY_POLICY) | {"seed": 1}
+    assert info["config"] == dataclasses.asdict(quick) | {"seed": 1}
     assert (default / "warm_start.json").stat().st_mtime_ns == before
     _, seed0 = hf_io.load_hf(str(default))
     _, seed1 = hf_io.load_hf(cfg.model)
@@ -165,7 +166,7 @@ def test_rollout_cli_on_the_export_reproduces_the_runs_evaluation(default_run, t
     and batch size (TOYWORLD_PRESET's, not Search-R1's defaults), and greedy is the default."""
     result, _, out = default_run
     cfg = result["config"]
-    summary = rollout.main(
+    summary = rollout_cli.main(
         [
             *("--model", str(out / "hf" / "step_2"), "--data", cfg.eval_data),
             *("--corpus", cfg.retriever.corpus, "--limit", str(cfg.eval_size)),

@@ -12,9 +12,8 @@ import pytest
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-import rollout
 import train
-from tspo_jax import aot, cli, hf_io, plan, qwen, runtime, sampling
+from tspo_jax import aot, cli, hf_io, plan, qwen, rollout, runtime, sampling
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 TPU_DATA = "tpu_update_temporaries.jsonl"  # the TPU compiler's numbers (tspo_jax/plan.py)

@@ -143,12 +143,12 @@ def test_hidden_states_lm_head_and_token_logprobs(tiny_checkpoints, name):
         picked = jnp.take_along_axis(logp_BTV, tokens[:, 1:, None], axis=-1)[..., 0]
         return jnp.sum(weight[:, 1:] * jnp.where(mask[:, 1:], picked, 0.0))
 
-    g_plain = jax.grad(plain)(params)
+    g_plain = jax.jit(jax.grad(plain))(params)
     for options in variants:
         chunked = lambda p, o=options: jnp.sum(
             weight * qwen.token_logprobs(p, config, tokens, mask, o)
         )
-        g_chunked = jax.grad(chunked)(params)
+        g_chunked = jax.jit(jax.grad(chunked))(params)
         for a, b in zip(jax.tree.leaves(g_plain), jax.tree.leaves(g_chunked), strict=True):
             a, b = np.asarray(a), np.asarray(b)
             np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-4 * np.abs(a).max())

@@ -359,7 +359,7 @@ def test_http_check_says_what_is_wrong(server):
 def test_a_dead_server_at_start_up_says_how_long_and_how_to_wait_less():
     """The first line of a server that does not answer names it, says for how long the run will
     wait for it, and which option shortens the wait; the lines after it count the budget."""
-    import rollout
+    from tspo_jax import rollout
 
     url, logs = closed_port_url(), []
     cfg = rollout.RetrieverConfig(retriever_url=url, retriever_max_wait=0.5)

@@ -20,9 +20,10 @@ from etils.epath import testing as epath_testing
 from retrieval_testing import StandInServer
 from safetensors.numpy import load_file
 
-import rollout
+import rollout as rollout_cli
 import train
-from tspo_jax import cli, data, hf_io, learner, protocol
+from tspo_jax import cli, data, hf_io, learner, protocol, rollout
+from tspo_jax.config import Config
 
 ROOT = Path(__file__).resolve().parents[1]
 # Gold answers that the briefly warm-started test policy often writes and retrieves (relation
@@ -52,7 +53,8 @@ def args(small_world, small_policy, questions, out, *extra, url=None):
         *("--max-turns", "2", "--max-new-tokens", "12", "--max-obs-tokens", "80"),
         *("--max-context", "384", "--outcome", "f1", "--kl-coef", "0.01"),
         *("--eval-every", "0", "--plot", "false", "--seed", "3"),
-        # In-process runs leave JAX's global cache setting alone (subprocesses share one).
+        # JAX's cache setting left as it is: the session's (tests/conftest.py), which in-process
+        # runs and subprocesses share.
         *("--compile-cache", "off"),
         *extra,
     ]
@@ -201,15 +203,16 @@ finally:
 _STARTED = []  # processes of _start, killed after each test if still there (they ignore SIGTERM)
 
 
-def _start(argv, log, cache, code=None):
+def _start(argv, log, code=None):
     """train.py (or ``python -c code``) in a subprocess, its output in the file ``log``; runs
-    share the persistent compilation cache ``cache`` (the same programs: only faster)."""
-    env = {**os.environ, "XLA_FLAGS": "", "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
+    share the session's persistent compilation cache (tests/conftest.py; the same programs:
+    only faster)."""
+    env = {**os.environ, "XLA_FLAGS": ""}
     command = ["-c", code] if code else [str(ROOT / "train.py")]
     with open(log, "w") as f:
         _STARTED.append(
             subprocess.Popen(
-                [sys.executable, *command, *argv, "--compile-cache", str(cache)],
+                [sys.executable, *command, *argv],
                 cwd=ROOT,
                 env=env,
                 stdout=f,
@@ -257,7 +260,6 @@ def test_resume_is_exact_after_kills_preemption_and_outages(
     Parameters equal bit for bit; metrics.jsonl has each step once, with a's values.
     """
     server = StandInServer()
-    cache = tmp_path / "jax-cache"
     common = ("--steps", "4", "--lr", "1e-3", "--retriever-max-wait", "4")
     run_a = args(small_world, small_policy, questions, tmp_path / "a", *common, url=server.url)
     run_b = lambda *extra: args(
@@ -265,7 +267,7 @@ def test_resume_is_exact_after_kills_preemption_and_outages(
     )
     out, log = tmp_path / "b", lambda name: tmp_path / f"{name}.log"
     try:
-        straight = _start(run_a, log("a"), cache)
+        straight = _start(run_a, log("a"))
         assert straight.wait(timeout=600) == 0, log("a").read_text()
         assert len(server.requests) == 5  # the start-up check, then a search in every step
 
@@ -275,7 +277,7 @@ def test_resume_is_exact_after_kills_preemption_and_outages(
         marks.mkdir()
         (marks / "save-1").touch()  # step 1 commits, step 2 hangs
         b1 = run_b("--checkpoint-every", "1", "--async-checkpoint", "on")
-        killed = _start([str(marks), *b1], log("b1"), cache, code=HOLD_SAVE_AND_EXIT)
+        killed = _start([str(marks), *b1], log("b1"), code=HOLD_SAVE_AND_EXIT)
         saving = marks / "saving-2"
         rows_ahead = lambda: saving.exists() and len(_rows(out)) >= 2  # row 2 is written
         _wait_for(rows_ahead, killed, "save of step 2")
@@ -294,7 +296,7 @@ def test_resume_is_exact_after_kills_preemption_and_outages(
 
         # b2: the server goes down for good at the second search after the start-up check.
         server.requests, server.outages = [], {3: None}
-        outage = _start(run_b("--resume"), log("b2"), cache)
+        outage = _start(run_b("--resume"), log("b2"))
         assert outage.wait(timeout=600) == 2, log("b2").read_text()
         text = log("b2").read_text()
         assert "resumed from the checkpoint of step 1" in text and "Traceback" not in text
@@ -315,7 +317,7 @@ def test_resume_is_exact_after_kills_preemption_and_outages(
         server.outages, server.requests = {}, []
         server.up()
         step = saved + 1
-        preempted = _start([str(marks), *run_b("--resume")], log("b3"), cache, HOLD_SAVE_AND_EXIT)
+        preempted = _start([str(marks), *run_b("--resume")], log("b3"), HOLD_SAVE_AND_EXIT)
         searching = lambda: len(server.requests) >= 2  # the start-up check, then a search
         _wait_for(searching, preempted, "the first search")
         preempted.send_signal(signal.SIGTERM)
@@ -337,7 +339,7 @@ def test_resume_is_exact_after_kills_preemption_and_outages(
         assert (out / "checkpoints" / str(step)).is_dir()
 
         # b4: the rest, to the export of step 4.
-        resumed = _start(run_b("--resume"), log("b4"), cache)
+        resumed = _start(run_b("--resume"), log("b4"))
         assert resumed.wait(timeout=600) == 0, log("b4").read_text()
         assert f"resumed from the checkpoint of step {step}" in log("b4").read_text()
     finally:
@@ -495,8 +497,8 @@ def test_retriever_checked_before_the_model_loads(small_world, questions, tmp_pa
             budget = ("--retriever-max-wait", "0")
             train_argv = args(small_world, no_model, questions, tmp_path / "o", *budget, url=url)
             eval_argv = ["--model", str(no_model), "--data", str(questions), *budget]
-            for main, argv in ((train.main, train_argv), (rollout.main, eval_argv)):
-                if main is rollout.main:
+            for main, argv in ((train.main, train_argv), (rollout_cli.main, eval_argv)):
+                if main is rollout_cli.main:
                     argv += ["--retriever-url", url]
                 with pytest.raises(SystemExit) as exit_info:
                     cli.run(main, argv)
@@ -626,7 +628,7 @@ def test_dynamic_sampling_by_hand(monkeypatch):
     monkeypatch.setattr(train, "rollouts", lambda run, policy, step, draw=0: (draws[draw], timing))
 
     def run(algo, max_draws=10):
-        cfg = train.Config(
+        cfg = Config(
             algo=algo, group_size=2, prompts_per_step=2, mini_batch=2, max_draws=max_draws,
             dynamic_sampling=True,
         )  # fmt: skip
@@ -711,7 +713,7 @@ def test_rollout_cli_on_an_export_reproduces_train_evaluation(
     assert {str(a.dtype) for a in _weights(export).values()} == {"float32"}  # the source's
 
     trajectories = tmp_path / "trajectories.jsonl"
-    summary = rollout.main(
+    summary = rollout_cli.main(
         [
             *("--model", str(export), "--data", str(small_world.heldout)),
             *("--corpus", str(small_world.corpus), "--limit", "6", "--out", str(trajectories)),

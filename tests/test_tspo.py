@@ -1,6 +1,11 @@
 """Tests of the algorithm (tspo_jax/tspo.py) against TSPO.md's worked example and plain loops."""
 
+import functools
+import inspect
+import logging
 import math
+import re
+import textwrap
 
 import jax
 import jax.numpy as jnp
@@ -654,3 +659,127 @@ def test_micro_batches_weighted_by_loss_denominator_give_full_gradient(loss_agg)
         parts.append(g * den["loss_denominator"])
         dens.append(den["loss_denominator"])
     np.testing.assert_allclose(jnp.concatenate(parts) / sum(dens), full, rtol=1e-5, atol=1e-9)
+
+
+# ---------------------------------------------------------------------------------------------
+# Pasting: each public function with the names its docstring lists, and nothing else of the
+# file, in a fresh namespace; float settings as jnp scalars (traced, one compilation each).
+
+PUBLIC = [
+    "check_settings", "folr_applies", "folr_turn_rewards", "group_returns", "tied_groups",
+    "turn_advantages", "token_advantages", "clipped_pg", "tis_weights", "k3_kl", "aggregate",
+    "policy_loss", "homogenization_stats",
+]  # fmt: skip
+
+
+def needs(name):
+    """The names of tspo.py that ``name``'s docstring says it needs."""
+    doc = inspect.getdoc(getattr(tspo, name))
+    found = re.search(r"Needs: ([\w, \n]+)\.", doc)
+    if found is None:
+        assert "Needs no other name of this file." in doc, name
+        return []
+    return [n.strip() for n in found.group(1).split(",")]
+
+
+def pasted(name):
+    """``name`` pasted with the names it lists into a namespace that has only jax, jnp and the
+    standard library's functools, inspect and math."""
+    namespace = {"functools": functools, "inspect": inspect, "math": math, "jax": jax, "jnp": jnp}
+    names = [*needs(name), name]
+    functions = [n for n in names if inspect.isfunction(inspect.unwrap(getattr(tspo, n)))]
+    for n in set(names) - set(functions):  # constants
+        namespace[n] = getattr(tspo, n)
+    line = lambda n: inspect.getsourcelines(inspect.unwrap(getattr(tspo, n)))[1]
+    for n in sorted(functions, key=line):  # in the file's order: decorators before their use
+        exec(textwrap.dedent(inspect.getsource(inspect.unwrap(getattr(tspo, n)))), namespace)
+    return namespace[name]
+
+
+def test_each_public_function_pastes_alone_with_jnp_settings():
+    """Every public function of tspo.py, pasted with only the names its docstring lists, runs
+    with its float settings given as jnp scalars, and gives what tspo's own gives with Python
+    floats; the list of public functions is the file's."""
+    module = {
+        n for n, f in vars(tspo).items()
+        if inspect.isfunction(inspect.unwrap(f)) and not n.startswith("_")
+        and inspect.unwrap(f).__module__ == tspo.__name__
+    }  # fmt: skip
+    assert module == set(PUBLIC)
+    rng = np.random.default_rng(9)
+    outcome, first_hit, num_turns, turn_id, mask, logp, old, ref = random_batch(rng, 3, 4, 3, 8)
+    adv = rng.normal(size=logp.shape).astype(np.float32)
+    sampler = (old + rng.normal(0, 0.5, old.shape)).astype(np.float32)
+    f32 = jnp.float32
+    r, applies = tspo.folr_turn_rewards(
+        outcome, first_hit, num_turns, max_turns=3, return_applies=True
+    )
+    A = tspo.turn_advantages(r, num_turns)
+    ratio, on = np.exp(logp - old), mask > 0
+    loss_kw = dict(clip_high=0.28, kl_coef=0.01, clip_ratio_c=3.0, tis_cap=2.0)
+    calls = {  # name -> (positional arguments, float settings, other keywords)
+        "check_settings": ((), dict(latent_reward=0.3, clip_low=0.1, kl_coef=0.2), {}),
+        "folr_applies": ((outcome,), dict(latent_reward=0.4), dict(folr_groups="all")),
+        "folr_turn_rewards": (
+            (outcome, first_hit, num_turns), dict(latent_reward=0.3),
+            dict(max_turns=3, folr_credit="hit-turn", return_applies=True),
+        ),
+        "group_returns": ((r, num_turns), {}, {}),
+        "tied_groups": ((r, num_turns), {}, {}),
+        "turn_advantages": (
+            (r, num_turns), dict(eps=1e-3),
+            dict(answer_stage="neutral", first_hit_BG=first_hit, folr_applies_B=applies),
+        ),
+        "token_advantages": ((A, turn_id), {}, {}),
+        "clipped_pg": ((ratio, adv), dict(clip_low=0.1, clip_high=0.3, clip_ratio_c=2.0), {}),
+        "tis_weights": ((old, sampler, on), dict(tis_cap=1.5), {}),
+        "k3_kl": ((ref, logp, on), {}, {}),
+        "aggregate": ((adv, mask), {}, dict(loss_agg="seq-mean-token-mean")),
+        "policy_loss": ((logp, old, adv, mask, ref, sampler), loss_kw, {}),
+        "homogenization_stats": ((A, outcome, first_hit), {}, {}),
+    }  # fmt: skip
+    assert set(calls) == set(PUBLIC)
+    for name, (args, floats, kwargs) in calls.items():
+        settings = {k: f32(v) for k, v in floats.items()}
+        # Positional settings (tis_weights' tis_cap) are given by keyword here too.
+        got = pasted(name)(*args, **settings, **kwargs)
+        want = getattr(tspo, name)(*args, **floats, **kwargs)
+        for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+            np.testing.assert_allclose(g, w, rtol=1e-6, atol=1e-7, err_msg=name)
+    with pytest.raises(ValueError, match="latent_reward"):  # a concrete jnp scalar is checked
+        pasted("folr_turn_rewards")(outcome, first_hit, num_turns, max_turns=3,
+                                    latent_reward=f32(1.5))  # fmt: skip
+
+
+def test_float_settings_are_traced_and_checked_where_concrete(caplog):
+    """Three values of alpha compile Eq. F once; a setting traced by an outer jit is not
+    checked (and does not break the check), a concrete one is."""
+    rng = np.random.default_rng(10)
+    outcome, first_hit, num_turns, *_ = random_batch(rng, 2, 3, 3, 4)
+    eq_f = lambda alpha: tspo.folr_turn_rewards(
+        outcome, first_hit, num_turns, max_turns=3, latent_reward=alpha
+    )
+    with jax.log_compiles(), caplog.at_level(logging.WARNING):
+        results = [eq_f(alpha) for alpha in (0.1, 0.2, 0.35)]
+    compiles = [r for r in caplog.records if "Compiling jit(folr_turn_rewards)" in r.getMessage()]
+    assert len(compiles) <= 1  # (0 when an earlier test compiled it)
+    for alpha, r in zip((0.1, 0.2, 0.35), results, strict=True):
+        ref = folr_loop(outcome, first_hit, num_turns, 3, alpha, "homogeneous")
+        np.testing.assert_allclose(r, ref, rtol=1e-6)
+    traced = jax.jit(eq_f)(jnp.float32(1.5))  # out of range, but traced: no check
+    assert traced.shape == (2, 3, 3)
+    with pytest.raises(ValueError, match="latent_reward"):
+        eq_f(1.5)
+    with pytest.raises(ValueError, match="clip_ratio_c"):
+        x = jnp.zeros((1, 2, 3))
+        tspo.policy_loss(x, x, x, x, clip_ratio_c=jnp.float32(0.5))
+
+
+def test_turn_ids_past_the_turns_get_no_advantage():
+    """A token whose turn id is K or more (a turn the advantages do not cover) gets 0, never
+    the last turn's advantage."""
+    A = jnp.array([[[1.0, 2.0], [3.0, 4.0]]])
+    turn_id = jnp.array([[[-1, 0, 1, 2, 5], [1, 1, 0, 3, -1]]])
+    np.testing.assert_array_equal(
+        tspo.token_advantages(A, turn_id), [[[0, 1, 2, 0, 0], [4, 4, 3, 0, 0]]]
+    )

@@ -164,12 +164,23 @@ def measure(name: str, lowered, *, resident: int = 0, estimate: int | None = Non
 # the bytes of its operands and results whose layout has no memory-space mark (S(1) VMEM,
 # S(2) SMEM, ...), where gathers and dynamic slices count what they take, in-place updates
 # what they write, and async copies and slices their destination once.
+#
+# A while loop moves what its body moves times its trip count, and what its condition moves
+# once more (the test that ends it); the tuple it carries is not traffic (what enters or
+# leaves it is, as instructions of their own). The trip count is the one the compiler states
+# (known_trip_count in the while's backend_config: XLA:CPU prints it, jax 0.10.2's TPU
+# compiler does not), else the one the loop's counter shows: an element of the carried tuple
+# that starts at a constant, steps by a constant and is compared with a constant by the
+# condition (a fori_loop's, a scan's). Where neither says (a lax.while_loop that stops on its
+# data), one trip is counted, and trip_counts names that loop with None.
 
 _DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "bf16": 2, "f16": 2, "s16": 2, "u16": 2}
 _DTYPE_BYTES |= {"f32": 4, "s32": 4, "u32": 4, "f64": 8, "s64": 8, "u64": 8}
 _ARRAY = re.compile(r"\b([a-z]+[0-9]*)\[([0-9,]*)\](\{[^}]*\})?")
 _INSTRUCTION = re.compile(r"^(?:ROOT )?%([\w.\-]+) = (.+?) ([a-z][a-z0-9\-]*)\((.*)$")
 _COMPUTATION = re.compile(r"^(?:ENTRY )?%([\w.\-]+) \(.*\{$")
+_CALLED = re.compile(r"\b(?:calls|to_apply|condition|body)=%([\w.\-]+)")
+_STATED_TRIPS = re.compile(r'"known_trip_count":\{"n":"(\d+)"\}')
 _MOVES_NOTHING = {
     "parameter", "constant", "get-tuple-element", "tuple", "bitcast", "iota", "after-all",
     "partition-id", "replica-id", "copy-done", "slice-done", "all-gather-done",
@@ -224,53 +235,166 @@ def _partial_reads(body) -> dict[int, int | None]:
     return reads
 
 
+class _Hlo(NamedTuple):
+    """A compiled program's computations: {name: [(instruction, type, op, rest of line)]},
+    and the name of each one's ROOT instruction."""
+
+    computations: dict[str, list[tuple[str, str, str, str]]]
+    roots: dict[str, str]
+
+    @classmethod
+    def parse(cls, hlo_text: str) -> "_Hlo":
+        computations, roots, body = {}, {}, None
+        for line in hlo_text.splitlines():
+            if _COMPUTATION.match(line):
+                name = _COMPUTATION.match(line).group(1)
+                body = computations.setdefault(name, [])
+            elif line.startswith("}"):
+                body = None
+            elif body is not None and _INSTRUCTION.match(line.strip()):
+                body.append(_INSTRUCTION.match(line.strip()).groups())
+                if line.strip().startswith("ROOT "):
+                    roots[name] = body[-1][0]
+        return cls(computations, roots)
+
+    def instructions(self, computation: str) -> dict[str, tuple[str, str]]:
+        """{instruction: (op, rest of its line)} of one computation."""
+        return {name: (op, rest) for name, _, op, rest in self.computations[computation]}
+
+
+def _unwrapped(instructions: dict[str, tuple[str, str]], name: str) -> str:
+    """The instruction that ``name`` copies (through copies and bitcasts), or ``name``."""
+    while instructions[name][0] in ("copy", "bitcast"):
+        name = _operands(instructions[name][1])[0]
+    return name
+
+
+def _element(instructions: dict[str, tuple[str, str]], name: str) -> int | None:
+    """k when ``name`` is (a copy of) element k of its computation's tuple parameter."""
+    op, rest = instructions[_unwrapped(instructions, name)]
+    if op == "get-tuple-element" and instructions[_operands(rest)[0]][0] == "parameter":
+        return int(re.search(r"index=(\d+)", rest).group(1))
+    return None
+
+
+def _integer(instructions, name: str, invariant: dict[int, int]) -> int | None:
+    """The integer ``name`` holds: a constant, or an element of the parameter that a loop
+    carries unchanged (``invariant``: {element: its value}); None when it is neither."""
+    op, rest = instructions[_unwrapped(instructions, name)]
+    if op == "constant":
+        value = re.match(r"(-?\d+)\)", rest)
+        return int(value.group(1)) if value else None
+    return invariant.get(_element(instructions, name))
+
+
+def _counted_trips(hlo: _Hlo, caller: str, while_rest: str) -> int | None:
+    """The trip count that a while loop's counter shows (see above), or None."""
+    outer = hlo.instructions(caller)
+    condition = re.search(r"condition=%([\w.\-]+)", while_rest).group(1)
+    body = re.search(r"body=%([\w.\-]+)", while_rest).group(1)
+    (start,) = _operands(while_rest)
+    inner, test = hlo.instructions(body), hlo.instructions(condition)
+    if outer[start][0] != "tuple" or inner[hlo.roots[body]][0] != "tuple":
+        return None
+    first, after = _operands(outer[start][1]), _operands(inner[hlo.roots[body]][1])
+    unchanged = [k for k, name in enumerate(after) if _element(inner, name) == k]
+    invariant = {k: _integer(outer, first[k], {}) for k in unchanged}
+    invariant = {k: value for k, value in invariant.items() if value is not None}
+    op, rest = test[hlo.roots[condition]]
+    if op != "compare":
+        return None
+    direction = re.search(r"direction=(\w+)", rest).group(1)
+    counter, limit = _operands(rest)
+    if _element(test, counter) in (None, *invariant):  # the counter on the right: swap sides
+        counter, limit = limit, counter
+        direction = {"LT": "GT", "LE": "GE", "GT": "LT", "GE": "LE"}.get(direction, direction)
+    k, bound = _element(test, counter), _integer(test, limit, invariant)
+    if k is None or k in invariant or bound is None:
+        return None
+    start_value = _integer(outer, first[k], {})
+    op, rest = inner[_unwrapped(inner, after[k])]
+    if op != "add" or start_value is None:
+        return None
+    a, b = _operands(rest)
+    step = _integer(inner, b if _element(inner, a) == k else a, invariant)
+    if step is None or k not in (_element(inner, a), _element(inner, b)):
+        return None
+    bound += {"LE": 1, "GE": -1}.get(direction, 0)
+    if direction in ("LT", "LE") and step > 0:
+        return max(0, -(-(bound - start_value) // step))
+    if direction in ("GT", "GE") and step < 0:
+        return max(0, -(-(start_value - bound) // -step))
+    return None
+
+
+def _traffic(hlo: _Hlo, computation: str, trips: dict[str, int | None]) -> int:
+    """HBM bytes of one run of ``computation``; records each while loop's trip count."""
+    lines = hlo.computations[computation]
+    types = {instruction: type_text for instruction, type_text, _, _ in lines}
+    total = 0
+    for instruction, type_text, op, rest in lines:
+        if op in _MOVES_NOTHING or "ConcatBitcast" in rest:
+            continue
+        operands = _operands(rest)
+        if op == "while":  # its body and condition; the carried tuple stays where it is
+            stated = _STATED_TRIPS.search(rest)
+            n = int(stated.group(1)) if stated else _counted_trips(hlo, computation, rest)
+            trips[instruction] = n
+            n = 1 if n is None else n
+            condition = re.search(r"condition=%([\w.\-]+)", rest).group(1)
+            body = re.search(r"body=%([\w.\-]+)", rest).group(1)
+            total += n * _traffic(hlo, body, trips) + (n + 1) * _traffic(hlo, condition, trips)
+        elif op == "call":  # what the computation it calls moves (XLA:TPU inlines calls)
+            total += _traffic(hlo, re.search(r"to_apply=%([\w.\-]+)", rest).group(1), trips)
+        elif op in ("copy-start", "slice-start"):  # an async copy of (part of) its operand
+            arrays = _arrays(type_text)
+            dest = arrays[0] if op == "copy-start" else arrays[-2]
+            source_in_hbm = all(in_hbm for _, in_hbm in _arrays(types[operands[0]]))
+            total += dest[0] * (source_in_hbm + dest[1])
+        elif op == "fusion":
+            fused = hlo.computations[re.search(r"calls=%([\w.\-]+)", rest).group(1)]
+            partial = _partial_reads(fused)
+            in_place = any(partial.get(i, 0) is None for i in range(len(operands)))
+            for i, operand in enumerate(operands):
+                read, arrays = partial.get(i, -1), types.get(operand, "")
+                if read == -1:  # read whole; and written into the operand when in place
+                    total += _hbm(arrays) + in_place * sum(n for n, _ in _arrays(arrays))
+                elif read is not None and _hbm(arrays):
+                    total += read
+            total += 0 if in_place else _hbm(type_text)
+        elif op in ("dynamic-update-slice", "scatter"):  # in place: the update moves
+            written = operands[1:2] if op == "dynamic-update-slice" else operands[2:]
+            into_hbm = all(in_hbm for _, in_hbm in _arrays(types.get(operands[0], "")))
+            total += sum(_hbm(types.get(o, "")) for o in operands[1:])  # read where it is
+            total += into_hbm * sum(n for o in written for n, _ in _arrays(types.get(o, "")))
+        elif op in ("dynamic-slice", "gather"):  # reads what it returns
+            total += 2 * _hbm(type_text)
+        else:
+            total += _hbm(type_text) + sum(_hbm(types.get(o, "")) for o in operands)
+    return total
+
+
+def _program_traffic(hlo_text: str) -> tuple[int, dict[str, int | None]]:
+    hlo, trips = _Hlo.parse(hlo_text), {}
+    called = {  # computations that run inside an instruction (fusions, reducers, calls, loops)
+        m for lines in hlo.computations.values() for *_, rest in lines
+        for m in _CALLED.findall(rest)
+    }  # fmt: skip
+    total = sum(_traffic(hlo, name, trips) for name in hlo.computations if name not in called)
+    return total, trips
+
+
 def hbm_traffic(hlo_text: str) -> int:
     """Bytes one run of a compiled TPU program moves to and from HBM, from
-    ``compiled.as_text()`` (see above; loops count their body once)."""
-    computations, body = {}, None
-    for line in hlo_text.splitlines():
-        if _COMPUTATION.match(line):
-            body = computations.setdefault(_COMPUTATION.match(line).group(1), [])
-        elif line.startswith("}"):
-            body = None
-        elif body is not None and _INSTRUCTION.match(line.strip()):
-            body.append(_INSTRUCTION.match(line.strip()).groups())
-    called = {  # computations that run inside another instruction (fusions, reducers)
-        m for lines in computations.values() for *_, op, rest in lines if op != "while"
-        for m in re.findall(r"(?:calls|to_apply)=%([\w.\-]+)", rest)
-    }  # fmt: skip
-    total = 0
-    for name, lines in computations.items():
-        if name in called:
-            continue
-        types = {instruction: type_text for instruction, type_text, _, _ in lines}
-        for _, type_text, op, rest in lines:
-            if op in _MOVES_NOTHING or "ConcatBitcast" in rest:
-                continue
-            operands = _operands(rest)
-            if op in ("copy-start", "slice-start"):  # an async copy of (part of) its operand
-                arrays = _arrays(type_text)
-                dest = arrays[0] if op == "copy-start" else arrays[-2]
-                source_in_hbm = all(in_hbm for _, in_hbm in _arrays(types[operands[0]]))
-                total += dest[0] * (source_in_hbm + dest[1])
-            elif op == "fusion":
-                fused = computations[re.search(r"calls=%([\w.\-]+)", rest).group(1)]
-                partial = _partial_reads(fused)
-                in_place = any(partial.get(i, 0) is None for i in range(len(operands)))
-                for i, operand in enumerate(operands):
-                    read, arrays = partial.get(i, -1), types.get(operand, "")
-                    if read == -1:  # read whole; and written into the operand when in place
-                        total += _hbm(arrays) + in_place * sum(n for n, _ in _arrays(arrays))
-                    elif read is not None and _hbm(arrays):
-                        total += read
-                total += 0 if in_place else _hbm(type_text)
-            elif op in ("dynamic-update-slice", "scatter"):  # in place: the update moves
-                total += sum(2 * _hbm(types.get(o, "")) for o in operands[1:])
-            elif op in ("dynamic-slice", "gather"):  # reads what it returns
-                total += 2 * _hbm(type_text)
-            else:
-                total += _hbm(type_text) + sum(_hbm(types.get(o, "")) for o in operands)
-    return total
+    ``compiled.as_text()`` (see above: a loop whose trip count neither the compiler nor its
+    counter states counts one trip; ``trip_counts`` names such loops)."""
+    return _program_traffic(hlo_text)[0]
+
+
+def trip_counts(hlo_text: str) -> dict[str, int | None]:
+    """{while instruction: the trip count hbm_traffic charged it} of a compiled program, None
+    where neither the compiler nor the loop's counter states it (charged one trip)."""
+    return _program_traffic(hlo_text)[1]
 
 
 def shard_bytes(tree) -> int:
@@ -515,7 +639,9 @@ def lower_decode(run: RunShape, devices):
 
 def decode_step(run: RunShape, devices) -> tuple[Program, int]:
     """One token appended to every row of a full cache (what each step of the decoding loop
-    runs), and the least it must read: the weights and the whole cache, once."""
+    runs), and the least it must read: the weights and the whole cache, once, except an untied
+    input embedding, of which a step reads only its tokens' rows (a chip's rows x D). A tied
+    embedding is also the LM head, read whole."""
     weights, cache, options = rollout_setup(run, devices)
     by_row = options.batch_sharding
     n = jax.ShapeDtypeStruct((run.wave,), jnp.int32, sharding=by_row)
@@ -523,6 +649,10 @@ def decode_step(run: RunShape, devices) -> tuple[Program, int]:
     state = cache(run.cache_slots)
     lowered = sampling._append_jit.lower(weights, run.config, state, tokens, n, options)
     minimum = shard_bytes(weights) + shard_bytes((state.k_LBXSH, state.v_LBXSH))
+    if not run.config.tie_word_embeddings:  # the rows looked up, not the table
+        embed_VD = weights["embed_VD"]
+        looked_up = options.local_rows(run.wave) * tokens.shape[1]
+        minimum += looked_up * embed_VD.shape[1] * embed_VD.dtype.itemsize - shard_bytes(embed_VD)
     return measure("decode step", lowered), minimum
 
 
@@ -602,7 +732,7 @@ class Compiled(NamedTuple):
     update: list[Program]
     rollout: list[Program]
     step: Program | None  # one decoding step (None: no micro-batch fits, not compiled)
-    step_minimum: int  # the least that step must read
+    step_minimum: int  # the least that step must read (decode_step)
     rows_per_chip: int
     offloaded: int = 0  # bytes per chip that wait in host memory during rollouts
 
@@ -644,7 +774,8 @@ class Compiled(NamedTuple):
         lines.append(
             f"  decode step: {self.step.hbm_bytes / GiB:.2f} GiB of HBM traffic (hbm_traffic; "
             f"the cost model's bytes accessed: {cost / GiB:.2f} GiB) of minimum "
-            f"{minimum / GiB:.2f} GiB, the weights and the cache read once "
+            f"{minimum / GiB:.2f} GiB, the weights (of an untied input embedding, the rows "
+            f"looked up) and the cache read once "
             f"({self.step.hbm_bytes / minimum:.2f}x)"
         )
         lines.append(self.rollout_line())

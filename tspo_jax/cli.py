@@ -1,4 +1,5 @@
-"""Command-line parsing for the frozen config dataclasses of train.py and rollout.py.
+"""Command-line parsing for the frozen config dataclasses of train.py and rollout.py
+(tspo_jax/config.py's ``Config``, rollout.py's ``EvalConfig``).
 
 A field is declared with ``option(default, "one-line help")``; a field whose type is itself such a
 dataclass contributes its fields at the top level (``--max-turns``, not ``--agent.max-turns``),
@@ -25,9 +26,22 @@ from tqdm import tqdm
 from tspo_jax.retrieval import RetrievalError
 
 
-def option(default, help, *, choices=None):
-    """A config field with its default, its one-line help and, optionally, its allowed values."""
-    return dataclasses.field(default=default, metadata={"help": help, "choices": choices})
+def option(default, help, *, choices=None, resumable=False):
+    """A config field with its default, its one-line help and, optionally, its allowed values
+    and whether it may change when a run is resumed (``resumable_options``)."""
+    metadata = {"help": help, "choices": choices, "resumable": resumable}
+    return dataclasses.field(default=default, metadata=metadata)
+
+
+def resumable_options(cls) -> set[str]:
+    """The options of ``cls`` (its nested configs' included) declared ``resumable``."""
+    hints, names = typing.get_type_hints(cls), set()
+    for f in dataclasses.fields(cls):
+        if _is_config(hints[f.name]):
+            names |= resumable_options(hints[f.name])
+        elif f.metadata.get("resumable"):
+            names.add(f.name)
+    return names
 
 
 def _flag(name):

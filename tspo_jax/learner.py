@@ -143,8 +143,13 @@ def batch_sharding(mesh: Mesh, ndim: int, *, micro: bool = False) -> NamedShardi
     return NamedSharding(mesh, P(*lead, BATCH_AXES, *(None,) * (ndim - 1 - len(lead))))
 
 
+@functools.cache
 def make_optimizer(*, lr, warmup_steps, total_steps, schedule, weight_decay, grad_clip, b1, b2):
-    """AdamW with global-norm clipping, linear warm-up, then a constant or cosine learning rate."""
+    """AdamW with global-norm clipping, linear warm-up, then a constant or cosine learning rate.
+
+    Made once per set of arguments (cached): ``update`` takes the optimizer as a static
+    argument, and optax's transformations compare by identity, so a second run in the same
+    process with the same settings reuses the first one's compiled update."""
     if warmup_steps == 0:  # full lr from the first update
         lr_fn = (
             optax.cosine_decay_schedule(lr, max(total_steps, 1))
@@ -255,12 +260,19 @@ class UpdateBatch(NamedTuple):
     sampler_logp_MBGT: jax.Array | None = None  # float32 sampler's log-probs (for tis_cap), or None
 
 
+@functools.partial(
+    jax.tree_util.register_dataclass,
+    data_fields=("kl_coef", "clip_low", "clip_high", "clip_ratio_c", "tis_cap"),
+    meta_fields=("loss_agg", "norm_length"),
+)
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class LossSettings:
-    """The static options of tspo.policy_loss. ``kl_coef`` has no default here: the run's is
-    train.Config's (Search-R1's 0.001); the others are policy_loss's own."""
+    """The options of tspo.policy_loss. A pytree: the floats are traced through the update (one
+    compilation for any value), the string and the int are static; a float that is None (off)
+    is static too. ``kl_coef`` has no default here: the run's is Config's (tspo_jax/config.py;
+    Search-R1's 0.001); the others are policy_loss's own."""
 
-    kl_coef: float
+    kl_coef: float | None  # weight of the k3 KL to the reference (None: no reference term)
     clip_low: float = 0.2
     clip_high: float = 0.2
     loss_agg: str = "token-mean"
@@ -379,7 +391,7 @@ def update_step(
     return TrainState(params, opt_state, state.step + ok.astype(jnp.int32)), metrics
 
 
-_STATIC = ("config", "mesh", "optimizer", "settings", "options")
+_STATIC = ("config", "mesh", "optimizer", "options")
 # The train state is donated: the new params and optimizer state reuse its buffers, so an
 # update holds one copy of them (without donation, the new state of the 0.5B shape needs 5.5
 # GiB of buffers of its own).

@@ -10,10 +10,8 @@ a real run alive and honest on a spot TPU VM or a multi-host slice:
 - the memory plan's wiring (tspo_jax/plan.py's formula, tspo_jax/aot.py's TPU compiler);
 - checkpoints, preemption and retrieval outages; metrics.jsonl trimmed on --resume;
 - when a step is evaluated or exported, the export itself, and the report a run ends with.
-``cfg`` is train.py's ``Config`` throughout (its fields are read by name).
+``cfg`` is the run's options throughout (tspo_jax/config.py's ``Config``).
 """
-
-from __future__ import annotations
 
 import contextlib
 import dataclasses
@@ -22,7 +20,7 @@ import os
 import signal
 import threading
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -33,11 +31,8 @@ from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from tspo_jax import aot, cli, data, hf_io, learner, plan, plots, qwen, retrieval, sampling
-
-if TYPE_CHECKING:
-    from train import Config
-
+from tspo_jax import aot, cli, data, hf_io, learner, plan, plots, qwen, retrieval, rollout, sampling
+from tspo_jax.config import Config
 
 # ---------------------------------------------------------------------------------------------
 # Set-up: what every step uses, built once; the embedded default.
@@ -374,18 +369,6 @@ def state_in(run: Run, state: learner.TrainState, kind: str) -> tuple[Run, learn
 # sets a flag instead.
 
 
-# Options that may change when a run is resumed; every other one must match its checkpoint.
-RESUMABLE = {"steps", "resume", "eval_every", "eval_size", "eval_batch", "checkpoint_every"}
-RESUMABLE |= {"keep_checkpoints", "export_every", "export_dtype", "log_samples", "max_bad_steps"}
-RESUMABLE |= {"plot"}
-RESUMABLE |= {"distributed", "coordinator", "num_processes", "process_id", "out_dir"}
-RESUMABLE |= {"retriever_url", "retriever_timeout", "retriever_retries", "retriever_max_wait"}
-RESUMABLE |= {"async_checkpoint"}
-# Trajectories do not depend on the wave size, nor the run on where it caches compilations.
-RESUMABLE |= {"rollout_batch", "device_memory_gb", "plan_only", "plan_devices", "compile_cache"}
-RESUMABLE |= {"plan_target", "offload_state", "rollout_slots"}
-
-
 def checkpoint_dir(out_dir: str) -> epath.Path:
     """The run's orbax folder: absolute when local (orbax needs that), a URL kept as a URL."""
     path = epath.Path(out_dir) / "checkpoints"
@@ -445,14 +428,15 @@ def save_checkpoint(manager, step: int, state: learner.TrainState, cfg: Config, 
 
 def restore_checkpoint(manager, state: learner.TrainState, cfg: Config):
     """(state, step) of the latest checkpoint, checked against the current config (only the
-    options in RESUMABLE may differ)."""
+    options declared resumable may differ: tspo_jax/config.py)."""
     step = manager.latest_step()
     if step is None:
         raise FileNotFoundError(f"--resume: no checkpoint in {checkpoint_dir(cfg.out_dir)}")
     meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
     saved = cli.flatten(meta["config"])
     now = cli.flatten(json.loads(json.dumps(cli.to_dict(cfg))))
-    changed = sorted(k for k in now if k not in RESUMABLE and saved.get(k) != now[k])
+    resumable = cli.resumable_options(Config)
+    changed = sorted(k for k in now if k not in resumable and saved.get(k) != now[k])
     if changed:
         diff = ", ".join(f"{k}: {saved.get(k)!r} -> {now[k]!r}" for k in changed)
         raise ValueError(
@@ -839,10 +823,10 @@ def export_dir(run, step: int) -> epath.Path:
     return run.out / "hf" / f"step_{step}"
 
 
-def export(run: Run, params, path: epath.Path, write_settings) -> None:
+def export(run: Run, params, path: epath.Path) -> None:
     """Hugging Face safetensors + config + generation config + tokenizer that transformers and
     vLLM load, in the source checkpoint's dtype unless --export-dtype says otherwise, and the
-    rollout settings (``write_settings(run, folder)``: train.py's rollout_settings).
+    rollout settings of train.py's evaluation (rollout.SETTINGS_FILE, which rollout.py reads).
     config.json comes last, so that it marks a complete export (a URL: written locally, then
     copied)."""
     params = gather_to_host(qwen.unstack_layers(params))
@@ -853,7 +837,9 @@ def export(run: Run, params, path: epath.Path, write_settings) -> None:
         with hf_io.staged(path) as local:
             run.tokenizer.save_pretrained(local)
             hf_io.save_generation_config(local, run.model_config, source=cfg.model)
-            write_settings(run, local)
+            rollout.save_settings(
+                local, cfg.eval_agent, batch_size=cfg.eval_batch, dtype=cfg.compute_dtype
+            )
             hf_io.save_hf(local, run.model_config, jax.device_get(params), dtype=dtype)
 
 

@@ -22,13 +22,18 @@ Eq. A (stage-aware group advantages):
     R[b,g] = max_{k<n} r[b,g,k];  mu, sigma = mean_g R, std_g R (ddof = 1)
     A[b,g,k] = (r[b,g,k] - mu[b]) / (sigma[b] + eps) for k < n, else 0
     A[b,g,k] = 0 where F[b] and 0 <= h < k      (answer_stage = "neutral"; default "outcome")
-Token advantages:  adv[b,g,t] = A[b,g,turn_id[b,g,t]] (0 where turn_id = -1)
+Token advantages:  adv[b,g,t] = A[b,g,turn_id[b,g,t]] (0 where turn_id = -1 or >= K)
 Eq. L (clipped policy loss), per token with rho = exp(logp - old_logp):
     pg = -min(rho * adv, clip(rho, 1 - eps_low, 1 + eps_high) * adv)
     pg = min(pg, -c * adv) where adv < 0           (dual-clip, only with ``clip_ratio_c`` = c)
     l = w * pg + beta * k3(ref || pi),  w = min(exp(old_logp - sampler_logp), C)
                                                    (truncated IS, only with ``tis_cap`` = C)
 aggregated over the whole global batch with the loss mask (``loss_agg``).
+
+Every public function is jitted: strings, ints and bools are static, float settings (alpha,
+the clips, the KL coefficient, ...) are traced, so one compilation serves every value, and a
+setting may be a jnp scalar. Each function's docstring ends with the other names of this file
+that it needs ("Needs: ..."), to paste it alone.
 
 Groups are whole prompts, so Eq. F and A need no communication when a batch is split over
 prompts. Eq. L does: with ``axis_name`` set (inside ``jax.shard_map``), every numerator and
@@ -73,7 +78,7 @@ same numbered list as the README's "Reconstruction choices"; items 11-14 live ou
     is off by default, as in Search-R1 and verl. The learner's log-probs are of the untempered
     policy, where verl divides the logits by the rollout temperature: the same at temperature
     1 (Search-R1's).
-11. Turns (rollout.py): ``max_turns`` counts every turn, the last of which cannot search;
+11. Turns (tspo_jax/rollout.py): ``max_turns`` counts every turn, the last of which cannot search;
     Search-R1's max_turns counts searching turns and adds an answer-only one (its 4 is our 5).
     A turn's action must be exactly one well-formed search or answer (Search-R1 takes the first
     tag pair); EOS without an answer ends the episode (Search-R1 shows the corrective message
@@ -90,7 +95,7 @@ same numbered list as the README's "Reconstruction choices"; items 11-14 live ou
 """
 
 import functools
-import math
+import inspect
 
 import jax
 import jax.numpy as jnp
@@ -104,48 +109,84 @@ REF_KL_CLAMP = 10.0
 
 
 def check_settings(
-    *, latent_reward=0.0, clip_low=0.2, clip_high=0.2, kl_coef=0.0, clip_ratio_c=None, tis_cap=None
+    *, latent_reward=0.0, clip_low=0.2, clip_high=0.2, kl_coef=None, clip_ratio_c=None, tis_cap=None
 ):
     """Raises ValueError naming the first of Eq. F's and Eq. L's scalar settings out of range
-    (None: off). folr_turn_rewards and policy_loss call it; a trainer may call it at start-up,
-    before any work, with the settings it will pass them."""
-    if not 0.0 <= latent_reward < 1.0:
-        raise ValueError(f"latent_reward must lie in [0, 1), got {latent_reward}")
-    if not (0 <= clip_low < 1 and clip_high >= 0):
-        raise ValueError(f"need 0 <= clip_low < 1 and clip_high >= 0, got {clip_low}, {clip_high}")
-    if kl_coef < 0:
-        raise ValueError(f"kl_coef must be >= 0, got {kl_coef}")
-    if clip_ratio_c is not None and not clip_ratio_c > 1:
-        raise ValueError(f"clip_ratio_c (dual-clip) must be > 1, got {clip_ratio_c}")
-    if tis_cap is not None and not tis_cap > 0:
-        raise ValueError(f"tis_cap must be > 0, got {tis_cap}")
+    (None: off). A concrete value is checked (a Python float, a NumPy or a committed jnp
+    scalar); a traced one (inside jit or grad) passes unchecked. The public functions below
+    call it before they trace; a trainer may call it at start-up with the settings it will pass.
+
+    Needs no other name of this file.
+    """
+
+    def value(x):  # x as a float, or None when it is off or traced
+        try:
+            return None if x is None else float(x)
+        except jax.errors.ConcretizationTypeError:
+            return None
+
+    alpha, low, high, beta = map(value, (latent_reward, clip_low, clip_high, kl_coef))
+    c, cap = value(clip_ratio_c), value(tis_cap)
+    if alpha is not None and not 0.0 <= alpha < 1.0:
+        raise ValueError(f"latent_reward must lie in [0, 1), got {alpha}")
+    if (low is not None and not 0 <= low < 1) or (high is not None and not high >= 0):
+        raise ValueError(f"need 0 <= clip_low < 1 and clip_high >= 0, got {low}, {high}")
+    if beta is not None and beta < 0:
+        raise ValueError(f"kl_coef must be >= 0, got {beta}")
+    if c is not None and not c > 1:
+        raise ValueError(f"clip_ratio_c (dual-clip) must be > 1, got {c}")
+    if cap is not None and not cap > 0:
+        raise ValueError(f"tis_cap must be > 0, got {cap}")
+
+
+def _jit(fn=None, *, static_argnames=()):
+    """jax.jit(fn, static_argnames=...) whose float settings (the keywords of check_settings)
+    are range-checked before tracing, where the caller passed concrete values. Only strings,
+    ints and bools are static: a float setting is traced, so one compilation serves every
+    value of it, and it may be a jnp scalar (a setting on device, a schedule).
+
+    Needs: check_settings.
+    """
+    if fn is None:
+        return functools.partial(_jit, static_argnames=static_argnames)
+    jitted = jax.jit(fn, static_argnames=static_argnames)
+    settings = inspect.signature(check_settings).parameters
+
+    @functools.wraps(fn)
+    def checked(*args, **kwargs):
+        check_settings(**{k: v for k, v in kwargs.items() if k in settings})
+        return jitted(*args, **kwargs)
+
+    return checked
 
 
 def _check_group(name, x_BG):
+    """Needs no other name of this file."""
     if x_BG.ndim != 2:
         raise ValueError(f"{name} must have shape [B, G], got {x_BG.shape}")
     if x_BG.shape[1] < 2:
         raise ValueError(f"{name}: group size G = {x_BG.shape[1]}, TSPO needs G >= 2")
 
 
-@functools.partial(jax.jit, static_argnames=("latent_reward", "folr_groups"))
+@_jit(static_argnames=("folr_groups",))
 def folr_applies(outcome_BG, *, latent_reward=0.5, folr_groups="homogeneous"):
     """Groups where FOLR applies (Eq. F and the neutral answer stage of Eq. A), [B] bool.
 
     F[b] = alpha > 0 and (folr_groups = "all" or the group's outcomes are all equal).
+
+    Needs: _jit, check_settings, _check_group, FOLR_GROUPS.
     """
     _check_group("outcome_BG", outcome_BG)
     if folr_groups not in FOLR_GROUPS:
         raise ValueError(f"folr_groups must be one of {FOLR_GROUPS}, got {folr_groups!r}")
+    on = jnp.asarray(latent_reward) > 0
     if folr_groups == "all":
-        return jnp.full(outcome_BG.shape[:1], latent_reward > 0)
+        return jnp.full(outcome_BG.shape[:1], on)
     homogeneous_B = outcome_BG.max(axis=1) == outcome_BG.min(axis=1)
-    return homogeneous_B & (latent_reward > 0)
+    return homogeneous_B & on
 
 
-@functools.partial(
-    jax.jit, static_argnames=("max_turns", "latent_reward", "folr_groups", "folr_credit")
-)
+@_jit(static_argnames=("max_turns", "folr_groups", "folr_credit", "return_applies"))
 def folr_turn_rewards(
     outcome_BG,
     first_hit_BG,
@@ -155,15 +196,19 @@ def folr_turn_rewards(
     latent_reward=0.5,
     folr_groups="homogeneous",
     folr_credit="search-stage",
+    return_applies=False,
 ):
-    """First-Occurrence Latent Reward per turn (Eq. F of TSPO.md).
+    """First-Occurrence Latent Reward per turn (Eq. F of TSPO.md), [B, G, K].
 
     r[b,g,k] = o + (1 - o) * alpha * [k <= h]  for k < n,  0 for k >= n;
     [k == h] instead of [k <= h] with ``folr_credit="hit-turn"``.
-    alpha is 0 in groups where FOLR does not apply (``folr_applies``).
+    alpha is 0 in groups where FOLR does not apply (``folr_applies``). With
+    ``return_applies``, returns (r, F) with F = folr_applies' [B] bool, which turn_advantages'
+    neutral answer stage takes, so that a caller passes the FOLR settings once.
+
+    Needs: _jit, check_settings, _check_group, folr_applies, FOLR_GROUPS, FOLR_CREDITS.
     """
     _check_group("outcome_BG", outcome_BG)
-    check_settings(latent_reward=latent_reward)
     if folr_credit not in FOLR_CREDITS:
         raise ValueError(f"folr_credit must be one of {FOLR_CREDITS}, got {folr_credit!r}")
     if max_turns < 1:
@@ -175,20 +220,27 @@ def folr_turn_rewards(
     valid_BGK = k_K < num_turns_BG[..., None]
     # The turns the latent term credits; none when h = -1.
     credited_BGK = k_K <= h_BGK if folr_credit == "search-stage" else k_K == h_BGK
-    alpha_BG = jnp.where(applies_B[:, None], latent_reward, 0.0)
+    alpha_BG = jnp.where(applies_B[:, None], jnp.float32(latent_reward), 0.0)
     r_BGK = o_BG[..., None] + ((1.0 - o_BG) * alpha_BG)[..., None] * credited_BGK  # Eq. F
-    return jnp.where(valid_BGK, r_BGK, 0.0)
+    r_BGK = jnp.where(valid_BGK, r_BGK, 0.0)
+    return (r_BGK, applies_B) if return_applies else r_BGK
 
 
 def group_returns(reward_BGK, num_turns_BG):
-    """R[b,g] = max_{k<n} r[b,g,k], the trajectory return of Eq. A (0 where n = 0)."""
+    """R[b,g] = max_{k<n} r[b,g,k], the trajectory return of Eq. A (0 where n = 0).
+
+    Needs no other name of this file.
+    """
     valid_BGK = jnp.arange(reward_BGK.shape[-1]) < num_turns_BG[..., None]
     R_BG = jnp.where(valid_BGK, reward_BGK.astype(jnp.float32), -jnp.inf).max(axis=-1)
     return jnp.where(num_turns_BG > 0, R_BG, 0.0)
 
 
 def _tied(R_BG):
-    """Groups whose returns are all equal (max == min, not std == 0: see deviation 4)."""
+    """Groups whose returns are all equal (max == min, not std == 0: see deviation 4).
+
+    Needs no other name of this file.
+    """
     return R_BG.max(axis=1) == R_BG.min(axis=1)
 
 
@@ -197,11 +249,14 @@ def tied_groups(reward_BGK, num_turns_BG):
     """[B] bool: groups whose returns R (Eq. A) are all equal, which Eq. A gives zero advantage
     on every turn. DAPO's dynamic sampling drops them. The returns are the turn-level ones of
     Eq. F, so under TSPO an all-wrong group in which some trajectory hit the answer is not tied
-    (where FOLR applies), while under GRPO (alpha = 0) it is."""
+    (where FOLR applies), while under GRPO (alpha = 0) it is.
+
+    Needs: group_returns, _tied.
+    """
     return _tied(group_returns(reward_BGK, num_turns_BG))
 
 
-@functools.partial(jax.jit, static_argnames=("scale", "eps", "answer_stage"))
+@_jit(static_argnames=("scale", "answer_stage"))
 def turn_advantages(
     reward_BGK,
     num_turns_BG,
@@ -212,12 +267,15 @@ def turn_advantages(
     first_hit_BG=None,
     folr_applies_B=None,
 ):
-    """Stage-aware group-normalized turn advantages (Eq. A of TSPO.md).
+    """Stage-aware group-normalized turn advantages (Eq. A of TSPO.md), [B, G, K].
 
     R = max_{k<n} r;  A[b,g,k] = (r[b,g,k] - mean_g R) / (std_g R + eps) for k < n, else 0.
     ``scale=False`` is Dr. GRPO (no division). Groups with all R equal get A = 0 everywhere.
     ``answer_stage="neutral"``: A = 0 on the turns k > h >= 0 (after the first hit) of groups
-    where FOLR applies; it needs ``first_hit_BG`` and ``folr_applies_B`` (``folr_applies``).
+    where FOLR applies; it needs ``first_hit_BG`` and ``folr_applies_B`` (``folr_applies``,
+    or folr_turn_rewards with return_applies).
+
+    Needs: _jit, check_settings, _check_group, group_returns, _tied, ANSWER_STAGES.
     """
     _check_group("num_turns_BG", num_turns_BG)
     if reward_BGK.shape[:2] != num_turns_BG.shape:
@@ -248,41 +306,126 @@ def turn_advantages(
 
 @jax.jit
 def token_advantages(adv_BGK, turn_id_BGT):
-    """Turn advantages on tokens: adv[b,g,t] = A[b,g,turn_id[b,g,t]], 0 where turn_id = -1."""
+    """Turn advantages on tokens: adv[b,g,t] = A[b,g,turn_id[b,g,t]], [B, G, T]; 0 where
+    turn_id = -1 (prompt, observations, padding), and 0 where turn_id >= K: a token of a turn
+    that the advantages do not cover gets none (never another turn's).
+
+    Needs no other name of this file.
+    """
     if adv_BGK.shape[:2] != turn_id_BGT.shape[:2]:
         raise ValueError(
             f"adv_BGK {adv_BGK.shape} and turn_id_BGT {turn_id_BGT.shape} disagree on [B, G]"
         )
     K = adv_BGK.shape[-1]
     adv_BGT = jnp.take_along_axis(adv_BGK, jnp.clip(turn_id_BGT, 0, K - 1), axis=-1)
-    return jnp.where(turn_id_BGT >= 0, adv_BGT, 0.0)
+    return jnp.where((turn_id_BGT >= 0) & (turn_id_BGT < K), adv_BGT, 0.0)
 
 
 def _global_sum(x, axis_name):
-    """Sum of x, across the mesh axis ``axis_name`` too when the batch is split over it."""
+    """Sum of x, across the mesh axis ``axis_name`` too when the batch is split over it.
+
+    Needs no other name of this file.
+    """
     s = jnp.sum(x)
     return s if axis_name is None else jax.lax.psum(s, axis_name)
 
 
 def _global_max(x, axis_name):
-    """Max of x, across the mesh axis ``axis_name`` too when the batch is split over it."""
+    """Max of x, across the mesh axis ``axis_name`` too when the batch is split over it.
+
+    Needs no other name of this file.
+    """
     s = jnp.max(x)
     return s if axis_name is None else jax.lax.pmax(s, axis_name)
 
 
-@functools.partial(
-    jax.jit,
-    static_argnames=(
-        "clip_low",
-        "clip_high",
-        "kl_coef",
-        "loss_agg",
-        "axis_name",
-        "norm_length",
-        "clip_ratio_c",
-        "tis_cap",
-    ),
-)
+def _check_loss_inputs(logp_BGT, others, *, loss_agg, kl_coef, tis_cap):
+    """Shapes and options of policy_loss; ``others``: its other per-token arrays by name (None
+    where not given).
+
+    Needs: LOSS_AGGS.
+    """
+    for name, x in others.items():
+        if x is not None and x.shape != logp_BGT.shape:
+            raise ValueError(f"{name} has shape {x.shape}, logp_BGT has {logp_BGT.shape}")
+    if loss_agg not in LOSS_AGGS:
+        raise ValueError(f"loss_agg must be one of {LOSS_AGGS}, got {loss_agg!r}")
+    if kl_coef is not None and others["ref_logp_BGT"] is None:
+        raise ValueError("kl_coef needs ref_logp_BGT (log-probs under the reference policy)")
+    if tis_cap is not None and others["sampler_logp_BGT"] is None:
+        raise ValueError("tis_cap needs sampler_logp_BGT (the sampler's log-probs)")
+
+
+def clipped_pg(ratio_BGT, adv_BGT, *, clip_low=0.2, clip_high=0.2, clip_ratio_c=None):
+    """The clipped policy-gradient term of Eq. L per token -> (pg, clipped, dual_clipped).
+
+    pg = -min(rho * adv, clip(rho, 1 - clip_low, 1 + clip_high) * adv)  (as a max of negatives)
+    dual-clip (``clip_ratio_c`` = c > 1, as verl):  pg = min(pg, -c * adv) where adv < 0
+    ``clipped``: the tokens where the clipped term won; ``dual_clipped`` (None without
+    dual-clip): adv < 0 tokens whose pg the dual clip bounded (verl's pg_clipfrac_lower).
+
+    Needs no other name of this file.
+    """
+    unclipped_BGT = -ratio_BGT * adv_BGT
+    clipped_BGT = -jnp.clip(ratio_BGT, 1.0 - clip_low, 1.0 + clip_high) * adv_BGT
+    pg_BGT = jnp.maximum(unclipped_BGT, clipped_BGT)  # Eq. L
+    dual_clipped_BGT = None
+    if clip_ratio_c is not None:
+        dual_BGT = -clip_ratio_c * adv_BGT
+        dual_clipped_BGT = (adv_BGT < 0) & (pg_BGT > dual_BGT)
+        pg_BGT = jnp.where(adv_BGT < 0, jnp.minimum(pg_BGT, dual_BGT), pg_BGT)  # Eq. L
+    return pg_BGT, clipped_BGT > unclipped_BGT, dual_clipped_BGT
+
+
+def tis_weights(old_logp_BGT, sampler_logp_BGT, on_BGT, tis_cap):
+    """Truncated importance weights of Eq. L -> (w, truncated): w = min(exp(old_logp -
+    sampler_logp), C) with C = ``tis_cap``, a constant (no gradient), 1 off ``on_BGT``;
+    ``truncated``: the tokens where C bounded it. min(exp(x), C) = exp(min(x, log C)): no
+    overflow.
+
+    Needs no other name of this file.
+    """
+    gap_BGT = jnp.where(on_BGT, old_logp_BGT - sampler_logp_BGT, 0.0)
+    log_cap = jnp.log(jnp.float32(tis_cap))
+    w_BGT = jax.lax.stop_gradient(jnp.exp(jnp.minimum(gap_BGT, log_cap)))  # Eq. L
+    return w_BGT, gap_BGT > log_cap
+
+
+def k3_kl(ref_logp_BGT, logp_BGT, on_BGT):
+    """The k3 KL to the reference per token (Eq. L): exp(d) - d - 1, d = ref - logp clamped to
+    [-20, 20] first, the value then clamped to [-10, 10] (as verl's "low_var_kl"); 0 off
+    ``on_BGT``. The exponent is clamped first: exp of a float32 overflows past ~88, and the
+    clamp of the value alone would then multiply a zero derivative by inf (a NaN gradient).
+
+    Needs: LOG_RATIO_CLAMP, REF_KL_CLAMP.
+    """
+    d_BGT = jnp.where(on_BGT, ref_logp_BGT - logp_BGT, 0.0)
+    d_BGT = jnp.clip(d_BGT, -LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
+    return jnp.clip(jnp.exp(d_BGT) - d_BGT - 1.0, -REF_KL_CLAMP, REF_KL_CLAMP)  # Eq. L
+
+
+def aggregate(loss_BGT, m_BGT, *, loss_agg="token-mean", axis_name=None, norm_length=None):
+    """(numerator, denominator) of Eq. L's aggregation over the whole global batch (summed
+    across ``axis_name`` when set); the loss is numerator / max(denominator, 1).
+
+    token-mean: sum(m l) / sum(m);  seq-mean-token-mean: mean over sequences with a loss token
+    of sum_t(m l) / sum_t m;  seq-mean-token-sum-norm: sum(m l) / (sequences x T), T the padded
+    length or ``norm_length``.
+
+    Needs: _global_sum.
+    """
+    if loss_agg == "token-mean":
+        return _global_sum(m_BGT * loss_BGT, axis_name), _global_sum(m_BGT, axis_name)
+    if loss_agg == "seq-mean-token-mean":
+        seq_tokens_BG = m_BGT.sum(-1)
+        seq_mean_BG = (m_BGT * loss_BGT).sum(-1) / jnp.maximum(seq_tokens_BG, 1.0)
+        return _global_sum(seq_mean_BG, axis_name), _global_sum(seq_tokens_BG > 0, axis_name)
+    length = loss_BGT.shape[-1] if norm_length is None else norm_length
+    sequences = _global_sum(jnp.ones(loss_BGT.shape[:2]), axis_name)
+    return _global_sum(m_BGT * loss_BGT, axis_name), sequences * length
+
+
+@_jit(static_argnames=("loss_agg", "axis_name", "norm_length"))
 def policy_loss(
     logp_BGT,
     old_logp_BGT,
@@ -302,47 +445,24 @@ def policy_loss(
 ):
     """Clipped policy-gradient loss with an optional k3 reference KL (Eq. L of TSPO.md).
 
-    rho = exp(logp - old_logp);  pg = -min(rho * adv, clip(rho, 1 - clip_low, 1 + clip_high) * adv)
-    dual-clip (``clip_ratio_c`` = c > 1, as verl):  pg = min(pg, -c * adv) where adv < 0
-    truncated IS (``tis_cap`` = C > 0, as verl's token-level rollout correction):
-        pg = w * pg,  w = min(exp(old_logp - sampler_logp), C), a constant (no gradient)
-    kl = exp(d) - d - 1 with d = ref - logp clamped to [-20, 20] first, then kl clamped to
-    [-10, 10];  l = pg + kl_coef * kl,  aggregated per ``loss_agg`` over the whole batch (summed
-    across ``axis_name`` when set). ``kl_coef`` None or 0: no reference term.
+    rho = exp(logp - old_logp), the log-ratio clamped to [-20, 20];  pg = clipped_pg(rho, adv)
+    (dual-clip with ``clip_ratio_c``); truncated IS with ``tis_cap`` = C > 0 (verl's token-level
+    rollout correction): pg = w * pg, w = tis_weights(old_logp, sampler_logp) = min(ratio, C);
+    l = pg + kl_coef * k3_kl(ref, logp), aggregated per ``loss_agg`` (``aggregate``) over the
+    whole batch (summed across ``axis_name`` when set). ``kl_coef`` None: no reference term
+    (``ref_logp_BGT``, when given, is then only measured: metric ``ref_kl``).
 
-    ``old_logp`` is the learner's recomputation of the sampling policy's log-probs;
-    ``sampler_logp`` what the sampler recorded for the same tokens (needed with ``tis_cap``).
-    Returns (loss, metrics); metrics are token means over loss tokens of the global batch
-    (``ratio_max``: the max over them), plus ``loss_denominator`` (what the loss's numerator was
-    divided by, for gradient accumulation).
+    ``old_logp``: the learner's recomputation of the sampling policy's log-probs;
+    ``sampler_logp``: the sampler's, for the same tokens. Returns (loss, metrics): token means
+    over the global batch's loss tokens (``ratio_max`` the max), and ``loss_denominator`` (what
+    the numerator was divided by: weights for exact gradient accumulation).
+
+    Needs: _jit, check_settings, _check_loss_inputs, clipped_pg, tis_weights, k3_kl, aggregate,
+    _loss_metrics, _global_sum, _global_max, LOSS_AGGS, LOG_RATIO_CLAMP, REF_KL_CLAMP.
     """
-    shape = logp_BGT.shape
-    for name, x in (("old_logp_BGT", old_logp_BGT), ("adv_BGT", adv_BGT)):
-        if x.shape != shape:
-            raise ValueError(f"{name} has shape {x.shape}, logp_BGT has {shape}")
-    if loss_mask_BGT.shape != shape:
-        raise ValueError(f"loss_mask_BGT has shape {loss_mask_BGT.shape}, logp_BGT has {shape}")
-    if loss_agg not in LOSS_AGGS:
-        raise ValueError(f"loss_agg must be one of {LOSS_AGGS}, got {loss_agg!r}")
-    kl_coef = kl_coef or 0.0  # None: no reference term (train.py's default is Search-R1's)
-    check_settings(
-        clip_low=clip_low,
-        clip_high=clip_high,
-        kl_coef=kl_coef,
-        clip_ratio_c=clip_ratio_c,
-        tis_cap=tis_cap,
-    )
-    if kl_coef > 0 and ref_logp_BGT is None:
-        raise ValueError("kl_coef > 0 needs ref_logp_BGT (log-probs under the reference policy)")
-    if ref_logp_BGT is not None and ref_logp_BGT.shape != shape:
-        raise ValueError(f"ref_logp_BGT has shape {ref_logp_BGT.shape}, logp_BGT has {shape}")
-    if tis_cap is not None and sampler_logp_BGT is None:
-        raise ValueError("tis_cap needs sampler_logp_BGT (the sampler's log-probs)")
-    if sampler_logp_BGT is not None and sampler_logp_BGT.shape != shape:
-        raise ValueError(
-            f"sampler_logp_BGT has shape {sampler_logp_BGT.shape}, logp_BGT has {shape}"
-        )
-
+    others = dict(old_logp_BGT=old_logp_BGT, adv_BGT=adv_BGT, loss_mask_BGT=loss_mask_BGT)
+    others |= dict(ref_logp_BGT=ref_logp_BGT, sampler_logp_BGT=sampler_logp_BGT)
+    _check_loss_inputs(logp_BGT, others, loss_agg=loss_agg, kl_coef=kl_coef, tis_cap=tis_cap)
     m_BGT = loss_mask_BGT.astype(jnp.float32)
     on_BGT = m_BGT > 0
     logp_BGT = logp_BGT.astype(jnp.float32)
@@ -350,65 +470,38 @@ def policy_loss(
     log_ratio_BGT = jnp.where(on_BGT, logp_BGT - old_logp_BGT, 0.0)
     log_ratio_BGT = jnp.clip(log_ratio_BGT, -LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
     ratio_BGT = jnp.exp(log_ratio_BGT)
-    unclipped_BGT = -ratio_BGT * adv_BGT
-    clipped_BGT = -jnp.clip(ratio_BGT, 1.0 - clip_low, 1.0 + clip_high) * adv_BGT
-    pg_BGT = jnp.maximum(unclipped_BGT, clipped_BGT)  # Eq. L
-    clipped_pg_BGT = pg_BGT
-    if clip_ratio_c is not None:
-        dual_BGT = -clip_ratio_c * adv_BGT
-        pg_BGT = jnp.where(adv_BGT < 0, jnp.minimum(pg_BGT, dual_BGT), pg_BGT)  # Eq. L
+    clips = dict(clip_low=clip_low, clip_high=clip_high, clip_ratio_c=clip_ratio_c)
+    pg_BGT, clipped_BGT, dual_clipped_BGT = clipped_pg(ratio_BGT, adv_BGT, **clips)
+    tis_w_BGT = truncated_BGT = None
     if tis_cap is not None:
-        # min(exp(x), C) = exp(min(x, log C)): no overflow, and no gradient (the weight is data).
-        sampler_gap_BGT = jnp.where(on_BGT, old_logp_BGT - sampler_logp_BGT, 0.0)
-        tis_w_BGT = jnp.exp(jnp.minimum(sampler_gap_BGT, math.log(tis_cap)))
-        tis_w_BGT = jax.lax.stop_gradient(tis_w_BGT)
+        tis_w_BGT, truncated_BGT = tis_weights(old_logp_BGT, sampler_logp_BGT, on_BGT, tis_cap)
         pg_BGT = tis_w_BGT * pg_BGT  # Eq. L
-    loss_BGT = pg_BGT
-    if ref_logp_BGT is not None:
-        # The exponent is clamped first (as verl): exp of a float32 overflows past ~88, and the
-        # clamp of the value alone would then multiply a zero derivative by inf (a NaN gradient).
-        d_BGT = jnp.where(on_BGT, ref_logp_BGT - logp_BGT, 0.0)
-        d_BGT = jnp.clip(d_BGT, -LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
-        ref_kl_BGT = jnp.clip(jnp.exp(d_BGT) - d_BGT - 1.0, -REF_KL_CLAMP, REF_KL_CLAMP)  # Eq. L
-        if kl_coef > 0:
-            loss_BGT = pg_BGT + kl_coef * ref_kl_BGT  # Eq. L
-
-    num_tokens = _global_sum(m_BGT, axis_name)
-    per_token = lambda x_BGT: _global_sum(m_BGT * x_BGT, axis_name) / jnp.maximum(num_tokens, 1.0)
-    if loss_agg == "token-mean":
-        numerator, denominator = _global_sum(m_BGT * loss_BGT, axis_name), num_tokens
-    elif loss_agg == "seq-mean-token-mean":
-        seq_tokens_BG = m_BGT.sum(-1)
-        seq_mean_BG = (m_BGT * loss_BGT).sum(-1) / jnp.maximum(seq_tokens_BG, 1.0)
-        numerator = _global_sum(seq_mean_BG, axis_name)
-        denominator = _global_sum(seq_tokens_BG > 0, axis_name)
-    else:  # "seq-mean-token-sum-norm"
-        length = shape[-1] if norm_length is None else norm_length
-        numerator = _global_sum(m_BGT * loss_BGT, axis_name)
-        denominator = _global_sum(jnp.ones(shape[:2]), axis_name) * length
+    ref_kl_BGT = None if ref_logp_BGT is None else k3_kl(ref_logp_BGT, logp_BGT, on_BGT)
+    loss_BGT = pg_BGT if kl_coef is None else pg_BGT + kl_coef * ref_kl_BGT  # Eq. L
+    numerator, denominator = aggregate(
+        loss_BGT, m_BGT, loss_agg=loss_agg, axis_name=axis_name, norm_length=norm_length
+    )
     loss = numerator / jnp.maximum(denominator, 1.0)  # Eq. L
+    per_token = dict(pg_loss=pg_BGT, clip_frac=clipped_BGT, ratio_mean=ratio_BGT)
+    per_token |= dict(approx_kl_old=(ratio_BGT - 1.0) - log_ratio_BGT, adv_mean=adv_BGT)
+    per_token |= dict(ref_kl=ref_kl_BGT, clip_frac_lower=dual_clipped_BGT)
+    per_token |= dict(tis_weight_mean=tis_w_BGT, tis_truncated_frac=truncated_BGT)
+    metrics = _loss_metrics(per_token, m_BGT, ratio_BGT, axis_name)
+    return loss, metrics | {"loss_denominator": denominator}
 
-    metrics = {
-        "pg_loss": per_token(pg_BGT),
-        "clip_frac": per_token(clipped_BGT > unclipped_BGT),
-        "ratio_mean": per_token(ratio_BGT),
-        "ratio_max": _global_max(jnp.where(on_BGT, jax.lax.stop_gradient(ratio_BGT), 0), axis_name),
-        "approx_kl_old": per_token((ratio_BGT - 1.0) - log_ratio_BGT),
-        "adv_mean": per_token(adv_BGT),
-        "num_loss_tokens": num_tokens,
-        # What the loss was divided by: to accumulate micro-batches exactly, weight each one's
-        # gradient by its loss_denominator and divide the sum by the sum of denominators.
-        "loss_denominator": denominator,
-    }
-    if ref_logp_BGT is not None:
-        metrics["ref_kl"] = per_token(ref_kl_BGT)
-    if clip_ratio_c is not None:
-        # verl's pg_clipfrac_lower: negative-advantage tokens whose loss the dual clip bounded.
-        metrics["clip_frac_lower"] = per_token((adv_BGT < 0) & (clipped_pg_BGT > dual_BGT))
-    if tis_cap is not None:
-        metrics["tis_weight_mean"] = per_token(tis_w_BGT)
-        metrics["tis_truncated_frac"] = per_token(sampler_gap_BGT > math.log(tis_cap))
-    return loss, metrics
+
+def _loss_metrics(per_token, m_BGT, ratio_BGT, axis_name):
+    """policy_loss' metrics: each of ``per_token`` (None: not measured) as a mean over the loss
+    tokens of the global batch, ``ratio_max`` the max ratio over them, ``num_loss_tokens``.
+
+    Needs: _global_sum, _global_max.
+    """
+    num_tokens = _global_sum(m_BGT, axis_name)
+    mean = lambda x_BGT: _global_sum(m_BGT * x_BGT, axis_name) / jnp.maximum(num_tokens, 1.0)
+    on_BGT = m_BGT > 0
+    ratio_max = _global_max(jnp.where(on_BGT, jax.lax.stop_gradient(ratio_BGT), 0), axis_name)
+    metrics = {k: mean(x) for k, x in per_token.items() if x is not None}
+    return metrics | {"ratio_max": ratio_max, "num_loss_tokens": num_tokens}
 
 
 @jax.jit
@@ -421,6 +514,8 @@ def homogenization_stats(adv_BGK, outcome_BG, first_hit_BG):
       two kinds of them.
     all_wrong_hit_frac: of the all-wrong groups, those in which some trajectory's observations
       held a gold answer (h >= 0): where FOLR gives a signal that GRPO does not (0 if none).
+
+    Needs: _check_group, _tied.
     """
     _check_group("outcome_BG", outcome_BG)
     wrong_B = outcome_BG.max(axis=1) == 0

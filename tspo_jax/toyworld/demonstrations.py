@@ -24,7 +24,7 @@ from typing import NamedTuple
 
 import jax
 
-import rollout
+from tspo_jax import rollout
 from tspo_jax.data import Example
 from tspo_jax.protocol import DEFAULT_TEMPLATE
 from tspo_jax.retrieval import Retriever
