@@ -15,6 +15,7 @@ from types import SimpleNamespace
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
+from conftest import SUBPROCESS_ENV
 from etils import epath
 from etils.epath import testing as epath_testing
 from retrieval_testing import StandInServer
@@ -53,8 +54,7 @@ def args(small_world, small_policy, questions, out, *extra, url=None):
         *("--max-turns", "2", "--max-new-tokens", "12", "--max-obs-tokens", "80"),
         *("--max-context", "384", "--outcome", "f1", "--kl-coef", "0.01"),
         *("--eval-every", "0", "--plot", "false", "--seed", "3"),
-        # JAX's cache setting left as it is: the session's (tests/conftest.py), which in-process
-        # runs and subprocesses share.
+        # JAX's cache setting left as it is: none in-process, the session's in subprocesses.
         *("--compile-cache", "off"),
         *extra,
     ]
@@ -152,8 +152,15 @@ def test_folr_options_reach_the_logged_advantages(small_world, small_policy, que
     assert neutral > 0 and credited > 0  # each option changed some advantage
 
 
+def devices(n):
+    """A subprocess environment with ``n`` fake CPU devices (the session's flags kept)."""
+    return {
+        "XLA_FLAGS": f"{SUBPROCESS_ENV['XLA_FLAGS']} --xla_force_host_platform_device_count={n}"
+    }
+
+
 def _run(argv, env=None, **kwargs):
-    env = {**os.environ, "XLA_FLAGS": "", **(env or {})}
+    env = {**os.environ, **SUBPROCESS_ENV, **(env or {})}
     return subprocess.Popen(
         [sys.executable, str(ROOT / "train.py"), *argv],
         cwd=ROOT,
@@ -207,7 +214,7 @@ def _start(argv, log, code=None):
     """train.py (or ``python -c code``) in a subprocess, its output in the file ``log``; runs
     share the session's persistent compilation cache (tests/conftest.py; the same programs:
     only faster)."""
-    env = {**os.environ, "XLA_FLAGS": ""}
+    env = {**os.environ, **SUBPROCESS_ENV}
     command = ["-c", code] if code else [str(ROOT / "train.py")]
     with open(log, "w") as f:
         _STARTED.append(
@@ -367,7 +374,8 @@ def test_chaos_soak_with_a_fixed_seed_loses_nothing(
     every metrics row are the straight run's."""
     from bench import chaos
 
-    monkeypatch.setenv("XLA_FLAGS", "")  # train.py's subprocesses: one device, as a user's
+    for name, value in SUBPROCESS_ENV.items():  # train.py's subprocesses: one device each,
+        monkeypatch.setenv(name, value)  # the session's compilation cache
     train_argv = args(small_world, small_policy, questions, tmp_path / "unused", "--lr", "1e-3")
     budget = ("--retry-budget", "2", "--out", str(tmp_path / "chaos"))
     code = chaos.main(["--seed", "0", "--faults", "3", "--steps", "4", *budget, "--", *train_argv])
@@ -538,7 +546,7 @@ def test_two_processes_match_one(small_world, small_policy, questions, tmp_path)
     common = ("--steps", "2", "--lr", "1e-4", "--micro-batch", "4", "--seed", "4")
     one = _run(
         args(small_world, small_policy, questions, tmp_path / "one", *common),
-        env={"XLA_FLAGS": "--xla_force_host_platform_device_count=4"},
+        env=devices(4),
     )
     assert one.wait(timeout=600) == 0, one.stdout.read()
     port = _free_port()
@@ -554,7 +562,7 @@ def test_two_processes_match_one(small_world, small_policy, questions, tmp_path)
                 *distributed,
                 f"--process-id={i}",
             ),
-            env={"XLA_FLAGS": "--xla_force_host_platform_device_count=2"},
+            env=devices(2),
         )
         for i in range(2)
     ]
