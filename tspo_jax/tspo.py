@@ -445,17 +445,14 @@ def policy_loss(
 ):
     """Clipped policy-gradient loss with an optional k3 reference KL (Eq. L of TSPO.md).
 
-    rho = exp(logp - old_logp), the log-ratio clamped to [-20, 20];  pg = clipped_pg(rho, adv)
-    (dual-clip with ``clip_ratio_c``); truncated IS with ``tis_cap`` = C > 0 (verl's token-level
-    rollout correction): pg = w * pg, w = tis_weights(old_logp, sampler_logp) = min(ratio, C);
-    l = pg + kl_coef * k3_kl(ref, logp), aggregated per ``loss_agg`` (``aggregate``) over the
-    whole batch (summed across ``axis_name`` when set). ``kl_coef`` None: no reference term
-    (``ref_logp_BGT``, when given, is then only measured: metric ``ref_kl``).
-
-    ``old_logp``: the learner's recomputation of the sampling policy's log-probs;
-    ``sampler_logp``: the sampler's, for the same tokens. Returns (loss, metrics): token means
-    over the global batch's loss tokens (``ratio_max`` the max), and ``loss_denominator`` (what
-    the numerator was divided by: weights for exact gradient accumulation).
+    l = w * clipped_pg(rho, adv) + kl_coef * k3_kl(ref, logp),  rho = exp(logp - old_logp) (the
+    log-ratio clamped to [-20, 20]), dual-clip with ``clip_ratio_c``, w = tis_weights(old_logp,
+    sampler_logp) with ``tis_cap`` (truncated IS, verl's token-level rollout correction; else
+    1); aggregated per ``loss_agg`` (``aggregate``) over the whole batch, summed across
+    ``axis_name`` when set. ``kl_coef`` None: no reference term (a given ref_logp is measured
+    only: metric ref_kl). old_logp: the learner's recomputation of the sampler's log-probs;
+    sampler_logp: the sampler's. Returns (loss, metrics: token means over the loss tokens,
+    ``ratio_max`` the max, ``loss_denominator`` the weight for exact gradient accumulation).
 
     Needs: _jit, check_settings, _check_loss_inputs, clipped_pg, tis_weights, k3_kl, aggregate,
     _loss_metrics, _global_sum, _global_max, LOSS_AGGS, LOG_RATIO_CLAMP, REF_KL_CLAMP.
@@ -482,10 +479,10 @@ def policy_loss(
         loss_BGT, m_BGT, loss_agg=loss_agg, axis_name=axis_name, norm_length=norm_length
     )
     loss = numerator / jnp.maximum(denominator, 1.0)  # Eq. L
-    per_token = dict(pg_loss=pg_BGT, clip_frac=clipped_BGT, ratio_mean=ratio_BGT)
-    per_token |= dict(approx_kl_old=(ratio_BGT - 1.0) - log_ratio_BGT, adv_mean=adv_BGT)
-    per_token |= dict(ref_kl=ref_kl_BGT, clip_frac_lower=dual_clipped_BGT)
-    per_token |= dict(tis_weight_mean=tis_w_BGT, tis_truncated_frac=truncated_BGT)
+    per_token = dict(pg_loss=pg_BGT, clip_frac=clipped_BGT, ratio_mean=ratio_BGT, adv_mean=adv_BGT)
+    per_token |= dict(approx_kl_old=(ratio_BGT - 1.0) - log_ratio_BGT, ref_kl=ref_kl_BGT)
+    per_token |= dict(clip_frac_lower=dual_clipped_BGT, tis_weight_mean=tis_w_BGT)
+    per_token["tis_truncated_frac"] = truncated_BGT
     metrics = _loss_metrics(per_token, m_BGT, ratio_BGT, axis_name)
     return loss, metrics | {"loss_denominator": denominator}
 
