@@ -37,29 +37,46 @@ from tspo_jax.runtime import Run
 def collect(run: Run, policy: rollout.KVCachePolicy, step: int):
     """Rollouts of this process's prompts of ``step`` by ``policy`` (rollout_policy), packed,
     with their turn rewards (Eq. F) and advantages (Eq. A) per group (no communication: groups
-    never cross processes). Returns (trajectories, timing, batch, adv_BGK, counts)."""
+    never cross processes). Returns (trajectories, timing, batch, adv_BGK, measured): measured
+    holds the rollouts spent and the advantages of answering and searching turns."""
     cfg = run.cfg
     # ROLLOUT: G samples of each prompt, turn by turn; retrieval on the host between turns.
     trajs, timing = rollouts(run, policy, step)
     counts = {"rollouts": cfg.prompts_per_step * cfg.group_size}  # over all processes
     if cfg.dynamic_sampling:  # DAPO: the groups with a signal, from further prompts if need be
         trajs, timing, counts = dynamic_sampling(run, policy, step, trajs, timing)
-    # PACK: [B, G, T] tokens, loss mask, turn ids; outcome, first hit and turns per trajectory.
+    # PACK: [B, G, T] tokens, loss mask, turn ids; outcome, first hit, turns, actions.
     longest = max(map(rollout.sequence_length, trajs))
     T = runtime.agreed_length(sampling.bucket_length(longest))
-    batch = rollout.pack(trajs, cfg.group_size, length=T, pad_id=run.tokenizer.pad_token_id or 0)
-    # TURN REWARDS, Eq. F: the outcome, plus FOLR's latent credit up to the first hit.
+    pad_id, K = run.tokenizer.pad_token_id or 0, cfg.agent.max_turns
+    batch = rollout.pack(trajs, cfg.group_size, length=T, pad_id=pad_id, turns=K)
+    # TURN REWARDS, Eq. F: the outcome, plus FOLR's latent credit up to the first hit (for the
+    # trajectories that may earn it, --folr-eligible: by default, those that answered).
     reward_BGK, folr_applies_B = turn_rewards(cfg, batch)
-    # TURN ADVANTAGES, Eq. A: each turn's reward against its group's returns.
+    # TURN ADVANTAGES, Eq. A: each turn's reward against its group's returns; the answer stage
+    # per --answer-stage. A trajectory that may not earn the latent term has no hit here either.
     adv_BGK = tspo.turn_advantages(
         reward_BGK,
         batch.num_turns_BG,
         scale=cfg.scale_advantages,
         answer_stage=cfg.answer_stage,
-        first_hit_BG=batch.first_hit_BG,
+        first_hit_BG=np.where(eligible(cfg, batch), batch.first_hit_BG, -1),
         folr_applies_B=folr_applies_B,
+        outcome_BG=batch.outcome_BG,
+        answered_BG=batch.answered_BG,
     )
-    return trajs, timing, batch, adv_BGK, counts
+    stages = tspo.stage_advantage_stats(
+        adv_BGK, batch.num_turns_BG, batch.answered_BG, batch.searched_BGK, folr_applies_B
+    )
+    measured = counts | {k: float(v) for k, v in jax.device_get(stages).items()}  # per process
+    return trajs, timing, batch, adv_BGK, measured
+
+
+def eligible(cfg: Config, batch: rollout.Batch) -> np.ndarray:
+    """--folr-eligible: the trajectories that may earn Eq. F's latent term, [B, G] bool."""
+    if cfg.folr_eligible == "any":
+        return np.ones_like(batch.answered_BG)
+    return batch.answered_BG  # those that ended with an <answer>
 
 
 def turn_rewards(cfg: Config, batch: rollout.Batch):
@@ -73,6 +90,7 @@ def turn_rewards(cfg: Config, batch: rollout.Batch):
         latent_reward=cfg.alpha,
         folr_groups=cfg.folr_groups,
         folr_credit=cfg.folr_credit,
+        eligible_BG=eligible(cfg, batch),
         return_applies=True,
     )
 
@@ -174,14 +192,16 @@ def learn(run: Run, state, batch: rollout.Batch, adv_BGK, *, report_memory: bool
     return state, jax.device_get(metrics)
 
 
-def step_record(run: Run, state, step, batch, adv_BGK, trajs, timing, update_metrics):
+def step_record(run: Run, state, step, batch, adv_BGK, trajs, timing, update_metrics, measured):
     """The training half of step's metrics row: rollouts (rollout.summarize), groups
-    (tspo.homogenization_stats), updates (learner.over_updates) and times, over processes."""
+    (tspo.homogenization_stats), what collect measured, updates (learner.over_updates) and
+    times, over processes."""
     homog = jax.device_get(tspo.homogenization_stats(adv_BGK, batch.outcome_BG, batch.first_hit_BG))
     summary = rollout.summarize(trajs)
     return runtime.over_processes(
         {
             "step": step + 1,
+            **measured,
             "reward": float(np.mean(batch.outcome_BG)),
             **{k: v for k, v in summary.items() if k != "first_hit_turns"},
             **{k: float(v) for k, v in homog.items()},
@@ -225,14 +245,16 @@ def train_loop(cfg: Config, notice: threading.Event) -> dict:
         run, state = runtime.state_in(run, state, "pinned_host")  # frees the chips for the waves
         last = history[-1] if history else None  # saved if collect fails, e.g. retrieval down
         with runtime.saved_on_failure(run, step, state, last, agreed=True):
-            trajs, timing, batch, adv_BGK, counts = collect(run, policy, step)
+            trajs, timing, batch, adv_BGK, measured = collect(run, policy, step)
         del policy  # its weights and cache
         run, state = runtime.state_in(run, state, "device")
         t1 = time.perf_counter()
         state, update_metrics = learn(run, state, batch, adv_BGK, report_memory=step == start)
         t2 = time.perf_counter()
-        record = step_record(run, state, step, batch, adv_BGK, trajs, timing, update_metrics)
-        record |= counts | {"time_update": t2 - t1, "time_step": t2 - t0}
+        record = step_record(
+            run, state, step, batch, adv_BGK, trajs, timing, update_metrics, measured
+        )
+        record |= {"time_update": t2 - t1, "time_step": t2 - t0}
         if run.lead and cfg.log_samples and (step + 1) % cfg.log_samples == 0:
             rows = rollout.sample_rows(step + 1, trajs, adv_BGK)
             runtime.write_jsonl(run.out / "samples.jsonl", rows, append=True)
@@ -243,8 +265,11 @@ def train_loop(cfg: Config, notice: threading.Event) -> dict:
         history.append(record)
         if run.lead:
             runtime.write_jsonl(run.out / "metrics.jsonl", [record], append=True)
-        bar.set_postfix(reward=f"{record['reward']:.3f}", refresh=False)
+        answers, reward = f"{record['answer_rate']:.2f}", f"{record['reward']:.3f}"
+        bar.set_postfix(answers=answers, reward=reward, refresh=False)  # (training rollouts)
         bar.update(1)
+        if run.lead and (warning := runtime.stops_answering(history)):
+            tqdm.write(warning, file=sys.stderr)
         skipped = learner.skipped_in_a_row(skipped, update_metrics)
         if skipped >= cfg.max_bad_steps:
             raise FloatingPointError(

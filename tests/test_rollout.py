@@ -142,6 +142,10 @@ def test_scripted_policy_through_the_loop(toy_tokenizer, small_corpus):
     np.testing.assert_array_equal(batch.outcome_BG, [[1, 0], [0, 1]])
     np.testing.assert_array_equal(batch.first_hit_BG, [[-1, 0], [-1, 1]])
     np.testing.assert_array_equal(batch.num_turns_BG, [[1, 2], [3, 3]])
+    np.testing.assert_array_equal(batch.answered_BG, [[True, True], [False, True]])
+    searched = [[[0, 0, 0], [1, 0, 0]], [[0, 1, 1], [1, 1, 0]]]  # K = 3 (the most turns)
+    np.testing.assert_array_equal(batch.searched_BGK, searched)
+    assert rollout.pack(trajs, 2, turns=4).searched_BGK.shape == (2, 2, 4)
     for i, t in enumerate(trajs):
         b, g = divmod(i, 2)
         context = policy.context[i]  # what the model saw, in order

@@ -23,7 +23,7 @@ from safetensors.numpy import load_file
 
 import rollout as rollout_cli
 import train
-from tspo_jax import cli, data, hf_io, learner, protocol, rollout
+from tspo_jax import cli, data, hf_io, learner, protocol, rollout, runtime
 from tspo_jax.config import Config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -121,35 +121,57 @@ def test_grpo_logs_grpo_advantages(small_world, small_policy, questions, tmp_pat
     assert any(r["first_hit"] >= 0 for r in rows)
 
 
-def test_folr_options_reach_the_logged_advantages(small_world, small_policy, questions, tmp_path):
-    """--folr-credit hit-turn --answer-stage neutral (with --folr-groups all, so that FOLR
+def expected_advantages(group, credit, eligible, answer_stage, alpha=0.5, eps=1e-6):
+    """Eq. F / Eq. A of TSPO.md for one group of samples.jsonl rows, FOLR applying (as under
+    --folr-groups all), as a plain loop."""
+    may_earn = [eligible == "any" or r["finish"] == "answer" for r in group]
+    hits = [r["first_hit"] if e else -1 for r, e in zip(group, may_earn, strict=True)]
+    rewards = []
+    for r, h in zip(group, hits, strict=True):  # Eq. F
+        o, turns = r["outcome"], range(r["num_turns"])
+        credited = [k <= h if credit == "search-stage" else k == h for k in turns]
+        rewards.append([o + (1 - o) * alpha * c for c in credited])
+    R, o = np.array([max(x) for x in rewards]), np.array([r["outcome"] for r in group])
+    grpo = np.zeros(len(o)) if o.max() == o.min() else (o - o.mean()) / (o.std(ddof=1) + eps)
+    out = []
+    for g, (r, x, h) in enumerate(zip(group, rewards, hits, strict=True)):
+        A = (
+            [0.0] * len(x)
+            if R.max() == R.min()
+            else (np.array(x) - R.mean()) / (R.std(ddof=1) + eps)
+        )
+        answering = answer_stage == "grpo" and r["finish"] == "answer"
+        stage = [0 <= h < k or (answering and k == len(x) - 1) for k in range(len(x))]
+        stage = [s and answer_stage != "outcome" for s in stage]
+        answer = 0.0 if answer_stage == "neutral" else grpo[g]
+        out.append([answer if s else a for a, s in zip(A, stage, strict=True)])
+    return out
+
+
+@pytest.mark.parametrize(
+    "credit,eligible,answer_stage",
+    [("hit-turn", "any", "neutral"), ("search-stage", "answered", "grpo")],
+)
+def test_folr_options_reach_the_logged_advantages(
+    small_world, small_policy, questions, tmp_path, credit, eligible, answer_stage
+):
+    """--folr-credit, --folr-eligible and --answer-stage (with --folr-groups all, so that FOLR
     applies in every group): the logged advantages are Eq. F / Eq. A of TSPO.md under those
-    options, recomputed here from each group's outcomes, first hits and turns."""
+    options, recomputed here from each group's outcomes, first hits, turns and finishes."""
     out = tmp_path / "options"
-    options = ("--folr-credit", "hit-turn", "--answer-stage", "neutral", "--folr-groups", "all")
-    options += ("--max-turns", "3", "--log-samples", "1", "--steps", "1")  # 3 turns: hits at 1
+    options = ("--folr-credit", credit, "--folr-eligible", eligible, "--answer-stage", answer_stage)
+    options += ("--folr-groups", "all", "--max-turns", "3", "--log-samples", "1", "--steps", "1")
     train.main(args(small_world, small_policy, questions, out, *options))
     rows = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
     assert len(rows) == 8 * 4
-    neutral = credited = 0
+    nonzero = 0
     for g in range(8):
         group = rows[4 * g : 4 * g + 4]
-        rewards = []
-        for r in group:  # Eq. F, hit-turn: the latent term on the first-hit turn only
-            o, h = r["outcome"], r["first_hit"]
-            rewards.append([o + (1 - o) * 0.5 * (k == h) for k in range(r["num_turns"])])
-        R = np.array([max(x) for x in rewards])
-        for r, x in zip(group, rewards, strict=True):
-            if R.max() == R.min():
-                expected = [0.0] * len(x)
-            else:  # Eq. A, then 0 after the first hit (FOLR applies in every group here)
-                A = (np.array(x) - R.mean()) / (R.std(ddof=1) + 1e-6)
-                h = r["first_hit"]
-                expected = [0.0 if 0 <= h < k else a for k, a in enumerate(A)]
-                neutral += sum(0 <= h < k for k in range(len(x)))
-                credited += h >= 1 and r["outcome"] < 1  # turn 0 differs from search-stage
-            np.testing.assert_allclose(r["advantages"], expected, rtol=1e-5, atol=1e-6)
-    assert neutral > 0 and credited > 0  # each option changed some advantage
+        expected = expected_advantages(group, credit, eligible, answer_stage)
+        for r, x in zip(group, expected, strict=True):
+            np.testing.assert_allclose(r["advantages"], x, rtol=1e-5, atol=1e-6)
+            nonzero += any(a != 0 for a in x)
+    assert nonzero > 0  # some group had a signal: the comparison is not vacuous
 
 
 def devices(n):
@@ -591,6 +613,27 @@ def test_two_processes_match_one(small_world, small_policy, questions, tmp_path)
     )
     for name in a:
         np.testing.assert_allclose(b[name], a[name], rtol=1e-4, atol=1e-6, err_msg=name)
+
+
+def test_a_run_that_stops_answering_says_so_once():
+    """runtime.stops_answering: a line once the last 10 steps all answered less than half as
+    often as the first, naming what happens and the options that change it; not again while
+    the stretch goes on, and again after a recovery and a new stretch."""
+    rows = lambda rates: [
+        {"step": i + 1, "answer_rate": a, "turns": 3.9, "searches": 3.0}
+        for i, a in enumerate(rates)
+    ]
+    said = lambda rates: runtime.stops_answering(rows(rates))
+    assert said([0.9] + [0.44] * 9) is None  # 9 steps
+    line = said([0.9] + [0.44] * 10)
+    assert line.startswith("step 11: the policy is learning to stop answering: training answer ")
+    assert "rate 0.44, under half of step 1's 0.90 for 10 steps" in line
+    assert "--folr-eligible answered, --answer-stage grpo, or --algo grpo" in line
+    assert said([0.9] + [0.44] * 11) is None  # said once
+    assert said([0.9] + [0.45] * 10) is None  # half exactly: not under it
+    assert said([0.9] + [0.4] * 10 + [0.8] + [0.3] * 9) is None
+    assert said([0.9] + [0.4] * 10 + [0.8] + [0.3] * 10) is not None  # a new stretch
+    assert said([0.0] * 12) is None  # a policy that never answered does not stop
 
 
 def test_step_metrics_over_updates_by_hand():

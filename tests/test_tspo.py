@@ -27,13 +27,16 @@ def applies_loop(outcome, alpha, folr_groups):
     ]
 
 
-def folr_loop(outcome, first_hit, num_turns, max_turns, alpha, folr_groups, credit="search-stage"):
+def folr_loop(
+    outcome, first_hit, num_turns, max_turns, alpha, folr_groups, credit="search-stage",
+    eligible=None,
+):  # fmt: skip
     B, G = len(outcome), len(outcome[0])
     r = np.zeros((B, G, max_turns))
     applies = applies_loop(outcome, alpha, folr_groups)
     for b in range(B):
-        a = alpha if applies[b] else 0.0
         for g in range(G):
+            a = alpha if applies[b] and (eligible is None or eligible[b][g]) else 0.0
             o, h = float(outcome[b][g]), first_hit[b][g]
             for k in range(num_turns[b][g]):
                 credited = k <= h if credit == "search-stage" else k == h
@@ -41,23 +44,41 @@ def folr_loop(outcome, first_hit, num_turns, max_turns, alpha, folr_groups, cred
     return r
 
 
-def advantages_loop(reward, num_turns, scale=True, eps=1e-6, first_hit=None, applies=None):
-    """Eq. A; with ``first_hit`` and ``applies`` given, the neutral answer stage too."""
+def normalized_loop(x, g, scale, eps):
+    """(x[g] - mean x) / (std x + eps) of one group's values, 0 if they are all equal."""
+    if max(x) == min(x):
+        return 0.0
+    mu = sum(x) / len(x)
+    sigma = math.sqrt(sum((v - mu) ** 2 for v in x) / (len(x) - 1))
+    return (x[g] - mu) / (sigma + eps) if scale else x[g] - mu
+
+
+def advantages_loop(
+    reward, num_turns, scale=True, eps=1e-6, first_hit=None, applies=None, grpo_answer=None
+):
+    """Eq. A; with ``first_hit`` and ``applies`` given, the neutral answer stage too; with
+    ``grpo_answer`` = (outcome, answered) too, the "grpo" answer stage instead."""
     B, G, K = reward.shape
     A = np.zeros((B, G, K))
     for b in range(B):
         R = [max(reward[b, g, k] for k in range(num_turns[b][g])) for g in range(G)]
-        if max(R) == min(R):
-            continue
         mu = sum(R) / G
         sigma = math.sqrt(sum((x - mu) ** 2 for x in R) / (G - 1))
         for g in range(G):
             for k in range(num_turns[b][g]):
-                if applies is not None and applies[b] and 0 <= first_hit[b][g] < k:
-                    continue  # neutral answer stage: A = 0 after the first hit
-                A[b, g, k] = (
-                    (reward[b, g, k] - mu) / (sigma + eps) if scale else reward[b, g, k] - mu
-                )
+                if max(R) > min(R):
+                    A[b, g, k] = (
+                        (reward[b, g, k] - mu) / (sigma + eps) if scale else reward[b, g, k] - mu
+                    )
+                if applies is None or not applies[b]:
+                    continue
+                answering = grpo_answer is not None and grpo_answer[1][b][g]
+                if 0 <= first_hit[b][g] < k or (answering and k == num_turns[b][g] - 1):
+                    if grpo_answer is None:  # neutral: A = 0 after the first hit
+                        A[b, g, k] = 0.0
+                    else:  # grpo: the outcomes' normalized advantage
+                        o = [float(x) for x in grpo_answer[0][b]]
+                        A[b, g, k] = normalized_loop(o, g, scale, eps)
     return A
 
 
@@ -204,6 +225,80 @@ def test_neutral_answer_stage_only_where_folr_applies():
     assert A[0, 0, 1] == 0 and A[0, 1, 1] == 0 and A[0, 2, 1] != 0
 
 
+# An all-wrong group (alpha = 0.5): 0 hit at turn 0 and answered (a near-miss); 1 hit at turn
+# 1 and never answered (searched to the turn limit); 2 answered without a hit; 3 hit at turn 0
+# and was cut by the context (no answer).
+LOOP_FIRST_HIT, LOOP_NUM_TURNS = [[0, 1, -1, 0]], [[2, 3, 2, 1]]
+LOOP_ANSWERED = [[True, False, True, False]]
+
+
+def test_only_trajectories_that_answered_earn_the_latent_term():
+    """Eq. F with eligible_BG, by hand: only the near-miss (0) earns alpha; the hit that never
+    answered (1) and the one cut by the context (3) get the outcome only, as the answer
+    without a hit (2). Without eligible_BG (every trajectory): 1 and 3 earn it too."""
+    outcome, first_hit = jnp.zeros((1, 4)), jnp.array(LOOP_FIRST_HIT)
+    num_turns, answered = jnp.array(LOOP_NUM_TURNS), jnp.array(LOOP_ANSWERED)
+    kw = dict(max_turns=3, latent_reward=0.5)
+    r = tspo.folr_turn_rewards(outcome, first_hit, num_turns, eligible_BG=answered, **kw)
+    np.testing.assert_array_equal(r[0], [[0.5, 0, 0], [0, 0, 0], [0, 0, 0], [0, 0, 0]])
+    # R = [.5, 0, 0, 0]: mu = .125, sigma = sqrt((.375^2 + 3 x .125^2) / 3) = .25.
+    A = tspo.turn_advantages(r, num_turns, eps=0.0)
+    np.testing.assert_allclose(
+        A[0], [[1.5, -0.5, 0], [-0.5, -0.5, -0.5], [-0.5, -0.5, 0], [-0.5, 0, 0]], rtol=1e-6
+    )
+    loophole = tspo.folr_turn_rewards(outcome, first_hit, num_turns, **kw)
+    np.testing.assert_array_equal(loophole[0], [[0.5, 0, 0], [0.5, 0.5, 0], [0, 0, 0], [0.5, 0, 0]])
+    # R = [.5, .5, 0, .5]: the answer without a hit is the only one pushed down.
+    A = tspo.turn_advantages(loophole, num_turns, eps=0.0)
+    np.testing.assert_allclose(
+        A[0], [[0.5, -1.5, 0], [0.5, 0.5, -1.5], [-1.5, -1.5, 0], [0.5, 0, 0]], rtol=1e-6
+    )
+
+
+def test_grpo_answer_stage_by_hand():
+    """answer_stage="grpo" on the same group (hits of the trajectories that may not earn the
+    latent term passed as -1, as train.py does): the answer stage (after the first hit, and the
+    turn that answered) takes GRPO's advantage of the outcomes, 0 in an all-wrong group; the
+    search stage keeps Eq. A's. In a mixed group under folr_groups="all", the answer stage's
+    GRPO advantage is the outcomes' normalized, the search stage's the returns'."""
+    outcome, answered = jnp.zeros((1, 4)), jnp.array(LOOP_ANSWERED)
+    num_turns = jnp.array(LOOP_NUM_TURNS)
+    hit = jnp.where(answered, jnp.array(LOOP_FIRST_HIT), -1)
+    r, applies = tspo.folr_turn_rewards(
+        outcome, hit, num_turns, max_turns=3, eligible_BG=answered, return_applies=True
+    )
+    kw = dict(first_hit_BG=hit, folr_applies_B=applies, outcome_BG=outcome, answered_BG=answered)
+    A = tspo.turn_advantages(r, num_turns, eps=0.0, answer_stage="grpo", **kw)
+    np.testing.assert_allclose(
+        A[0], [[1.5, 0, 0], [-0.5, -0.5, -0.5], [-0.5, 0, 0], [-0.5, 0, 0]], rtol=1e-6
+    )
+    # A mixed group, FOLR everywhere: outcomes [1, 0, 0], all answered at turn 1, hits at 0.
+    outcome = jnp.array([[1.0, 0.0, 0.0]])
+    hit, turns, yes = jnp.array([[0, 0, -1]]), jnp.full((1, 3), 2), jnp.ones((1, 3), bool)
+    r, applies = tspo.folr_turn_rewards(
+        outcome, hit, turns, max_turns=2, folr_groups="all", return_applies=True
+    )  # r = [[1, 1], [.5, 0], [0, 0]]; R = [1, .5, 0]: mu .5, sigma .5
+    kw = dict(first_hit_BG=hit, folr_applies_B=applies, outcome_BG=outcome, answered_BG=yes)
+    A = tspo.turn_advantages(r, turns, eps=0.0, answer_stage="grpo", **kw)
+    g = 2 / math.sqrt(3)  # outcomes [1, 0, 0]: (1 - 1/3) / sqrt(1/3), (0 - 1/3) / sqrt(1/3)
+    np.testing.assert_allclose(A[0], [[1, g], [0, -g / 2], [-1, -g / 2]], rtol=1e-6)
+
+
+def test_stage_advantage_stats_by_hand():
+    """Mean advantage of answering and searching turns in the groups where FOLR applied."""
+    adv = jnp.array([[[1.0, 2.0], [3.0, 0.0]], [[-1.0, -2.0], [5.0, 7.0]]])
+    num_turns = jnp.array([[2, 1], [2, 2]])
+    answered = jnp.array([[True, True], [False, True]])
+    searched = jnp.array([[[True, False], [False, False]], [[True, True], [True, False]]])
+    s = tspo.stage_advantage_stats(adv, num_turns, answered, searched, jnp.array([True, False]))
+    # Group 0 only: answering turns (0, 1) = 2 and (1, 0) = 3; searching turn (0, 0) = 1.
+    np.testing.assert_allclose(s["folr_adv_answer"], 2.5)
+    np.testing.assert_allclose(s["folr_adv_search"], 1.0)
+    np.testing.assert_allclose(s["folr_group_frac"], 0.5)
+    none = tspo.stage_advantage_stats(adv, num_turns, answered, searched, jnp.array([False] * 2))
+    assert float(none["folr_adv_answer"]) == float(none["folr_adv_search"]) == 0.0
+
+
 def test_stage_signs_in_all_wrong_group():
     """The near-miss's search stage gets A > 0, its answer stage A < 0; misses get A < 0."""
     r = tspo.folr_turn_rewards(
@@ -236,30 +331,33 @@ def test_equal_returns_give_zero_advantage(scale):
 @pytest.mark.parametrize("folr_credit", tspo.FOLR_CREDITS)
 @pytest.mark.parametrize("answer_stage", tspo.ANSWER_STAGES)
 def test_latent_reward_zero_is_grpo(folr_groups, folr_credit, answer_stage):
-    """alpha = 0 is GRPO whatever the other options: FOLR then applies in no group."""
+    """alpha = 0 is GRPO whatever the other options (the eligible trajectories among them):
+    FOLR then applies in no group."""
     rng = np.random.default_rng(0)
     outcome, first_hit, num_turns, *_ = random_batch(rng, B=6, G=5, K=4, T=8)
-    r = tspo.folr_turn_rewards(
-        outcome,
-        first_hit,
-        num_turns,
-        max_turns=4,
-        latent_reward=0.0,
-        folr_groups=folr_groups,
-        folr_credit=folr_credit,
-    )
-    applies = tspo.folr_applies(outcome, latent_reward=0.0, folr_groups=folr_groups)
-    assert not np.asarray(applies).any()
-    A = np.asarray(
-        tspo.turn_advantages(
-            r, num_turns, answer_stage=answer_stage, first_hit_BG=first_hit, folr_applies_B=applies
+    answered = rng.random(outcome.shape) < 0.6
+    for eligible in (None, answered):
+        r = tspo.folr_turn_rewards(
+            outcome,
+            first_hit,
+            num_turns,
+            max_turns=4,
+            latent_reward=0.0,
+            folr_groups=folr_groups,
+            folr_credit=folr_credit,
+            eligible_BG=eligible,
         )
-    )
-    # GRPO: group-normalized outcome, the same on every valid turn.
-    o = outcome.astype(np.float64)
-    grpo = (o - o.mean(1, keepdims=True)) / (o.std(1, ddof=1, keepdims=True) + 1e-6)
-    valid = np.arange(4) < num_turns[..., None]
-    np.testing.assert_allclose(A, np.where(valid, grpo[..., None], 0.0), rtol=1e-5, atol=1e-6)
+        applies = tspo.folr_applies(outcome, latent_reward=0.0, folr_groups=folr_groups)
+        assert not np.asarray(applies).any()
+        kw = dict(first_hit_BG=first_hit, folr_applies_B=applies)
+        kw |= dict(outcome_BG=outcome, answered_BG=answered)
+        A = np.asarray(tspo.turn_advantages(r, num_turns, answer_stage=answer_stage, **kw))
+        # GRPO: group-normalized outcome, the same on every valid turn.
+        o = outcome.astype(np.float64)
+        grpo = (o - o.mean(1, keepdims=True)) / (o.std(1, ddof=1, keepdims=True) + 1e-6)
+        valid = np.arange(4) < num_turns[..., None]
+        expected = np.where(valid, grpo[..., None], 0.0)
+        np.testing.assert_allclose(A, expected, rtol=1e-5, atol=1e-6)
 
 
 def test_folr_groups_homogeneous_keeps_mixed_groups_outcome_only():
@@ -287,16 +385,13 @@ def test_rewards_and_advantages_match_loops(B, G, K, T, alpha, folr_groups, folr
     outcome[-1] = rng.random(G).round(2)  # an F1-style fractional group too
     if B > 2:
         outcome[1] = 0.5  # an F1-style homogeneous group, not all wrong
-    r = tspo.folr_turn_rewards(
-        outcome,
-        first_hit,
-        num_turns,
-        max_turns=K,
-        latent_reward=alpha,
-        folr_groups=folr_groups,
-        folr_credit=folr_credit,
-    )
-    r_ref = folr_loop(outcome, first_hit, num_turns, K, alpha, folr_groups, folr_credit)
+    answered = rng.random((B, G)) < 0.7
+    folr = dict(max_turns=K, latent_reward=alpha, folr_groups=folr_groups, folr_credit=folr_credit)
+    r = tspo.folr_turn_rewards(outcome, first_hit, num_turns, eligible_BG=answered, **folr)
+    ref = (outcome, first_hit, num_turns, K, alpha, folr_groups, folr_credit)
+    np.testing.assert_allclose(r, folr_loop(*ref, eligible=answered), rtol=1e-6, atol=1e-7)
+    r = tspo.folr_turn_rewards(outcome, first_hit, num_turns, **folr)
+    r_ref = folr_loop(*ref)
     np.testing.assert_allclose(r, r_ref, rtol=1e-6, atol=1e-7)
     applies = tspo.folr_applies(outcome, latent_reward=alpha, folr_groups=folr_groups)
     applies_ref = applies_loop(outcome, alpha, folr_groups)
@@ -309,6 +404,13 @@ def test_rewards_and_advantages_match_loops(B, G, K, T, alpha, folr_groups, folr
         kw = dict(first_hit_BG=first_hit, folr_applies_B=applies)
         A = tspo.turn_advantages(r, num_turns, scale=scale, answer_stage="neutral", **kw)
         A_ref = advantages_loop(r_ref, num_turns, scale, first_hit=first_hit, applies=applies_ref)
+        np.testing.assert_allclose(A, A_ref, rtol=2e-5, atol=2e-5)
+        kw |= dict(outcome_BG=outcome, answered_BG=answered)
+        A = tspo.turn_advantages(r, num_turns, scale=scale, answer_stage="grpo", **kw)
+        A_ref = advantages_loop(
+            r_ref, num_turns, scale, first_hit=first_hit, applies=applies_ref,
+            grpo_answer=(outcome, answered),
+        )  # fmt: skip
         np.testing.assert_allclose(A, A_ref, rtol=2e-5, atol=2e-5)
     A = tspo.turn_advantages(r, num_turns)
     np.testing.assert_allclose(
@@ -668,7 +770,7 @@ def test_micro_batches_weighted_by_loss_denominator_give_full_gradient(loss_agg)
 PUBLIC = [
     "check_settings", "folr_applies", "folr_turn_rewards", "group_returns", "tied_groups",
     "turn_advantages", "token_advantages", "clipped_pg", "tis_weights", "k3_kl", "aggregate",
-    "policy_loss", "homogenization_stats",
+    "policy_loss", "stage_advantage_stats", "homogenization_stats",
 ]  # fmt: skip
 
 
@@ -711,6 +813,7 @@ def test_each_public_function_pastes_alone_with_jnp_settings():
     adv = rng.normal(size=logp.shape).astype(np.float32)
     sampler = (old + rng.normal(0, 0.5, old.shape)).astype(np.float32)
     f32 = jnp.float32
+    answered = rng.random(outcome.shape) < 0.7
     r, applies = tspo.folr_turn_rewards(
         outcome, first_hit, num_turns, max_turns=3, return_applies=True
     )
@@ -722,13 +825,14 @@ def test_each_public_function_pastes_alone_with_jnp_settings():
         "folr_applies": ((outcome,), dict(latent_reward=0.4), dict(folr_groups="all")),
         "folr_turn_rewards": (
             (outcome, first_hit, num_turns), dict(latent_reward=0.3),
-            dict(max_turns=3, folr_credit="hit-turn", return_applies=True),
+            dict(max_turns=3, folr_credit="hit-turn", eligible_BG=answered, return_applies=True),
         ),
         "group_returns": ((r, num_turns), {}, {}),
         "tied_groups": ((r, num_turns), {}, {}),
         "turn_advantages": (
             (r, num_turns), dict(eps=1e-3),
-            dict(answer_stage="neutral", first_hit_BG=first_hit, folr_applies_B=applies),
+            dict(answer_stage="grpo", first_hit_BG=first_hit, folr_applies_B=applies,
+                 outcome_BG=outcome, answered_BG=answered),
         ),
         "token_advantages": ((A, turn_id), {}, {}),
         "clipped_pg": ((ratio, adv), dict(clip_low=0.1, clip_high=0.3, clip_ratio_c=2.0), {}),
@@ -736,6 +840,9 @@ def test_each_public_function_pastes_alone_with_jnp_settings():
         "k3_kl": ((ref, logp, on), {}, {}),
         "aggregate": ((adv, mask), {}, dict(loss_agg="seq-mean-token-mean")),
         "policy_loss": ((logp, old, adv, mask, ref, sampler), loss_kw, {}),
+        "stage_advantage_stats": (
+            (A, num_turns, answered, turn_id[..., :3] >= 1, applies), {}, {}
+        ),
         "homogenization_stats": ((A, outcome, first_hit), {}, {}),
     }  # fmt: skip
     assert set(calls) == set(PUBLIC)

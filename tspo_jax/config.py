@@ -14,6 +14,7 @@ from tspo_jax.cli import option
 from tspo_jax.rollout import RetrieverConfig, RolloutConfig
 
 AUTO_ON_OFF = ("auto", "on", "off")
+FOLR_ELIGIBLE = ("answered", "any")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -32,14 +33,26 @@ class Config:
     )
     # The algorithm (TSPO.md).
     algo: str = option("tspo", "tspo, or grpo (latent_reward 0)", choices=("tspo", "grpo"))
-    latent_reward: float = option(0.5, "alpha of Eq. F, in [0, 1)")
+    latent_reward: float = option(
+        0.5,
+        "alpha of Eq. F, in [0, 1); with --folr-groups homogeneous and scaled advantages any "
+        "alpha > 0 gives the same advantages (a switch, not a dial)",
+    )
     folr_groups: str = option("homogeneous", "groups FOLR applies in", choices=tspo.FOLR_GROUPS)
     folr_credit: str = option(
         "search-stage", "turns Eq. F credits: up to the first hit, or it", choices=tspo.FOLR_CREDITS
     )
+    folr_eligible: str = option(
+        "answered",
+        "trajectories that may earn Eq. F's latent term: answered (ended with an <answer>), or "
+        "any (also those that found the answer and never answered)",
+        choices=FOLR_ELIGIBLE,
+    )
     answer_stage: str = option(
         "outcome",
-        "Eq. A on turns after the first hit where FOLR applies (neutral: A = 0)",
+        "Eq. A on the answer stage where FOLR applies: outcome (Eq. A as it is), neutral "
+        "(A = 0 after the first hit), grpo (after the first hit and on the answering turn, "
+        "GRPO's advantage of the outcome)",
         choices=tspo.ANSWER_STAGES,
     )
     scale_advantages: bool = option(True, "divide advantages by the group std (false: Dr. GRPO)")

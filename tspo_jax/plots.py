@@ -22,6 +22,11 @@ PANELS = (
     (("folr_hit_rate",), "FOLR hit rate"),
     (("turns",), "turns per trajectory"),
     (("answer_rate",), "answer rate"),
+    (("searches",), "searches per trajectory"),
+    (
+        ("folr_adv_answer", "folr_adv_search"),
+        "where FOLR applies: advantage of answering / searching turns",
+    ),
     (("clip_frac",), "clip fraction"),
     (("approx_kl_old",), "KL to the old policy"),
     (("logp_gap_mean", "logp_gap_max"), "|sampler - learner| log-prob"),
@@ -45,8 +50,11 @@ def plot_metrics(path, out_png) -> epath.Path:
     import matplotlib.pyplot as plt
 
     records = read_metrics(path)
-    fig, axes = plt.subplots(3, 4, figsize=(17, 9.5))
-    for ax, (keys, title) in zip(axes.flat, PANELS, strict=True):
+    rows = -(-len(PANELS) // 4)
+    fig, axes = plt.subplots(rows, 4, figsize=(17, 3.2 * rows))
+    for ax in axes.flat[len(PANELS) :]:
+        ax.axis("off")
+    for ax, (keys, title) in zip(axes.flat, PANELS, strict=False):
         for key in keys:
             points = [(r["step"], r[key]) for r in records if isinstance(r.get(key), int | float)]
             if points:

@@ -178,6 +178,8 @@ class Batch(NamedTuple):
     outcome_BG: np.ndarray  # float32
     first_hit_BG: np.ndarray  # int32
     num_turns_BG: np.ndarray  # int32
+    answered_BG: np.ndarray  # bool: the trajectory ended with a well-formed <answer>
+    searched_BGK: np.ndarray  # bool: turn k's action was a search (K: pack's ``turns``)
 
 
 class Timing(NamedTuple):
@@ -649,8 +651,10 @@ def pack(
     *,
     length: int | None = None,
     pad_id: int = 0,
+    turns: int | None = None,
 ) -> Batch:
-    """[B, G, T] arrays for the loss, T = ``length`` or the bucket of the longest sequence."""
+    """[B, G, T] arrays for the loss, T = ``length`` or the bucket of the longest sequence;
+    [B, G, K] per-turn arrays, K = ``turns`` (max_turns) or the most turns of any trajectory."""
     seqs = [sequence(t) for t in trajectories]
     longest = max(len(s[0]) for s in seqs)
     T = sampling.bucket_length(longest) if length is None else length
@@ -675,6 +679,11 @@ def pack(
         out["logp"][i, :n] = logp
     B, G = N // group_size, group_size
     shape = lambda x: x.reshape(B, G, *x.shape[1:])
+    K = turns or max(len(t.turns) for t in trajectories)
+    searched = np.zeros((N, K), bool)
+    for i, t in enumerate(trajectories):
+        kinds = [turn.action.kind for turn in t.turns[:K]]
+        searched[i, : len(kinds)] = [kind == "search" for kind in kinds]
     return Batch(
         tokens_BGT=shape(out["tokens"]),
         mask_BGT=shape(out["mask"]),
@@ -684,6 +693,8 @@ def pack(
         outcome_BG=shape(np.array([t.outcome for t in trajectories], np.float32)),
         first_hit_BG=shape(np.array([t.first_hit for t in trajectories], np.int32)),
         num_turns_BG=shape(np.array([len(t.turns) for t in trajectories], np.int32)),
+        answered_BG=shape(np.array([t.finish == "answer" for t in trajectories])),
+        searched_BGK=shape(searched),
     )
 
 

@@ -843,6 +843,33 @@ def export(run: Run, params, path: epath.Path) -> None:
             hf_io.save_hf(local, run.model_config, jax.device_get(params), dtype=dtype)
 
 
+# A run whose training answer rate stays below this share of its first step's for this many
+# steps in a row is told so (train.py prints stops_answering's line once per such stretch).
+ANSWERING_FLOOR, ANSWERING_STEPS = 0.5, 10
+
+
+def stops_answering(history: list[dict]) -> str | None:
+    """One line when the last ANSWERING_STEPS training rows (of ``history``, the run's rows
+    so far) all answered less than ANSWERING_FLOOR x the first one did, and the row before
+    them did not (so that a stretch is reported once); else None."""
+    rows = [r for r in history if "answer_rate" in r]
+    if len(rows) <= ANSWERING_STEPS:
+        return None
+    first, floor = rows[0], ANSWERING_FLOOR * rows[0]["answer_rate"]
+    low = [r["answer_rate"] < floor for r in rows[-ANSWERING_STEPS - 1 :]]
+    if low[0] or not all(low[1:]):
+        return None
+    last = rows[-1]
+    return (
+        f"step {last['step']}: the policy is learning to stop answering: training answer rate "
+        f"{last['answer_rate']:.2f}, under half of step {first['step']}'s "
+        f"{first['answer_rate']:.2f} for {ANSWERING_STEPS} steps (turns "
+        f"{last['turns']:.2f}, searches {last['searches']:.2f}). If the latent term pays for "
+        "searching without answering: --folr-eligible answered, --answer-stage grpo, or "
+        "--algo grpo"
+    )
+
+
 def finish(run: Run, history: list[dict], start: int, seconds: float, preempted_at) -> None:
     """The end of a run, after its last step (``preempted_at``: the step a preemption stopped
     it after, else False): the checkpoint written, then what to do next, or the plot and the

@@ -15,13 +15,16 @@ and padding tokens).
 
 Where FOLR applies, per group (``folr_applies``):
     F[b] = alpha > 0 and (folr_groups = "all" or max_g o = min_g o)
-Eq. F (FOLR turn rewards), for k < n (0 for k >= n), with a = alpha * F[b]:
+Eq. F (FOLR turn rewards), for k < n (0 for k >= n), with a = alpha * F[b] * e[b,g]
+(e: the trajectory may earn the latent term, ``eligible_BG``; train.py: it answered):
     r[b,g,k] = o + (1 - o) * a * [k <= h]       (folr_credit = "search-stage", default)
     r[b,g,k] = o + (1 - o) * a * [k == h]       (folr_credit = "hit-turn")
 Eq. A (stage-aware group advantages):
     R[b,g] = max_{k<n} r[b,g,k];  mu, sigma = mean_g R, std_g R (ddof = 1)
     A[b,g,k] = (r[b,g,k] - mu[b]) / (sigma[b] + eps) for k < n, else 0
-    A[b,g,k] = 0 where F[b] and 0 <= h < k      (answer_stage = "neutral"; default "outcome")
+    where F[b], on the answer stage (0 <= h < k; "grpo": or the turn that answered, k = n - 1):
+    A[b,g,k] = 0                                (answer_stage = "neutral"; default "outcome")
+    A[b,g,k] = (o - mean_g o) / (std_g o + eps) (answer_stage = "grpo"; 0 if the o are equal)
 Token advantages:  adv[b,g,t] = A[b,g,turn_id[b,g,t]] (0 where turn_id = -1 or >= K)
 Eq. L (clipped policy loss), per token with rho = exp(logp - old_logp):
     pg = -min(rho * adv, clip(rho, 1 - eps_low, 1 + eps_high) * adv)
@@ -43,10 +46,14 @@ Deliberate choices, where the paper may differ or where we differ from Search-R1
 same numbered list as the README's "Reconstruction choices"; items 11-14 live outside this file):
  1. Eq. F is a reconstruction: the paper's exact formula is not public. The latent term
     alpha * (1 - o) credits the search stage (turns up to and including the first hit) of a
-    trajectory short of full credit; the answer stage after the hit gets only o. Two other
-    readings of the paper's text are options: ``folr_credit="hit-turn"`` (the latent term on
-    the first-hit turn only) and ``answer_stage="neutral"`` (A = 0 on the turns after the first
-    hit, where FOLR applies). experiments/toyworld_tspo_vs_grpo.py compares all of them.
+    trajectory short of full credit; the answer stage after the hit gets only o. Only a
+    trajectory that answered earns it (train.py's ``--folr-eligible answered``; the paper's
+    near-misses found the answer and answered wrong): paid to every trajectory with a hit, it
+    taught a policy to search to the turn limit instead of answering. Other readings of the
+    paper's text are options: ``folr_credit="hit-turn"`` (the latent term on the first-hit turn
+    only), ``answer_stage="neutral"`` (A = 0 on the turns after the first hit, where FOLR
+    applies) and ``answer_stage="grpo"`` (there, and on the answering turn, GRPO's advantage of
+    the outcome). experiments/toyworld_tspo_vs_grpo.py compares them.
  2. ``folr_groups="homogeneous"`` (default) applies the latent term only in groups whose
     outcomes are all equal; mixed groups keep trajectory-level outcome rewards. This is our
     reading of "advantages at turn level or trajectory level depending on the group's
@@ -102,7 +109,7 @@ import jax.numpy as jnp
 
 FOLR_GROUPS = ("homogeneous", "all")
 FOLR_CREDITS = ("search-stage", "hit-turn")
-ANSWER_STAGES = ("outcome", "neutral")
+ANSWER_STAGES = ("outcome", "neutral", "grpo")
 LOSS_AGGS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm")
 LOG_RATIO_CLAMP = 20.0
 REF_KL_CLAMP = 10.0
@@ -196,15 +203,18 @@ def folr_turn_rewards(
     latent_reward=0.5,
     folr_groups="homogeneous",
     folr_credit="search-stage",
+    eligible_BG=None,
     return_applies=False,
 ):
     """First-Occurrence Latent Reward per turn (Eq. F of TSPO.md), [B, G, K].
 
-    r[b,g,k] = o + (1 - o) * alpha * [k <= h]  for k < n,  0 for k >= n;
+    r[b,g,k] = o + (1 - o) * alpha * e * [k <= h]  for k < n,  0 for k >= n;
     [k == h] instead of [k <= h] with ``folr_credit="hit-turn"``.
-    alpha is 0 in groups where FOLR does not apply (``folr_applies``). With
-    ``return_applies``, returns (r, F) with F = folr_applies' [B] bool, which turn_advantages'
-    neutral answer stage takes, so that a caller passes the FOLR settings once.
+    alpha is 0 in groups where FOLR does not apply (``folr_applies``); e = ``eligible_BG``, the
+    trajectories that may earn the latent term (None: every one; train.py's default, the ones
+    that ended with an answer). With ``return_applies``, returns (r, F) with F = folr_applies'
+    [B] bool, which turn_advantages' answer stages take, so that a caller passes the FOLR
+    settings once.
 
     Needs: _jit, check_settings, _check_group, folr_applies, FOLR_GROUPS, FOLR_CREDITS.
     """
@@ -213,6 +223,10 @@ def folr_turn_rewards(
         raise ValueError(f"folr_credit must be one of {FOLR_CREDITS}, got {folr_credit!r}")
     if max_turns < 1:
         raise ValueError(f"max_turns must be >= 1, got {max_turns}")
+    if eligible_BG is not None and eligible_BG.shape != outcome_BG.shape:
+        raise ValueError(
+            f"eligible_BG has shape {eligible_BG.shape}, outcome_BG {outcome_BG.shape}"
+        )
     applies_B = folr_applies(outcome_BG, latent_reward=latent_reward, folr_groups=folr_groups)
     o_BG = outcome_BG.astype(jnp.float32)
     k_K = jnp.arange(max_turns)
@@ -221,6 +235,8 @@ def folr_turn_rewards(
     # The turns the latent term credits; none when h = -1.
     credited_BGK = k_K <= h_BGK if folr_credit == "search-stage" else k_K == h_BGK
     alpha_BG = jnp.where(applies_B[:, None], jnp.float32(latent_reward), 0.0)
+    if eligible_BG is not None:
+        alpha_BG = jnp.where(eligible_BG, alpha_BG, 0.0)
     r_BGK = o_BG[..., None] + ((1.0 - o_BG) * alpha_BG)[..., None] * credited_BGK  # Eq. F
     r_BGK = jnp.where(valid_BGK, r_BGK, 0.0)
     return (r_BGK, applies_B) if return_applies else r_BGK
@@ -266,16 +282,25 @@ def turn_advantages(
     answer_stage="outcome",
     first_hit_BG=None,
     folr_applies_B=None,
+    outcome_BG=None,
+    answered_BG=None,
 ):
     """Stage-aware group-normalized turn advantages (Eq. A of TSPO.md), [B, G, K].
 
     R = max_{k<n} r;  A[b,g,k] = (r[b,g,k] - mean_g R) / (std_g R + eps) for k < n, else 0.
     ``scale=False`` is Dr. GRPO (no division). Groups with all R equal get A = 0 everywhere.
-    ``answer_stage="neutral"``: A = 0 on the turns k > h >= 0 (after the first hit) of groups
-    where FOLR applies; it needs ``first_hit_BG`` and ``folr_applies_B`` (``folr_applies``,
-    or folr_turn_rewards with return_applies).
+    ``answer_stage``, in the groups where FOLR applies (``folr_applies_B``: folr_applies, or
+    folr_turn_rewards with return_applies; elsewhere every turn keeps A):
+      "outcome": every turn keeps A;
+      "neutral": A = 0 on the answer stage, the turns k > h >= 0 after the first hit;
+      "grpo": the answer stage, here the turns after the first hit and the turn that answered
+        (k = n - 1 where ``answered_BG``), takes GRPO's advantage of the outcome instead,
+        (o - mean_g o) / (std_g o + eps): 0 where the outcomes are all equal. The search stage
+        keeps A (normalized against the group's returns after FOLR).
+    "neutral" needs ``first_hit_BG``; "grpo" also ``outcome_BG`` and ``answered_BG``.
 
-    Needs: _jit, check_settings, _check_group, group_returns, _tied, ANSWER_STAGES.
+    Needs: _jit, check_settings, _check_group, group_returns, _tied, _group_normalized,
+    ANSWER_STAGES.
     """
     _check_group("num_turns_BG", num_turns_BG)
     if reward_BGK.shape[:2] != num_turns_BG.shape:
@@ -285,8 +310,10 @@ def turn_advantages(
         )
     if answer_stage not in ANSWER_STAGES:
         raise ValueError(f"answer_stage must be one of {ANSWER_STAGES}, got {answer_stage!r}")
-    if answer_stage == "neutral" and (first_hit_BG is None or folr_applies_B is None):
-        raise ValueError('answer_stage="neutral" needs first_hit_BG and folr_applies_B')
+    needs = dict(first_hit_BG=first_hit_BG, folr_applies_B=folr_applies_B)
+    needs |= dict(outcome_BG=outcome_BG, answered_BG=answered_BG) if answer_stage == "grpo" else {}
+    if answer_stage != "outcome" and any(x is None for x in needs.values()):
+        raise ValueError(f'answer_stage="{answer_stage}" needs {" and ".join(needs)}')
     r_BGK = reward_BGK.astype(jnp.float32)
     k_K = jnp.arange(r_BGK.shape[-1])
     valid_BGK = k_K < num_turns_BG[..., None]
@@ -296,12 +323,29 @@ def turn_advantages(
     if scale:
         sigma_B = R_BG.std(axis=1, ddof=1)
         A_BGK = A_BGK / (sigma_B[:, None, None] + eps)  # Eq. A
-    keep_BGK = valid_BGK & ~_tied(R_BG)[:, None, None]
-    if answer_stage == "neutral":
-        h_BGK = first_hit_BG[..., None]
-        answer_stage_BGK = (h_BGK >= 0) & (k_K > h_BGK) & folr_applies_B[:, None, None]
-        keep_BGK = keep_BGK & ~answer_stage_BGK  # Eq. A
-    return jnp.where(keep_BGK, A_BGK, 0.0)
+    A_BGK = jnp.where(valid_BGK & ~_tied(R_BG)[:, None, None], A_BGK, 0.0)
+    if answer_stage == "outcome":
+        return A_BGK
+    h_BGK = first_hit_BG[..., None]
+    stage_BGK = (h_BGK >= 0) & (k_K > h_BGK)  # after the first hit
+    answer_BG = jnp.zeros(num_turns_BG.shape)  # "neutral"
+    if answer_stage == "grpo":
+        stage_BGK |= answered_BG[..., None] & (k_K == num_turns_BG[..., None] - 1)
+        answer_BG = _group_normalized(outcome_BG.astype(jnp.float32), scale=scale, eps=eps)
+    stage_BGK &= valid_BGK & folr_applies_B[:, None, None]
+    return jnp.where(stage_BGK, answer_BG[..., None], A_BGK)  # Eq. A
+
+
+def _group_normalized(x_BG, *, scale, eps):
+    """GRPO's advantage of one value per trajectory: (x - mean_g x) / (std_g x + eps) (no
+    division without ``scale``); 0 in a group whose values are all equal.
+
+    Needs: _tied.
+    """
+    a_BG = x_BG - x_BG.mean(axis=1, keepdims=True)
+    if scale:
+        a_BG = a_BG / (x_BG.std(axis=1, ddof=1, keepdims=True) + eps)
+    return jnp.where(_tied(x_BG)[:, None], 0.0, a_BG)
 
 
 @jax.jit
@@ -499,6 +543,27 @@ def _loss_metrics(per_token, m_BGT, ratio_BGT, axis_name):
     ratio_max = _global_max(jnp.where(on_BGT, jax.lax.stop_gradient(ratio_BGT), 0), axis_name)
     metrics = {k: mean(x) for k, x in per_token.items() if x is not None}
     return metrics | {"ratio_max": ratio_max, "num_loss_tokens": num_tokens}
+
+
+@jax.jit
+def stage_advantage_stats(adv_BGK, num_turns_BG, answered_BG, searched_BGK, folr_applies_B):
+    """What FOLR does to the choice between searching and answering: in the groups where it
+    applied, the mean advantage of the turns that answered (k = n - 1 where ``answered_BG``)
+    and of those that searched (``searched_BGK``), 0 where there are none. A turn's action
+    token (<answer>, <search>) takes its turn's advantage, so these are also the means over
+    those tokens. ``folr_group_frac``: the fraction of groups where FOLR applied.
+
+    Needs no other name of this file.
+    """
+    k_K = jnp.arange(adv_BGK.shape[-1])
+    in_BGK = folr_applies_B[:, None, None] & (k_K < num_turns_BG[..., None])
+    answer_BGK = in_BGK & answered_BG[..., None] & (k_K == num_turns_BG[..., None] - 1)
+    mean = lambda m_BGK: jnp.sum(jnp.where(m_BGK, adv_BGK, 0.0)) / jnp.maximum(m_BGK.sum(), 1)
+    return {
+        "folr_group_frac": jnp.mean(folr_applies_B),
+        "folr_adv_answer": mean(answer_BGK),
+        "folr_adv_search": mean(in_BGK & searched_BGK),
+    }
 
 
 @jax.jit
