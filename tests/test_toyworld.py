@@ -15,6 +15,7 @@ from collections import Counter
 import pytest
 from transformers import AutoTokenizer
 
+from tspo_jax import cache
 from tspo_jax.data import load_examples
 from tspo_jax.protocol import (
     TAGS,
@@ -440,3 +441,51 @@ def test_config_rejects_bad_settings(change):
 def test_too_many_questions_for_the_world_is_an_error():
     with pytest.raises(ValueError, match="questions of 2 hops wanted, only 62 exist"):
         make_world(dataclasses.replace(SMALL, heldout_questions=200))
+
+
+# --- the evidence world: the answer in sight one hop early ------------------------------------
+
+
+def test_evidence_world_shows_the_answer_one_hop_early_and_demos_read_it(tmp_path):
+    """country_in_passage: every passage whose object is a city names the city's country too,
+    so the search before a "which country" question's last hop shows its answer: an early
+    answer of the city is a near-miss, and with early_reads a third of those demonstrations
+    answer the country instead (read off the evidence), scored right. Without the two settings
+    the world, and its fingerprint, are what they were."""
+    cfg = dataclasses.replace(
+        SMALL, country_in_passage=True, early_reads=0.3, early_answer=(0.0, 1.0, 1.0),
+        demo_questions=120,
+    )  # fmt: skip
+    world = make_world(cfg)
+    country_of = {f.subject: f.object for f in world.facts if f.relation == "country"}
+    for f in world.facts:
+        if RELATIONS[f.relation].object == "city":
+            assert f.country == country_of[f.object]
+            assert f.text.endswith(f" {f.object} is a city in the country {f.country}.")
+        else:
+            assert f.country == ""
+    plain = make_world(SMALL)
+    assert [f._replace(country="") for f in world.facts] == list(plain.facts)
+    assert files.world_fingerprint(SMALL) == cache.fingerprint(
+        files._FORMAT_VERSION,
+        {k: v for k, v in dataclasses.asdict(SMALL).items() if k not in files._ADDED_LATER},
+        build_prompt("Q?"),
+        format_observation([Passage("0", '"T"', "x\ny.", 0.0), Passage("1", "U", "", 0.0)]),
+    )  # a world of before the settings keeps its cached files
+    assert files.world_fingerprint(cfg) != files.world_fingerprint(SMALL)
+    paths = build(tmp_path / "evidence", cfg)
+    demos = load_demonstrations(paths.demos)
+    by_question = {q.question: q for q in world.demo}
+    chain = lambda d: by_question[d.question].chain
+    country_chains = [d for d in demos if len(chain(d)) > 1 and chain(d)[-1].relation == "country"]
+    flaws = Counter(d.flaw for d in country_chains)
+    assert set(flaws) == {"early_answer", "early_read"}  # every one early (rate 1.0)
+    assert 0.1 < flaws["early_read"] / len(country_chains) < 0.5  # about 0.3
+    info = json.loads(paths.info.read_text())
+    assert info["stats"]["demo_episodes"]["all"]["near_miss"] > 0.3  # early, the gold seen
+    for d in country_chains:
+        answer = re.search(r"<answer> (\w+) </answer>", d.segments[-1][0]).group(1)
+        assert (answer == d.golden_answers[0]) == (d.flaw == "early_read")
+        assert d.golden_answers[0] in d.segments[-2][0]  # in the last observation
+    with pytest.raises(ValueError, match="early_reads needs country_in_passage"):
+        dataclasses.replace(SMALL, early_reads=0.3)

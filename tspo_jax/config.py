@@ -23,7 +23,9 @@ class Config:
 
     # What to train on.
     model: str = option("", "HF Qwen2/Qwen2.5 checkpoint folder ('': the embedded toy world)")
-    world: str = option("default", "toy world without --model", choices=("default", "hard"))
+    world: str = option(
+        "default", "toy world without --model", choices=("default", "hard", "evidence")
+    )
     warm_start_seed: int = option(0, "without --model: seed of the toy policy's warm start")
     data: str = option("", "training questions: Search-R1 parquet, or JSONL")
     eval_data: str = option("", "held-out questions for periodic evaluation ('': none)")

@@ -35,7 +35,7 @@ from tspo_jax.toyworld.world import RELATIONS, Fact, Hop, Question, ToyWorldConf
 class Demonstration(NamedTuple):
     question: str
     golden_answers: tuple[str, ...]
-    flaw: str  # "early_answer", or "" for a correct demonstration
+    flaw: str  # "early_answer", "early_read" (one hop early, right), or "" (the whole chain)
     segments: tuple[tuple[str, bool], ...]  # (text, trained): prompt and observations are not
 
 
@@ -52,15 +52,19 @@ class ScriptedReader:
     """A policy for rollout.run_episodes (``start``, ``extend``, ``sample``, as KVCachePolicy)
     that plays row b's question ``questions[b]``: it searches "<entity> <relation>" hop by hop,
     reads each hop's answer out of the observation the loop appended (`_read`), and answers
-    after the search of hop ``stops[b]``. ``facts`` are the passages its retriever searches."""
+    after the search of hop ``stops[b]``: the entity it read last or, with ``reads[b]``, the
+    country its last passage names (ToyWorldConfig.country_in_passage) when there is one.
+    ``facts`` are the passages its retriever searches."""
 
-    def __init__(self, tokenizer, questions: Sequence[Question], stops: Sequence[int], facts):
+    def __init__(self, tokenizer, questions: Sequence[Question], stops, facts, reads=None):
         self.tokenizer, self.questions, self.stops = tokenizer, questions, stops
+        self.reads = reads or [False] * len(questions)
         self.facts = {f.text: f for f in facts}  # a fact's text names its subject and object
 
     def start(self, prompts):
         self.hop = [0] * len(prompts)
         self.entity = [q.chain[0].entity for q in self.questions]
+        self.country = [""] * len(prompts)  # the country the last passage read names
         self.seen = [""] * len(prompts)  # the text appended after the row's last turn
 
     def extend(self, rows, restart=None):  # one wave of all rows: never restarted
@@ -76,9 +80,13 @@ class ScriptedReader:
             hop = self.hop[b]
             if hop:  # read the results of the last search
                 shown = [self.facts[t] for t in _PASSAGE_TEXT.findall(self.seen[b])]
+                searched = (q.chain[hop - 1].relation, self.entity[b])
+                fact = next((f for f in shown if (f.relation, f.subject) == searched), None)
+                self.country[b] = fact.country if fact else ""
                 self.entity[b] = _read(shown, q.chain[hop - 1], self.entity[b])
             if hop > self.stops[b]:
-                tag, content = "answer", self.entity[b]
+                read_on = self.reads[b] and self.country[b]  # the answer in sight, read off
+                tag, content = "answer", self.country[b] if read_on else self.entity[b]
             else:
                 tag, content = "search", f"{self.entity[b]} {q.chain[hop].relation}"
             self.hop[b] += 1
@@ -111,6 +119,7 @@ def play(
     *,
     k: int,
     template: str = DEFAULT_TEMPLATE,
+    reads: Sequence[bool] | None = None,
 ) -> list[rollout.Trajectory]:
     """Each question played by `ScriptedReader` through the turn loop, against the retriever
     over ``facts`` (top ``k``); trajectories in question order."""
@@ -118,7 +127,7 @@ def play(
         max_turns=max(len(q.chain) for q in questions) + 1, passages=k, template=template
     )
     examples = [Example(q.question, (q.answer,), "toyworld", i) for i, q in enumerate(questions)]
-    policy = ScriptedReader(tokenizer, questions, stops, facts)
+    policy = ScriptedReader(tokenizer, questions, stops, facts, reads)
     key = jax.random.key(0)  # unused by the script
     return rollout.run_episodes(
         policy, tokenizer, retriever, examples, group_size=1, key=key, cfg=cfg
@@ -175,15 +184,23 @@ def make_demonstrations(
     `retrievers[i]` searches the corpus of demo world i (world.demo_facts[i])."""
     rng = random.Random(f"{cfg.world_seed}/demos")
     stops = [demo_stop(q, cfg, rng) for q in world.demo]
+    if cfg.early_reads:  # (drawn apart, so that the stops are those of a world without them)
+        reads_rng = random.Random(f"{cfg.world_seed}/demo-reads")
+        reads = [reads_rng.random() < cfg.early_reads for _ in world.demo]
+    else:
+        reads = [False] * len(world.demo)
     demos, questions, played = [], [], []
     for i, (facts, retriever) in enumerate(zip(world.demo_facts, retrievers, strict=True)):
         picked = [j for j, q in enumerate(world.demo) if q.split == f"demo{i}"]
         qs, their_stops = [world.demo[j] for j in picked], [stops[j] for j in picked]
         trajs = play(
-            qs, their_stops, facts, retriever, tokenizer, k=cfg.demo_top_k, template=cfg.template
-        )
+            qs, their_stops, facts, retriever, tokenizer, k=cfg.demo_top_k, template=cfg.template,
+            reads=[reads[j] for j in picked],
+        )  # fmt: skip
         for q, stop, traj in zip(qs, their_stops, trajs, strict=True):
-            demos.append(demonstration(traj, "early_answer" if stop < len(q.chain) - 1 else ""))
+            flaw = "" if stop == len(q.chain) - 1 else "early_answer"
+            flaw = "early_read" if flaw and traj.em == 1.0 else flaw  # read off the evidence
+            demos.append(demonstration(traj, flaw))
         questions += qs
         played += trajs
     return demos, episode_stats(questions, played)

@@ -73,12 +73,22 @@ def _paths(root: Path) -> ToyWorldPaths:
     )
 
 
+# Settings added after worlds were first cached; a world that leaves them at their defaults is
+# the world it was before them.
+_ADDED_LATER = ("country_in_passage", "early_reads")
+_DEFAULTS = dataclasses.asdict(ToyWorldConfig())
+
+
 def world_fingerprint(cfg: ToyWorldConfig) -> str:
     """Changes with the settings, the file format, and the protocol's prompt and observation
     text (which the demonstrations contain)."""
     probe = [Passage("0", '"T"', "x\ny.", 0.0), Passage("1", "U", "", 0.0)]
+    settings = dataclasses.asdict(cfg)
+    for name in _ADDED_LATER:  # at their defaults: as before they existed (caches stay valid)
+        if settings[name] == _DEFAULTS[name]:
+            del settings[name]
     return cache.fingerprint(
-        _FORMAT_VERSION, dataclasses.asdict(cfg), build_prompt("Q?"), format_observation(probe)
+        _FORMAT_VERSION, settings, build_prompt("Q?"), format_observation(probe)
     )
 
 

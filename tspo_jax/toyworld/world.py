@@ -143,6 +143,13 @@ class ToyWorldConfig:
     hop_mix: tuple[float, float, float] = (0.2, 0.4, 0.4)  # weights of 1-, 2-, 3-hop questions
     # Fraction of 1-, 2-, 3-hop demonstrations that answer one hop early (demonstrations.py).
     early_answer: tuple[float, float, float] = (0.0, 0.6, 0.6)
+    # A passage whose object is a city also names the city's country ("... born in Fobal. Fobal
+    # is a city in the country Kelto."): a question ending "which country" shows its answer one
+    # hop early, so that answering one hop early is a near-miss (the answer was there).
+    country_in_passage: bool = False
+    # Of the demonstrations that answer one hop early with the answer in sight, the fraction
+    # that read it off the evidence (answer the country) instead of the city just found.
+    early_reads: float = 0.0
     demo_top_k: int = 3  # passages per search in the demonstrations (the rollout's top-k)
     template: str = DEFAULT_TEMPLATE  # prompt of the demonstrations (the rollout's template)
 
@@ -167,6 +174,10 @@ class ToyWorldConfig:
             raise ValueError(f"early_answer rates must lie in [0, 1], got {self.early_answer}")
         if self.demo_top_k < 1:
             raise ValueError(f"demo_top_k must be >= 1, got {self.demo_top_k}")
+        if not 0 <= self.early_reads <= 1:
+            raise ValueError(f"early_reads must lie in [0, 1], got {self.early_reads}")
+        if self.early_reads and not self.country_in_passage:
+            raise ValueError("early_reads needs country_in_passage (else no answer is in sight)")
         check_template(self.template)
 
 
@@ -178,6 +189,17 @@ class ToyWorldConfig:
 WORLDS = {
     "default": ToyWorldConfig(),
     "hard": ToyWorldConfig(hop_mix=(0.0, 0.3, 0.7), early_answer=(0.0, 0.85, 0.85), demo_worlds=24),
+    # "evidence": the hard world's questions and early answers, where a city's passages name its
+    # country, so that most early answers are near-misses (the answer was in the last
+    # observation), and a third of them read it off the evidence: FOLR's premise, near-misses
+    # that carry signal, and a warm start that can read (issue 33).
+    "evidence": ToyWorldConfig(
+        hop_mix=(0.0, 0.3, 0.7),
+        early_answer=(0.0, 0.85, 0.85),
+        demo_worlds=24,
+        country_in_passage=True,
+        early_reads=0.3,
+    ),
 }
 
 
@@ -194,6 +216,7 @@ class Fact(NamedTuple):
     subject: str
     object: str
     other: str  # the second person of a "met" passage, else ""
+    country: str = ""  # the object city's country, named too (ToyWorldConfig.country_in_passage)
 
     @property
     def title(self) -> str:
@@ -201,7 +224,10 @@ class Fact(NamedTuple):
 
     @property
     def text(self) -> str:
-        return RELATIONS[self.relation].text.format(s=self.subject, o=self.object, x=self.other)
+        text = RELATIONS[self.relation].text.format(s=self.subject, o=self.object, x=self.other)
+        if self.country:
+            text += " " + RELATIONS["country"].text.format(s=self.object, o=self.country)
+        return text
 
 
 class Hop(NamedTuple):
@@ -280,10 +306,15 @@ def _scaled(cfg: ToyWorldConfig, split: str) -> dict[str, int]:
 
 
 def _sub_world(
-    sizes: dict[str, int], met_rate: float, rng: random.Random, used: set[str]
-) -> tuple[dict[str, list[str]], list[tuple[str, str, str, str]]]:
+    sizes: dict[str, int],
+    met_rate: float,
+    rng: random.Random,
+    used: set[str],
+    country_in_passage: bool = False,
+) -> tuple[dict[str, list[str]], list[tuple[str, ...]]]:
     """The entities of one sub-world by kind, and its facts as (relation, subject, object,
-    other) tuples. Names are drawn without replacement from `used`, shared by both splits."""
+    other[, country]) tuples: with ``country_in_passage``, the country of a city object.
+    Names are drawn without replacement from `used`, shared by both splits."""
 
     def other_than(items, *excluded):
         return rng.choice([x for x in items if x not in excluded])
@@ -328,6 +359,9 @@ def _sub_world(
         "work": works,
         "company": companies,
     }
+    if country_in_passage:
+        city_object = lambda f: RELATIONS[f[0]].object == "city"
+        facts = [(*f, city_country[f[2]]) if city_object(f) else f for f in facts]
     return entities, facts
 
 
@@ -380,7 +414,7 @@ def make_world(cfg: ToyWorldConfig) -> World:
     demo_splits = [f"demo{i}" for i in range(cfg.demo_worlds)]
     kinds = {"train": "train", "heldout": "heldout"} | dict.fromkeys(demo_splits, "demo")
     subs = {
-        split: _sub_world(_scaled(cfg, kind), cfg.met_rate, rng, used)
+        split: _sub_world(_scaled(cfg, kind), cfg.met_rate, rng, used, cfg.country_in_passage)
         for split, kind in kinds.items()
     }
     corpora = {"train": _corpus(rng, subs, ("train", "heldout"))}
