@@ -3,12 +3,15 @@
     python -m experiments.toyworld_tspo_vs_grpo --arms grpo tspo tspo-hit tspo-neutral
     python -m experiments.toyworld_tspo_vs_grpo --world hard --arms grpo tspo grpo-ds tspo-ds
     python -m experiments.toyworld_tspo_vs_grpo --world hard --arms ... --report-only
+    python -m experiments.toyworld_tspo_vs_grpo --world evidence --arms grpo tspo-stage \
+        --out experiments/issue33
     python -m experiments.toyworld_tspo_vs_grpo --arms grpo tspo --seeds 0 --steps 2  # smoke
 
-``--world``: train.py's (the embedded default's toy world, or the hard one); runs go to
-runs/tspo_vs_grpo[-<world>]/, the figure and table to experiments/toyworld_tspo_vs_grpo
-[-<world>].png / .md. Arms (each passes every option it depends on, so that a change of
-train.py's defaults does not change what an arm is):
+``--world``: train.py's (the embedded default's toy world, the hard one, or the evidence one
+where near-misses are common); runs go to runs/tspo_vs_grpo[-<world>]/, the figure and table
+to experiments/toyworld_tspo_vs_grpo[-<world>].png / .md (or into ``--out``). Arms (each
+passes every option it depends on, so that a change of train.py's defaults does not change
+what an arm is):
 - grpo: ``--algo grpo`` (latent_reward 0: outcome-only group advantages);
 - tspo: TSPO.md's Eq. F / Eq. A as first reconstructed (search-stage credit, outcome answer
   stage);

@@ -628,7 +628,7 @@ def test_a_run_that_stops_answering_says_so_once():
     line = said([0.9] + [0.44] * 10)
     assert line.startswith("step 11: the policy is learning to stop answering: training answer ")
     assert "rate 0.44, under half of step 1's 0.90 for 10 steps" in line
-    assert "--folr-eligible answered, --answer-stage grpo, or --algo grpo" in line
+    assert "--folr-eligible any, --answer-stage outcome;" in line
     assert said([0.9] + [0.44] * 11) is None  # said once
     assert said([0.9] + [0.45] * 10) is None  # half exactly: not under it
     assert said([0.9] + [0.4] * 10 + [0.8] + [0.3] * 9) is None

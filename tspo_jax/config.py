@@ -51,10 +51,10 @@ class Config:
         choices=FOLR_ELIGIBLE,
     )
     answer_stage: str = option(
-        "outcome",
-        "Eq. A on the answer stage where FOLR applies: outcome (Eq. A as it is), neutral "
-        "(A = 0 after the first hit), grpo (after the first hit and on the answering turn, "
-        "GRPO's advantage of the outcome)",
+        "neutral",
+        "Eq. A on the answer stage where FOLR applies: neutral (A = 0 on the turns after the "
+        "first hit), grpo (there and on the answering turn, GRPO's advantage of the outcome: 0 "
+        "in an all-wrong group), outcome (Eq. A as first reconstructed: answers pushed down)",
         choices=tspo.ANSWER_STAGES,
     )
     scale_advantages: bool = option(True, "divide advantages by the group std (false: Dr. GRPO)")

@@ -864,9 +864,9 @@ def stops_answering(history: list[dict]) -> str | None:
         f"step {last['step']}: the policy is learning to stop answering: training answer rate "
         f"{last['answer_rate']:.2f}, under half of step {first['step']}'s "
         f"{first['answer_rate']:.2f} for {ANSWERING_STEPS} steps (turns "
-        f"{last['turns']:.2f}, searches {last['searches']:.2f}). If the latent term pays for "
-        "searching without answering: --folr-eligible answered, --answer-stage grpo, or "
-        "--algo grpo"
+        f"{last['turns']:.2f}, searches {last['searches']:.2f}). What pays for searching "
+        "instead of answering: --folr-eligible any, --answer-stage outcome; less so the "
+        "defaults (answered, neutral), least --answer-stage grpo; or --algo grpo"
     )
 
 

@@ -23,8 +23,9 @@ Eq. A (stage-aware group advantages):
     R[b,g] = max_{k<n} r[b,g,k];  mu, sigma = mean_g R, std_g R (ddof = 1)
     A[b,g,k] = (r[b,g,k] - mu[b]) / (sigma[b] + eps) for k < n, else 0
     where F[b], on the answer stage (0 <= h < k; "grpo": or the turn that answered, k = n - 1):
-    A[b,g,k] = 0                                (answer_stage = "neutral"; default "outcome")
+    A[b,g,k] = 0                                (answer_stage = "neutral", train.py's default)
     A[b,g,k] = (o - mean_g o) / (std_g o + eps) (answer_stage = "grpo"; 0 if the o are equal)
+    (default "outcome": Eq. A above on every turn)
 Token advantages:  adv[b,g,t] = A[b,g,turn_id[b,g,t]] (0 where turn_id = -1 or >= K)
 Eq. L (clipped policy loss), per token with rho = exp(logp - old_logp):
     pg = -min(rho * adv, clip(rho, 1 - eps_low, 1 + eps_high) * adv)
@@ -49,11 +50,14 @@ same numbered list as the README's "Reconstruction choices"; items 11-14 live ou
     trajectory short of full credit; the answer stage after the hit gets only o. Only a
     trajectory that answered earns it (train.py's ``--folr-eligible answered``; the paper's
     near-misses found the answer and answered wrong): paid to every trajectory with a hit, it
-    taught a policy to search to the turn limit instead of answering. Other readings of the
-    paper's text are options: ``folr_credit="hit-turn"`` (the latent term on the first-hit turn
-    only), ``answer_stage="neutral"`` (A = 0 on the turns after the first hit, where FOLR
-    applies) and ``answer_stage="grpo"`` (there, and on the answering turn, GRPO's advantage of
-    the outcome). experiments/toyworld_tspo_vs_grpo.py compares them.
+    taught a policy to search to the turn limit instead of answering. train.py's answer stage
+    is ``answer_stage="neutral"``: where FOLR applies, the turns after the first hit get A = 0,
+    so the latent term lifts the search that found the answer without pushing down the answer
+    that followed. Other readings of the paper's text are options: ``answer_stage="outcome"``
+    (this file's default, Eq. A as first reconstructed: it pushes those answers down),
+    ``answer_stage="grpo"`` (there and on the answering turn, GRPO's advantage of the outcome)
+    and ``folr_credit="hit-turn"`` (the latent term on the first-hit turn only).
+    experiments/toyworld_tspo_vs_grpo.py compares them.
  2. ``folr_groups="homogeneous"`` (default) applies the latent term only in groups whose
     outcomes are all equal; mixed groups keep trajectory-level outcome rewards. This is our
     reading of "advantages at turn level or trajectory level depending on the group's
