@@ -301,7 +301,9 @@ def turn_advantages(
         (k = n - 1 where ``answered_BG``), takes GRPO's advantage of the outcome instead,
         (o - mean_g o) / (std_g o + eps): 0 where the outcomes are all equal. The search stage
         keeps A (normalized against the group's returns after FOLR).
-    "neutral" needs ``first_hit_BG``; "grpo" also ``outcome_BG`` and ``answered_BG``.
+    "neutral" needs ``first_hit_BG``; "grpo" also ``outcome_BG`` and ``answered_BG``. Where
+    folr_turn_rewards had ``eligible_BG``, pass first_hit_BG = -1 for the trajectories that may
+    not earn the latent term (TSPO.md: they have no answer stage), as train.py does.
 
     Needs: _jit, check_settings, _check_group, group_returns, _tied, _group_normalized,
     ANSWER_STAGES.
