@@ -361,6 +361,10 @@ def rollout_policy(run: Run, params, *, wave_rows=0, slots=0) -> rollout.KVCache
         attention_bytes=run.cfg.attention_bytes,
         wave_rows=wave_rows or run.memory.rollout_batch,
         slots=slots,
+        pages=run.memory.pages,
+        page=run.memory.page or 1,
+        chunk=run.memory.page,  # a call adds at most a page per row (dense: whole turns)
+        mlp_bytes=run.cfg.forward_options.mlp_bytes if run.memory.page else 0,
     )
 
 

@@ -1,6 +1,7 @@
 """Rollout speed: the KV cache kept across turns vs re-prefilling the whole context every turn.
 
     python -m bench.rollout [--config tiny] [--prompts 16] [--group 5] [--runs 3] [--wave-rows 0]
+        [--page 16]
 
 Search-R1 re-tokenizes and re-prefills each row's whole context (prompt, turns, observations)
 before every turn; tspo_jax/rollout.py appends each observation to the cache and keeps
@@ -15,9 +16,13 @@ same tokens, and last `ratio: X` (re-prefill time / kept-cache time: how much fa
 the cache is). With --wave-rows smaller than the rows, the rows go through in waves of that
 many, refilled as episodes end (rollout.run_episodes); the kept cache then also runs without
 refill (each wave until its slowest row ends), and `refill: X` is that time / the kept cache's.
+The kept cache also runs paged (pages of --page tokens, a pool of a 1,024-token context per
+row, each call at most a page per row, as train.py runs it on GPU / TPU): `paged: X` is its
+time / the dense kept cache's (on CPU a row's pages are gathered into the dense layout).
 """
 
 import argparse
+import functools
 import os
 import statistics
 import time
@@ -58,7 +63,10 @@ class ReprefillPolicy(rollout.KVCachePolicy):
         longest = max(map(len, self.context))
         slots = sampling.bucket_length(longest) + max_new_tokens
         self.state = sampling.init_cache(self.model_config, self._padded(len(self.context)), slots)
-        self.rows = len(self.context)
+        self.rows, self.partial = (
+            len(self.context),
+            [rollout.EMPTY] * self._padded(len(self.context)),
+        )
         super().extend(self.context)
         sampled = super().sample(key, live, stops, max_new_tokens, limit_B)
         for b, s in enumerate(sampled.samples):
@@ -73,6 +81,7 @@ def main():
     parser.add_argument("--group", type=int, default=5, help="G samples per question")
     parser.add_argument("--runs", type=int, default=3, help="timed runs of each (median)")
     parser.add_argument("--wave-rows", type=int, default=0, help="rows per wave (0: all)")
+    parser.add_argument("--page", type=int, default=16, help="tokens per page (paged cache)")
     args = parser.parse_args()
 
     root = Path(os.environ.get("TSPO_JAX_CACHE", Path.home() / ".cache" / "tspo_jax"))
@@ -94,7 +103,9 @@ def main():
     runs = [("kept cache", rollout.KVCachePolicy, True)]
     if wave < rows:
         runs.append(("no refill", rollout.KVCachePolicy, False))
-    runs.append(("re-prefill", ReprefillPolicy, True))
+    pages = wave * (-(-1024 // args.page) + 1)
+    paged = functools.partial(rollout.KVCachePolicy, pages=pages, page=args.page, chunk=args.page)
+    runs += [("paged", paged, True), ("re-prefill", ReprefillPolicy, True)]
     results, sampled = {}, {}
     for name, policy_cls, refill in runs:
         times, trajs, timing = [], None, None
@@ -122,6 +133,7 @@ def main():
     print(f"same sampled tokens: {'yes' if same else 'NO'} ({', '.join(sampled)})")
     if "no refill" in results:
         print(f"refill: {results['no refill'] / results['kept cache']:.2f}")
+    print(f"paged: {results['paged'] / results['kept cache']:.2f}")
     print(f"ratio: {results['re-prefill'] / results['kept cache']:.2f}")
 
 

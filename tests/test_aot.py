@@ -4,6 +4,7 @@ libtpu comes with tests/requirements.txt (jax[tpu])."""
 
 import dataclasses
 import json
+import math
 import re
 import sys
 
@@ -121,6 +122,7 @@ def test_plan_target_answers_in_the_promised_format(tmp_path, capsys, monkeypatc
                 "num_hidden_layers": 2,
                 "num_attention_heads": 4,
                 "num_key_value_heads": 2,
+                "head_dim": 128,
                 "tie_word_embeddings": True,
                 "eos_token_id": 1,
                 "rope_theta": 1e6,
@@ -147,13 +149,20 @@ def test_plan_target_answers_in_the_promised_format(tmp_path, capsys, monkeypatc
         f"plan: fits, peak {gib(peak)} GiB of {hbm:.1f} GiB per device, rollout-batch 40, "
         "micro-batch 8"
     )
+    # A paged cache (auto on TPU) at 256 live tokens a row (--max-context / 2): the step's
+    # HBM traffic plus what the kernel reads, 5 rows x 2 blocks of 128 tokens x 2 layers x 2 KV
+    # heads x 128 x 2 (keys, values) x 2 bytes, which the compiler cannot see.
     step, minimum = compiled.step, compiled.step_minimum
-    rate = 5 * aot.BANDWIDTH["TPU v5 lite"] / step.hbm_bytes  # 40 rows over 8 chips
+    assert compiled.kernel_reads == 5 * 256 * 2 * 2 * 128 * 2 * 2
+    assert minimum == compiled.weights + compiled.kernel_reads  # live tokens in whole blocks
+    accessed = step.hbm_bytes + compiled.kernel_reads
+    rate = 5 * aot.BANDWIDTH["TPU v5 lite"] / accessed  # 40 rows over 8 chips
     assert out[-3] == (
-        f"rollout estimate: 5 rows per chip, decode step {step.hbm_bytes / plan.GiB:.2f} GiB "
+        f"rollout estimate: 5 rows per chip, decode step {accessed / plan.GiB:.2f} GiB "
         f"accessed of minimum "
         f"{minimum / plan.GiB:.2f} GiB, {rate:.0f} tokens/s per chip (compiler estimate)"
     )
+    assert "cannot see inside a Pallas kernel" in "\n".join(out)
     # The smallest micro-batch far over the chip's HBM (a [T, T] mask per row at T = 65,536),
     # which the compiler refuses: one error line, nothing more compiled.
     monkeypatch.setattr(sys, "argv", ["train.py"])
@@ -284,10 +293,62 @@ def test_decode_step_least_counts_an_untied_embedding_by_its_rows(v5e_4):
     for config, embedding in ((TINY, table), (untied, looked_up)):
         weights = plan.param_count(config) * 2  # bfloat16, whole on every chip
         cache = plan.kv_cache_bytes(config, rows=rows, slots=512) // 2  # one copy
-        step, minimum = aot.decode_step(tiny_run(config=config), v5e_4)
+        step, minimum, _ = aot.decode_step(tiny_run(config=config), v5e_4)
         assert minimum == weights - table + embedding + cache, config
         assert minimum <= step.hbm_bytes, (step.hbm_bytes, minimum)
         steps[config.tie_word_embeddings] = step.hbm_bytes, minimum
     assert steps[True][1] == 6_033_920 + 2_621_440 and looked_up == 2_560
     assert steps[False][1] - steps[True][1] == looked_up
     assert steps[False][0] - steps[True][0] == looked_up
+
+
+def test_kernel_reads_are_what_an_attention_over_the_live_tokens_reads(v5e_4):
+    """aot.kernel_reads, the Pallas paged-attention kernel's reads that the compiler cannot
+    see (hbm_traffic leaves the kernel's custom call out: a kernel over a pool of 4 MiB moves
+    next to nothing by it), against the TPU compiler's HBM traffic of a plain-JAX attention
+    (qwen.attend) of the same rows over a dense cache of exactly their live tokens: equal to
+    within what else that program moves (queries, mask, output: under 5%). Whole blocks of
+    128 tokens (2 pages of 64): 200 live tokens read 256 tokens' pages."""
+    config = dataclasses.replace(TINY, head_dim=128, num_layers=1)
+    N, X, H, rows = config.num_heads, config.num_kv_heads, config.head_dim, 8
+    device = jax.sharding.SingleDeviceSharding(v5e_4[0])
+    array = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype, sharding=device)
+    for live in (256, 2048):
+        reads = aot.kernel_reads(config, rows=rows, live=live, page=64, width=64)
+        assert reads == rows * live * X * H * 2 * 2  # keys and values, bfloat16
+        q, kv = array((rows, 1, N, H), jnp.bfloat16), array((rows, X, live, H), jnp.bfloat16)
+        attend = jax.jit(qwen.attend).lower(q, kv, kv, array((rows, 1, live), jnp.bool_))
+        traffic = aot.hbm_traffic(attend.compile().as_text())
+        assert reads <= traffic <= 1.05 * reads, (live, traffic, reads)
+    per_token = plan.kv_bytes_per_token(config)
+    assert aot.kernel_reads(config, rows=1, live=200, page=64, width=64) == 256 * per_token
+    pool, table = array((X, 128, 64, H), jnp.bfloat16), array((rows, 64), jnp.int32)
+    kernel = jax.jit(qwen._kernel_attention).lower(
+        q, pool, pool, table, array((rows, 1), jnp.int32)
+    )
+    assert aot.hbm_traffic(kernel.compile().as_text()) < 0.02 * math.prod(pool.shape) * 2
+
+
+def test_a_paged_decoding_loop_holds_its_pools_once_in_the_kernels_layout(v5e_4):
+    """The decoding loop over a paged cache (head_dim 128: the Pallas kernel), compiled for 4
+    TPU v5e chips at two pool sizes: one layout of the pools throughout (the kernel's: the loop
+    carries them so, and each new token's scatter writes them in place, where a scatter with a
+    window over the heads made the compiler carry another layout and convert whole pools at
+    every step), temporaries that do not grow with the pools (no copy of one), and the pools
+    donated (aliased)."""
+    config = dataclasses.replace(TINY, head_dim=128)
+    temporaries = []
+    for live in (256, 448):
+        run = tiny_run(config=config, page=64, live_tokens=live)
+        compiled = aot.lower_decode(run, v5e_4).compile()
+        pages = run.pool_pages(4)  # per chip
+        pool = f"bf16[{config.num_kv_heads},{pages},64,128]"
+        # (staged into VMEM, S(1), at these tiny sizes, where a whole pool fits there)
+        layouts = set(re.findall(re.escape(pool) + r"\{([0-9,]+):", compiled.as_text()))
+        assert layouts == {"3,2,1,0"}, layouts
+        memory = compiled.memory_analysis()
+        pool_bytes = config.num_kv_heads * pages * 64 * 128 * 2
+        assert memory.alias_size_in_bytes >= 2 * config.num_layers * pool_bytes
+        temporaries.append((memory.temp_size_in_bytes, pool_bytes))
+    (temps_a, pool_a), (temps_b, pool_b) = temporaries
+    assert abs(temps_b - temps_a) < 0.1 * 4 * (pool_b - pool_a), temporaries  # 4 pools

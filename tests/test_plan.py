@@ -99,38 +99,46 @@ def formula_plan(model, target: str, *extra) -> plan.Plan:
     argv = [
         *("--model", str(model), "--plan-only", "--compute-dtype", "bfloat16"),
         *("--plan-devices", str(t.devices), "--device-memory-gb", str(t.hbm_gib)),
-        *("--mesh-fsdp", str(t.devices), "--remat", "offload", *extra),
+        *("--mesh-fsdp", str(t.devices), "--remat", "offload", "--kv-cache", "dense", *extra),
     ]
     return runtime.memory_plan(train.parse_config(argv), check=False)
 
 
-# The README's table: `python train.py --model tests/data/qwen2.5-{3b,7b} --plan-only
+# The README's tables: `python train.py --model tests/data/qwen2.5-{3b,7b} --plan-only
 # --plan-target SLICE --compute-dtype bfloat16 --mesh-fsdp CHIPS --remat offload --micro-batch M`
 # (the train state in host memory during rollouts: --offload-state is on for a TPU target), as
-# the TPU compiler answered on 2026-12-03: (model, slice, micro-batch, wave, compiler's update
-# peak, compiler's rollout peak per chip in GiB), the micro-batch and wave the largest that fit.
+# the TPU compiler answered: (model, slice, --kv-cache, micro-batch, wave, compiler's update
+# peak, compiler's rollout peak per chip in GiB), the micro-batch and wave the largest that fit;
+# the dense cache's on 2026-12-03, the paged cache's (the default on TPU) on 2026-12-07.
 README_ROWS = [
-    (QWEN_3B, "v4-8", 16, 300, 27.78, 26.94),
-    (QWEN_3B, "v5e-8", 16, 240, 14.86, 13.54),
-    (QWEN_3B, "v6e-8", 64, 600, 24.35, 26.94),
-    (QWEN_3B, "v5p-8", 128, 1140, 67.24, 86.11),
-    (QWEN_7B, "v6e-8", 16, 240, 28.71, 28.05),
-    (QWEN_7B, "v5p-8", 32, 640, 74.58, 84.99),
+    (QWEN_3B, "v4-8", "dense", 16, 300, 27.78, 26.94),
+    (QWEN_3B, "v5e-8", "dense", 16, 240, 14.86, 13.54),
+    (QWEN_3B, "v6e-8", "dense", 64, 600, 24.35, 26.94),
+    (QWEN_3B, "v5p-8", "dense", 128, 1140, 67.24, 86.11),
+    (QWEN_7B, "v6e-8", "dense", 16, 240, 28.71, 28.05),
+    (QWEN_7B, "v5p-8", "dense", 32, 640, 74.58, 84.99),
+    (QWEN_3B, "v4-8", "paged", 16, 980, 27.78, 27.58),
+    (QWEN_3B, "v5e-8", "paged", 16, 720, 14.86, 13.98),
+    (QWEN_3B, "v6e-8", "paged", 64, 1960, 24.35, 27.69),
+    (QWEN_3B, "v5p-8", "paged", 128, 2560, 67.24, 61.69),
+    (QWEN_7B, "v6e-8", "paged", 16, 760, 28.71, 27.88),
+    (QWEN_7B, "v5p-8", "paged", 32, 2020, 74.58, 85.55),
 ]
 
 
-@pytest.mark.parametrize("model, target, micro, wave, update, rollout", README_ROWS)
+@pytest.mark.parametrize("model, target, cache, micro, wave, update, rollout", README_ROWS)
 def test_the_quick_estimate_is_the_safe_side_of_the_readme_rows(
-    model, target, micro, wave, update, rollout
+    model, target, cache, micro, wave, update, rollout
 ):
     """The formula alone at each README row's setting: each phase's peak at or above the TPU
     compiler's, the update's by at most UPDATE_ERROR, so that a run it passes does not fail for
     memory on the chips; and by itself it picks no larger wave than the compiler did."""
-    memory = formula_plan(model, target, "--micro-batch", str(micro), "--rollout-batch", str(wave))
+    flags = ("--kv-cache", cache, "--micro-batch", str(micro))
+    memory = formula_plan(model, target, *flags, "--rollout-batch", str(wave))
     gib = plan.GiB
     assert update * gib <= memory.update_peak <= (1 + plan.UPDATE_ERROR) * update * gib
     assert rollout * gib <= memory.rollout_peak <= (1 + plan.UPDATE_ERROR) * rollout * gib
-    assert 0 < formula_plan(model, target, "--micro-batch", str(micro)).rollout_batch <= wave
+    assert 0 < formula_plan(model, target, *flags).rollout_batch <= wave
 
 
 @pytest.mark.parametrize(
@@ -139,7 +147,14 @@ def test_the_quick_estimate_is_the_safe_side_of_the_readme_rows(
         (QWEN_7B, 8, 16, (), "the train state and the sampling weights"),
         (QWEN_7B, 4, 32, (), "the train state and the sampling weights"),
         (QWEN_3B, 4, 32, ("--micro-batch", "256"), "the largest that fits is 8"),
-        (QWEN_3B, 4, 32, ("--micro-batch", "8", "--rollout-batch", "400"), "--rollout-batch"),
+        (
+            QWEN_3B,
+            4,
+            32,
+            ("--micro-batch", "8", "--rollout-batch", "400", "--kv-cache", "dense"),
+            "--rollout-batch",
+        ),
+        (QWEN_3B, 4, 32, ("--micro-batch", "8", "--rollout-batch", "2000"), "--rollout-batch"),
     ],
 )
 def test_a_slice_that_cannot_fit_exits_with_one_line(
@@ -213,12 +228,38 @@ def test_offload_and_rollout_slots_free_room_for_larger_waves():
     assert off.rollout_peak == off.fixed + rollout(off)
     assert on.fixed > 0 and on.rollout_peak == max(rollout(on), on.fixed + on.sampling_weights)
     assert on.rollout_peak < off.rollout_peak and half.rollout_peak < on.rollout_peak
-    waves = [
-        formula_plan(QWEN_3B, "v5e-8", "--micro-batch", "16", *extra).rollout_batch
-        for extra in (
-            ("--offload-state", "off"),
-            ("--offload-state", "on"),
-            ("--offload-state", "on", "--rollout-slots", "2048"),
-        )
-    ]
+    waves = default_waves(
+        ("--offload-state", "off"),
+        ("--offload-state", "on"),
+        ("--offload-state", "on", "--rollout-slots", "2048"),
+    )
+    assert waves[0] < waves[1] < waves[2], waves
+
+
+def default_waves(*settings) -> list[int]:
+    """The default wave (the largest that fits, formula only) of 3B on a v5e-8 at micro-batch
+    16, at each of ``settings`` (extra flags)."""
+    flags = ("--micro-batch", "16")
+    return [formula_plan(QWEN_3B, "v5e-8", *flags, *more).rollout_batch for more in settings]
+
+
+def test_a_paged_pool_holds_each_rows_live_tokens_and_a_page():
+    """3B on a v5e-8 (formula only), --kv-cache paged: a pool per chip of ceil(live / 64) + 1
+    pages per row (its live tokens, --live-tokens, default --max-context / 2, and the page a
+    decoding call may add), 64 tokens x 36,864 bytes a page, counted once; at least one whole
+    row's context. The default wave is then larger than the dense cache's, and larger again at
+    fewer live tokens."""
+    flags = ("--micro-batch", "16", "--rollout-batch", "120")
+    paged = formula_plan(QWEN_3B, "v5e-8", *flags, "--kv-cache", "paged")
+    assert plan.kv_bytes_per_token(hf_io.read_config(str(QWEN_3B), jnp.bfloat16)) == 36_864
+    assert (paged.page, paged.live) == (64, 2048)
+    assert paged.pages == 15 * (2048 // 64 + 1)  # 15 rows a chip
+    assert paged.kv_cache == paged.pages * 64 * 36_864
+    one_row = plan.pool_pages(rows=1, live=100, page=64, max_context=4096)
+    assert one_row == 4096 // 64 + 1  # a row that reaches the whole context still fits
+    waves = default_waves(
+        ("--kv-cache", "dense"),
+        ("--kv-cache", "paged"),
+        ("--kv-cache", "paged", "--live-tokens", "1024"),
+    )
     assert waves[0] < waves[1] < waves[2], waves

@@ -358,3 +358,27 @@ def test_load_errors_name_the_tensor_and_file(tiny_checkpoints, tmp_path):
     shutil.copy(os.path.join(src, "config.json"), empty)
     with pytest.raises(FileNotFoundError, match=r"model\.safetensors"):
         hf_io.load_hf(empty)
+
+
+@pytest.mark.parametrize("heads", [4, 16])  # 2 and 8 query heads per key / value head
+def test_the_tpu_paged_attention_kernel_attends_what_the_gathered_pages_hold(heads):
+    """qwen._kernel_attention (JAX's Pallas paged-attention kernel, what a TPU decoding step
+    runs) in Pallas' TPU interpret mode on CPU, against qwen._gathered_attention (what other
+    platforms run) over the same pages: rows of 1, 40 and 128 tokens (a whole table) whose
+    pages are scattered over the pool, bfloat16 pools as on TPU. They agree to bfloat16's
+    rounding (the kernel's matmuls take bfloat16 operands, as a TPU's default precision does);
+    a page, a length or a head group off by one is off by far more."""
+    from jax.experimental.pallas import tpu as pltpu
+
+    B, X, H, p, P, width = 3, 2, 128, 16, 24, 8
+    rng = np.random.default_rng(0)
+    q = jnp.asarray(rng.normal(size=(B, 1, heads, H)), jnp.bfloat16)
+    k, v = (jnp.asarray(rng.normal(size=(X, P, p, H)), jnp.bfloat16) for _ in range(2))
+    table = jnp.asarray(rng.permutation(P)[: B * width].reshape(B, width), jnp.int32)
+    pos = jnp.asarray([[0], [39], [127]], jnp.int32)  # the query's position: length - 1
+    plain = np.asarray(qwen._gathered_attention(q, k, v, table, pos, options=qwen.PLAIN), float)
+    with pltpu.force_tpu_interpret_mode():
+        kernel = np.asarray(qwen._kernel_attention(q, k, v, table, pos), float)
+    np.testing.assert_allclose(kernel, plain, atol=0.03)
+    shifted = np.asarray(qwen._gathered_attention(q, k, v, table, pos - 1, options=qwen.PLAIN))
+    assert np.abs(kernel - shifted)[1:].max() > 0.1  # one token fewer is far off

@@ -289,10 +289,13 @@ class RecordingPolicy(rollout.KVCachePolicy):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.stop_sets, self.cache_shapes, self.parked, self.generated = [], set(), 0, []
+        self.waits = self.swaps = 0
 
     def sample(self, key, live, stops, max_new_tokens, limit_B):
         self.stop_sets.append({own for own, on in zip(stops, live, strict=True) if on})
         sampled = super().sample(key, live, stops, max_new_tokens, limit_B)
+        self.waits += sum(s.stop == rollout.WAIT for s in sampled.samples)
+        self.swaps += sum(saved is not None for saved in getattr(self, "swapped", ()))
         self.cache_shapes.add(self.state.k_LBXSH[0].shape)
         self.generated.append(([s.generated for s in sampled.samples], sampled.rows))
         return sampled
@@ -303,7 +306,17 @@ class RecordingPolicy(rollout.KVCachePolicy):
 
 
 def _kv_rollout(
-    policy_parts, examples, cfg, *, devices, wave_rows=None, wave_slots=0, refill=True, key=3
+    policy_parts,
+    examples,
+    cfg,
+    *,
+    devices,
+    wave_rows=None,
+    wave_slots=0,
+    refill=True,
+    key=3,
+    pages=0,
+    chunk=0,
 ):
     """(trajectories, timing, policy) of a KV-cache rollout split over the first devices."""
     model_config, params, tokenizer, retriever = policy_parts
@@ -317,6 +330,8 @@ def _kv_rollout(
         mesh=mesh,
         wave_rows=wave_rows or 1,
         slots=wave_slots,
+        pages=pages,
+        chunk=chunk,
     )
     trajs, timing = rollout.run_episodes(
         policy,
@@ -534,3 +549,47 @@ def test_evaluation_defaults_greedy_and_takes_an_exports_settings(tmp_path, caps
     (tmp_path / rollout.SETTINGS_FILE).write_text('{"max_turns": 2, "beam": 4}')
     with pytest.raises(ValueError, match="unknown rollout settings \\['beam'\\]"):
         rollout.load_settings(str(tmp_path))
+
+
+def test_paged_rollouts_sample_the_dense_caches_tokens(small_world, policy_parts):
+    """A paged cache (pages of 16 tokens: qwen.paged_attention gathers a row's pages on CPU)
+    gives the dense cache's tokens, bit for bit, and its log-probs within 1e-5: on 1 device and
+    8, with refill and in waves, with a pool that holds every row and with one so short that
+    rows wait (their turn sampled later) and move to host memory and back."""
+    cfg = rollout.RolloutConfig(
+        max_turns=3, max_new_tokens=12, max_obs_tokens=80, max_context=400, force_answer=True
+    )
+    examples = data.load_examples(small_world.train)[:6]
+    dense, _, _ = _kv_rollout(policy_parts, examples, cfg, devices=1)
+    runs = {
+        "1 device": _kv_rollout(policy_parts, examples, cfg, devices=1, pages=24 * 25),
+        "refill, 8 devices": _kv_rollout(
+            policy_parts, examples, cfg, devices=8, wave_rows=8, pages=25
+        ),
+        "waves, 8 devices": _kv_rollout(
+            policy_parts, examples, cfg, devices=8, wave_rows=4, refill=False, pages=25
+        ),
+        "short pool, 1 device": _kv_rollout(
+            policy_parts, examples, cfg, devices=1, wave_rows=8, pages=26
+        ),
+        "chunks of 5, short pool, 8 devices": _kv_rollout(
+            policy_parts, examples, cfg, devices=8, wave_rows=16, pages=26, chunk=5
+        ),
+        "chunks of 5, dense": _kv_rollout(policy_parts, examples, cfg, devices=1, chunk=5),
+    }
+    tokens, logps = _sampled(dense)
+    for name, (other, _, _) in runs.items():
+        other_tokens, other_logps = _sampled(other)
+        assert other_tokens == tokens, name
+        for a, b in zip(logps, other_logps, strict=True):
+            np.testing.assert_allclose(a, b, atol=1e-5)
+        assert [(t.outcome, t.first_hit, t.finish, len(t.turns)) for t in other] == [
+            (t.outcome, t.first_hit, t.finish, len(t.turns)) for t in dense
+        ], name
+    short = runs["short pool, 1 device"][2]
+    assert short.waits > 0 and short.swaps > 0, (short.waits, short.swaps)
+    assert runs["1 device"][2].waits == 0
+    for name in ("chunks of 5, short pool, 8 devices", "chunks of 5, dense"):  # turns of 12
+        policy = runs[name][2]
+        assert max(max(generated) for generated, _ in policy.generated) == 5, name
+        assert policy.waits > 0, name

@@ -215,6 +215,83 @@ def test_the_cache_refuses_to_overflow(model):
         )
 
 
+def test_page_table_takes_and_gives_back_pages():
+    """PageTable by hand: rows take pages from their own device's pool, a short pool refuses
+    (and changes nothing), trim and release give pages back, the table lists each row's."""
+    table = sp.PageTable(rows=4, devices=2, pages=5, page=4)  # rows 0, 1 on device 0
+    assert table.reserve(0, 9) and table.held[0] == [0, 1, 2]  # ceil(9 / 4) pages
+    assert not table.reserve(1, 9) and table.held[1] == []  # 3 pages wanted, 2 free: none
+    assert table.reserve(1, 8) and table.held[1] == [3, 4]
+    assert table.reserve(2, 20) and table.held[2] == [0, 1, 2, 3, 4]  # device 1's own pool
+    assert table.free == [[], []]
+    table.trim(0, 5)  # keeps ceil(5 / 4) = 2 pages
+    assert table.held[0] == [0, 1] and table.free == [[2], []]
+    np.testing.assert_array_equal(table.table(3), [[0, 1, -1], [3, 4, -1], [0, 1, 2], [-1, -1, -1]])
+    table.release(2)
+    assert len(table.free[1]) == 5 and table.reserve(3, 20)
+
+
+@pytest.mark.parametrize("page", [16, 8])
+def test_a_paged_cache_computes_the_dense_caches_numbers(model, page):
+    """Prefill, one-token appends with a row sitting out, an observation, greedy and sampled
+    generation and a rewind on a paged cache whose rows hold scattered pages (a shuffled pool)
+    give the dense cache's logits, tokens and log-probs bit for bit (qwen.paged_attention
+    gathers a row's pages into the dense layout on CPU); save_row / load_row move a row's pages
+    and back, and a call past a row's reserved pages is refused."""
+    _, config, params = model
+    rng = np.random.default_rng(0)
+    rows = [rng.integers(0, config.vocab_size, n).tolist() for n in (9, 3, 14)]
+    steps = [(rng.integers(0, config.vocab_size, B), np.array([1, i != 1, 1])) for i in range(3)]
+
+    def run(paged):
+        state, table = sp.init_cache(config, B, S), None
+        if paged:
+            table = sp.PageTable(B, 1, pages=3 * S // page, page=page)
+            np.random.default_rng(1).shuffle(table.free[0])
+            state = sp.init_paged(config, B, table, S)
+
+        def room(needed_B):
+            if table is None:
+                return state
+            for b, n in enumerate(np.asarray(state.length_B) + needed_B):
+                assert table.reserve(b, int(n))
+            return sp.set_table(state, table)
+
+        out = []
+        tokens, n = sp.pad_chunk(rows, buckets=(16,))
+        state = sp.append(params, config, room(n), tokens, n)
+        out.append(np.asarray(state.logits_BV))  # (the state is donated to the next call)
+        for tok, active in steps:
+            state = sp.append(params, config, room(active), tok[:, None], active.astype(np.int32))
+            out.append(np.asarray(state.logits_BV))
+        for greedy in (True, False):
+            state, gen = sp.generate(
+                params,
+                config,
+                room(np.full(B, N)),
+                jax.random.split(jax.random.key(2), B),
+                max_new_tokens=N,
+                sampling_params=sp.SamplingParams(eos_ids=(), greedy=greedy),
+            )
+            out += [np.asarray(x) for x in (gen.tokens_BT, gen.logp_BT, state.logits_BV)]
+        state = sp.rewind(params, config, state, gen, [3, N, 1])
+        out += [np.asarray(state.logits_BV), np.asarray(state.length_B)]
+        saved = sp.save_row(state, 2, table)
+        if paged:
+            table.release(2)
+            table.reserve(2, saved.k_LXnH.shape[2])
+            state = sp.load_row(sp.set_table(state, table), 2, saved, table)
+            np.testing.assert_array_equal(sp.save_row(state, 2, table).k_LXnH, saved.k_LXnH)
+            table.trim(0, int(state.length_B[0]))  # row 0 holds the pages its tokens fill
+            state = sp.set_table(state, table)
+            with pytest.raises(ValueError, match=r"row 0 needs .* reserve them first"):
+                sp.append(params, config, state, *sp.pad_chunk([[1] * page, [], []]))
+        return [*out, saved.k_LXnH, saved.v_LXnH]
+
+    for dense, paged in zip(run(False), run(True), strict=True):
+        np.testing.assert_array_equal(dense, paged)
+
+
 # ---------------------------------------------------------------------------------------------
 # Sampling from logits
 

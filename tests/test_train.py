@@ -62,9 +62,10 @@ def args(small_world, small_policy, questions, out, *extra, url=None):
 
 def test_mesh_shapes_give_the_same_losses(small_world, small_policy, questions, tmp_path):
     """(8, 1) and (1, 8) on 8 fake devices, the second with its rollouts in waves of two
-    groups and the train state in host memory (pinned_host) while they run: same rollouts,
-    losses and gradient norms (test_learner compares the loss and
-    gradients of every mesh shape, (4, 2) included, on fixed batches).
+    groups, a paged KV cache (pages of 16 tokens, a call at most a page per row) and the train
+    state in host memory (pinned_host) while they run: same rollouts, losses and gradient
+    norms (test_learner compares the loss and gradients of every mesh shape, (4, 2) included,
+    on fixed batches).
 
     The learning rate is tiny so that step 2 samples from (numerically) the same policy on
     every mesh: AdamW moves a parameter by about lr whatever the size of its gradient."""
@@ -74,6 +75,7 @@ def test_mesh_shapes_give_the_same_losses(small_world, small_policy, questions, 
         mesh = ("--mesh-data", str(data_axis), "--mesh-fsdp", str(fsdp_axis))
         if fsdp_axis == 8:  # and rollouts in 4 waves of 8 rows (2 groups) instead of one,
             mesh += ("--rollout-batch", "8", "--offload-state", "on")  # the state in host memory
+            mesh += ("--kv-cache", "paged", "--page-size", "16")
         result = train.main(
             args(small_world, small_policy, questions, out, *mesh, "--steps", "2", "--lr", "1e-7")
         )

@@ -181,6 +181,10 @@ _INSTRUCTION = re.compile(r"^(?:ROOT )?%([\w.\-]+) = (.+?) ([a-z][a-z0-9\-]*)\((
 _COMPUTATION = re.compile(r"^(?:ENTRY )?%([\w.\-]+) \(.*\{$")
 _CALLED = re.compile(r"\b(?:calls|to_apply|condition|body)=%([\w.\-]+)")
 _STATED_TRIPS = re.compile(r'"known_trip_count":\{"n":"(\d+)"\}')
+# A Pallas kernel (paged attention) is one custom call whose insides the HLO does not show: its
+# operands are whole pools of which it reads a row's live pages. hbm_traffic leaves it out, and
+# kernel_reads counts what it reads.
+_KERNEL = 'custom_call_target="tpu_custom_call"'
 _MOVES_NOTHING = {
     "parameter", "constant", "get-tuple-element", "tuple", "bitcast", "iota", "after-all",
     "partition-id", "replica-id", "copy-done", "slice-done", "all-gather-done",
@@ -333,7 +337,7 @@ def _traffic(hlo: _Hlo, computation: str, trips: dict[str, int | None]) -> int:
     types = {instruction: type_text for instruction, type_text, _, _ in lines}
     total = 0
     for instruction, type_text, op, rest in lines:
-        if op in _MOVES_NOTHING or "ConcatBitcast" in rest:
+        if op in _MOVES_NOTHING or "ConcatBitcast" in rest or _KERNEL in rest:
             continue
         operands = _operands(rest)
         if op == "while":  # its body and condition; the carried tuple stays where it is
@@ -433,10 +437,17 @@ class RunShape:
     sampling: sampling.SamplingParams
     offload: bool = False  # the train state and reference in host memory after the gather
     slots: int = 0  # KV-cache slots per row of a wave (0: max_context)
+    page: int = 0  # tokens per page of a paged cache (0: dense)
+    live_tokens: int = 0  # mean live tokens per row, a paged pool's size and the estimate's
 
     @property
     def cache_slots(self) -> int:
         return self.slots or self.max_context
+
+    def pool_pages(self, devices: int) -> int:
+        """Pages per device of a paged cache's pool (plan.pool_pages)."""
+        rows, live = self.wave // devices, self.live_tokens
+        return plan.pool_pages(rows=rows, live=live, page=self.page, max_context=self.max_context)
 
 
 class Resident(NamedTuple):
@@ -543,19 +554,46 @@ def update_programs(run: RunShape, devices, names=UPDATE_PROGRAMS) -> list[Progr
     return [programs[name]() for name in names]
 
 
+def rows_of_pool(mesh: Mesh) -> NamedSharding:
+    """A paged cache's [X, P, p, H] pools, their pages split over the rows' devices."""
+    return NamedSharding(mesh, P(None, "rows"))
+
+
+def kernel_reads(config: qwen.QwenConfig, *, rows: int, live: int, page: int, width: int) -> int:
+    """Bytes the Pallas paged-attention kernel reads in one decoding step of ``rows`` rows of
+    ``live`` tokens on a chip, every layer: the first ceil(live / block) blocks of each row's
+    pages (qwen.pages_per_block pages of ``page`` tokens a block, of a table ``width`` pages
+    wide), keys and values. The compiler cannot see inside the kernel (hbm_traffic leaves it
+    out); tests/test_aot.py checks this against a plain-JAX attention over the same tokens."""
+    if not qwen.kernel_fits(config.head_dim):  # the plain attention, which the HLO shows
+        return 0
+    block = qwen.pages_per_block(page, width) * page
+    return rows * -(-live // block) * block * plan.kv_bytes_per_token(config)
+
+
 def rollout_setup(run: RunShape, devices):
     """(weights, cache(slots), options) of a wave on ``devices`` (one host's): the sampling
     copy whole on every device, the cache's rows split over them."""
     config = run.config
     rows = Mesh(np.asarray(devices), ("rows",))
     by_row = NamedSharding(rows, P("rows"))
-    options = qwen.ForwardOptions(
-        batch_sharding=by_row, attention_bytes=run.options.attention_bytes
+    options = qwen.ForwardOptions(  # a paged wave's appends run the MLP in chunks too
+        batch_sharding=by_row,
+        attention_bytes=run.options.attention_bytes,
+        mlp_bytes=run.options.mlp_bytes if run.page else 0,
     )
     weights = placed(qwen.abstract_params(config, config.compute_dtype), NamedSharding(rows, P()))
 
     def cache(slots):
-        return placed(jax.eval_shape(lambda: sampling.init_cache(config, run.wave, slots)), by_row)
+        dense = placed(jax.eval_shape(lambda: sampling.init_cache(config, run.wave, slots)), by_row)
+        if not run.page:
+            return dense
+        X, H, p = config.num_kv_heads, config.head_dim, run.page
+        shape = (X, run.pool_pages(len(devices)) * len(devices), p, H)
+        pool = jax.ShapeDtypeStruct(shape, config.compute_dtype, sharding=rows_of_pool(rows))
+        table = jax.ShapeDtypeStruct((run.wave, -(-slots // p)), jnp.int32, sharding=by_row)
+        pools = (pool,) * config.num_layers
+        return dense._replace(k_LBXSH=pools, v_LBXSH=pools, table_BI=table)
 
     return weights, cache, options
 
@@ -564,8 +602,9 @@ ROLLOUT_PROGRAMS = ("gather", "prefill", "append", "grow", "decode")
 
 
 def rollout_programs(run: RunShape, devices, names=ROLLOUT_PROGRAMS) -> list[Program]:
-    """gather, prefill, append, grow and decode (those of them in ``names``), for a wave of
-    ``run.wave`` rows over ``devices`` (one host's), and what stays on a chip around each."""
+    """gather, prefill, append, grow (a dense cache's) and decode (those of them in ``names``),
+    for a wave of ``run.wave`` rows over ``devices`` (one host's), and what stays on a chip
+    around each."""
     config, wave = run.config, run.wave
     mesh = update_mesh(run, devices)
     stacked = abstract_state(run, mesh).params["layers"]
@@ -587,6 +626,8 @@ def rollout_programs(run: RunShape, devices, names=ROLLOUT_PROGRAMS) -> list[Pro
             slots=slots,
             chunk=chunk,
             attention_bytes=options.attention_bytes,
+            paged=bool(run.page),
+            mlp_bytes=options.mlp_bytes,
         )
         return measure(name, lowered, resident=during, estimate=estimate)
 
@@ -607,6 +648,8 @@ def rollout_programs(run: RunShape, devices, names=ROLLOUT_PROGRAMS) -> list[Pro
         ),
         "decode": lambda: measure("decode", lower_decode(run, devices), resident=during),
     }
+    if run.page:  # a paged cache grows its page table on the host; its pools stay put
+        names = [name for name in names if name != "grow"]
     return [programs[name]() for name in names]
 
 
@@ -637,11 +680,12 @@ def lower_decode(run: RunShape, devices):
     )
 
 
-def decode_step(run: RunShape, devices) -> tuple[Program, int]:
+def decode_step(run: RunShape, devices) -> tuple[Program, int, int]:
     """One token appended to every row of a full cache (what each step of the decoding loop
-    runs), and the least it must read: the weights and the whole cache, once, except an untied
-    input embedding, of which a step reads only its tokens' rows (a chip's rows x D). A tied
-    embedding is also the LM head, read whole."""
+    runs), the least it must read, and what a paged cache's kernel reads (0 for a dense one).
+    The least: the weights and the cache, once (a paged cache: each row's live tokens, at
+    run.live_tokens), except an untied input embedding, of which a step reads only its
+    tokens' rows (a chip's rows x D). A tied embedding is also the LM head, read whole."""
     weights, cache, options = rollout_setup(run, devices)
     by_row = options.batch_sharding
     n = jax.ShapeDtypeStruct((run.wave,), jnp.int32, sharding=by_row)
@@ -649,11 +693,19 @@ def decode_step(run: RunShape, devices) -> tuple[Program, int]:
     state = cache(run.cache_slots)
     lowered = sampling._append_jit.lower(weights, run.config, state, tokens, n, options)
     minimum = shard_bytes(weights) + shard_bytes((state.k_LBXSH, state.v_LBXSH))
+    reads, rows = 0, options.local_rows(run.wave)
+    if run.page:
+        live = rows * run.live_tokens * plan.kv_bytes_per_token(run.config)
+        minimum = shard_bytes(weights) + live
+        width = state.table_BI.shape[1]
+        reads = kernel_reads(
+            run.config, rows=rows, live=run.live_tokens, page=run.page, width=width
+        )
     if not run.config.tie_word_embeddings:  # the rows looked up, not the table
         embed_VD = weights["embed_VD"]
         looked_up = options.local_rows(run.wave) * tokens.shape[1]
         minimum += looked_up * embed_VD.shape[1] * embed_VD.dtype.itemsize - shard_bytes(embed_VD)
-    return measure("decode step", lowered), minimum
+    return measure("decode step", lowered), minimum, reads
 
 
 def largest_fitting(
@@ -735,6 +787,10 @@ class Compiled(NamedTuple):
     step_minimum: int  # the least that step must read (decode_step)
     rows_per_chip: int
     offloaded: int = 0  # bytes per chip that wait in host memory during rollouts
+    kernel_reads: int = 0  # what a paged cache's attention kernel reads a step (kernel_reads)
+    live: int = 0  # a paged cache's mean live tokens per row (the estimate's workload)
+    weights: int = 0  # the sampling copy's bytes per chip
+    kv_per_token: int = 0  # plan.kv_bytes_per_token
 
     @property
     def update_peak(self) -> int:
@@ -771,28 +827,60 @@ class Compiled(NamedTuple):
                 f"({2 * self.offloaded / GiB:.2f} GiB per chip over the host link)"
             )
         cost, minimum = self.step.bytes_accessed, self.step_minimum
+        cache = "the cache read once"
+        if self.live:
+            cache = f"each row's {self.live} live tokens read once"
+            lines.append(
+                f"  paged attention: the Pallas kernel reads {self.kernel_reads / GiB:.2f} GiB of "
+                f"pages a step ({self.rows_per_chip} rows x {self.live} live tokens, in whole "
+                "blocks): arithmetic (aot.kernel_reads), as the compiler cannot see inside a "
+                "Pallas kernel; added to the step's HBM traffic below"
+            )
         lines.append(
-            f"  decode step: {self.step.hbm_bytes / GiB:.2f} GiB of HBM traffic (hbm_traffic; "
+            f"  decode step: {self.step_bytes / GiB:.2f} GiB of HBM traffic (hbm_traffic; "
             f"the cost model's bytes accessed: {cost / GiB:.2f} GiB) of minimum "
             f"{minimum / GiB:.2f} GiB, the weights (of an untied input embedding, the rows "
-            f"looked up) and the cache read once "
-            f"({self.step.hbm_bytes / minimum:.2f}x)"
+            f"looked up) and {cache} ({self.step_bytes / minimum:.2f}x)"
         )
+        if self.live:
+            rows, rate = self.physical_limit()
+            lines.append(
+                f"  physical limit at {self.live} live tokens: {rows} rows per chip (the HBM "
+                "left by the sampling copy and the rollout's temporaries, over live tokens x "
+                f"{self.kv_per_token:,} bytes), {rate:.0f} tokens/s per chip (rows x bandwidth / "
+                f"(weights + their live tokens)); the estimate is "
+                f"{self.tokens_per_second() / rate:.0%} of it"
+            )
         lines.append(self.rollout_line())
         return "\n".join(lines)
+
+    @property
+    def step_bytes(self) -> int:
+        """One decoding step's HBM traffic: the compiled program's and the kernel's reads."""
+        return self.step.hbm_bytes + self.kernel_reads
+
+    def physical_limit(self) -> tuple[int, float]:
+        """(rows per chip, tokens/s per chip) at a paged cache's workload: as many rows of
+        ``live`` tokens as the chip's HBM holds beside the sampling copy and the largest
+        temporaries of a rollout program, each step reading the weights and their live tokens
+        once, at the chip's bandwidth."""
+        temps = max((p.temporaries for p in self.rollout if p.name != "gather"), default=0)
+        rows = int((self.capacity - self.weights - temps) // (self.live * self.kv_per_token))
+        step = self.weights + rows * self.live * self.kv_per_token
+        return rows, rows * self.bandwidth / step if self.bandwidth else 0.0
 
     def tokens_per_second(self) -> float:
         """Tokens per second per chip that decoding cannot beat: the chip's rows, one token
         each per step, in the time the step's HBM traffic takes at the chip's bandwidth."""
         if not self.bandwidth or self.step is None:
             return 0.0
-        return self.rows_per_chip * self.bandwidth / self.step.hbm_bytes
+        return self.rows_per_chip * self.bandwidth / self.step_bytes
 
     def rollout_line(self) -> str:
         """The rollout phase in one line (a contract that scripts read)."""
         return (
             f"rollout estimate: {self.rows_per_chip} rows per chip, decode step "
-            f"{self.step.hbm_bytes / GiB:.2f} GiB accessed of minimum "
+            f"{self.step_bytes / GiB:.2f} GiB accessed of minimum "
             f"{self.step_minimum / GiB:.2f} GiB, {self.tokens_per_second():.0f} tokens/s per "
             "chip (compiler estimate)"
         )
@@ -851,8 +939,9 @@ def compile_plan(
     )
     run = run_at(micro, wave)
     rollout = rollout_programs(run, devices, ("gather", "prefill")) + grown
-    step, minimum = decode_step(run, devices)
+    step, minimum, reads = decode_step(run, devices)
     have = resident(run, devices)
+    weights, _, _ = rollout_setup(run, devices)
     return Compiled(
         where,
         capacity,
@@ -866,4 +955,8 @@ def compile_plan(
         minimum,
         run.wave // len(devices),
         have.state + have.reference if run.offload else 0,
+        reads,
+        run.live_tokens if run.page else 0,
+        shard_bytes(weights),
+        plan.kv_bytes_per_token(run.config),
     )

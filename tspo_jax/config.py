@@ -108,6 +108,22 @@ class Config:
         "and finish in waves of fewer rows at --max-context slots (the same memory)",
         resumable=True,
     )
+    kv_cache: str = option(
+        "auto",
+        "the rollouts' KV cache: dense (every row --max-context slots, or --rollout-slots) or "
+        "paged (a pool of pages that rows take as they grow: sampling.PageTable); auto: paged "
+        "on TPU (a Pallas kernel reads each row's live pages), dense elsewhere (faster on CPU: "
+        "bench/rollout.py)",
+        choices=("auto", "dense", "paged"),
+        resumable=True,
+    )
+    page_size: int = option(64, "tokens per page of the paged KV cache", resumable=True)
+    live_tokens: int = option(
+        0,
+        "mean tokens per row that a paged cache's pool is sized for, beside each row's turn "
+        "(0: --max-context / 2); rows that need more pages than are free wait",
+        resumable=True,
+    )
     offload_state: str = option(
         "auto",
         "keep the train state and reference in host memory while rollouts run (auto: on GPU / "
@@ -191,7 +207,7 @@ class Config:
         least |= dict.fromkeys(("keep_checkpoints", "attention_mb", "logits_mb", "mlp_mb"), 1)
         least |= {"max_draws": 1}
         least |= dict.fromkeys(("warmup_steps", "rollout_batch", "plan_devices"), 0)
-        least |= {"warm_start_seed": 0}
+        least |= {"warm_start_seed": 0, "page_size": 1, "live_tokens": 0}
         for name, bound in (least | {"device_memory_gb": 0}).items():
             if (value := getattr(self, name)) < bound:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= {bound}, got {value}")
@@ -217,6 +233,10 @@ class Config:
                 f"--group-size {self.group_size}"
             )
         context, turn = self.agent.max_context, self.agent.max_new_tokens
+        if self.live_tokens > context:
+            raise ValueError(f"--live-tokens {self.live_tokens} is over --max-context {context}")
+        if self.rollout_slots and self.kv_cache == "paged":
+            raise ValueError("--rollout-slots sizes a dense cache's rows; a paged one needs none")
         if self.rollout_slots and not turn < self.rollout_slots <= context:
             raise ValueError(
                 f"--rollout-slots {self.rollout_slots} must be 0 (--max-context) or more than "

@@ -18,6 +18,9 @@ element, r rows of a micro-batch and w rows of a rollout wave on the device, T =
     KV cache          2 w S L 2 X H c        a second copy: the TPU decoding loop's, or growth's;
                                              S = T, or fewer (--rollout-slots: rows that
                                              outgrow S wait for a wave of fewer, longer rows)
+      or paged:       w A p L 2 X H c        a pool of A = ceil(live / p) + 1 pages of p tokens
+                                             per row: its mean live tokens (--live-tokens) and
+                                             the page a decoding call may add
     decode temps      one observation's append and the next-token logits of the wave
 The update and the rollout never run at the same time: peak = max(update, rollout), where
 update = fixed + update temps; rollout = sampling weights + KV cache + decode temps, plus the
@@ -62,6 +65,9 @@ class Plan(NamedTuple):
     largest_micro_batch: int  # the largest that fits of those dividing the mini-batch (0: none)
     offload: bool = False  # params, optimizer state and reference in host memory in rollouts
     slots: int = 0  # KV-cache slots per row of a wave
+    page: int = 0  # tokens per page of a paged cache (0: dense)
+    pages: int = 0  # pages per device of a paged cache's pool
+    live: int = 0  # mean live tokens per row that the pool is sized for
 
     @property
     def fixed(self) -> int:
@@ -90,7 +96,12 @@ class Plan(NamedTuple):
             ("reference model", self.reference),
             (f"update temporaries, micro-batch {self.micro_batch}", self.update),
             ("sampling weights", self.sampling_weights),
-            (f"KV cache, wave of {self.rollout_batch} rows x {self.slots} slots", self.kv_cache),
+            (
+                f"KV pool, wave of {self.rollout_batch} rows, {self.pages} pages per device"
+                if self.page
+                else f"KV cache, wave of {self.rollout_batch} rows x {self.slots} slots",
+                self.kv_cache,
+            ),
             ("decode temporaries", self.decode),
         ]
         lines = [f"  {name:<44}{gib(b)}" for name, b in rows]
@@ -187,7 +198,14 @@ def update_temporaries(
 
 
 def decode_temporaries(
-    config: qwen.QwenConfig, *, rows: int, slots: int, chunk: int, attention_bytes: int
+    config: qwen.QwenConfig,
+    *,
+    rows: int,
+    slots: int,
+    chunk: int,
+    attention_bytes: int,
+    paged: bool = False,
+    mlp_bytes: int = 0,
 ) -> int:
     """Temporaries per device of one wave (``rows`` rows on the device, ``slots`` cache slots):
     the larger of an append of ``chunk`` tokens (a prompt, an observation) and one decoding
@@ -197,14 +215,33 @@ def decode_temporaries(
     whole chunk of queries fits one block of scores, is the largest there):
       append: r C c (2 D + 2 F + (N + 2X) H) + 2 x one block of float32 scores + 3.5 r C S
       decode step: 4 x 4 r V (logits, their scaled and filtered copies, float32)
-    """
+    A paged cache's append also gathers each row's pages into one layer's keys and values,
+    2 r S X H c (qwen.paged_attention; a decoding step's kernel reads them in place), counted
+    1.5 times (the gathered pages and their transposed copy; so that the formula is not under
+    the TPU compiler's at the README's paged rows), and runs the MLP in chunks of positions
+    under ``mlp_bytes`` (its 2 F term then a chunk's)."""
     c = np.dtype(config.compute_dtype).itemsize
     V, D, F = config.vocab_size, config.hidden_size, config.intermediate_size
     N, X, H = config.num_heads, config.num_kv_heads, config.head_dim
     block = qwen.query_block(rows, N, chunk, slots, attention_bytes)
-    append = rows * chunk * c * (2 * D + 2 * F + (N + 2 * X) * H)
+    mlp = qwen.block_size(chunk, rows * F * c, mlp_bytes if paged else 0)
+    append = rows * chunk * c * (2 * D + (N + 2 * X) * H) + 2 * rows * mlp * F * c
     append += 2 * 4 * rows * N * block * slots + 3.5 * rows * chunk * slots
+    append += paged * 3 * rows * slots * X * H * c
     return int(max(append, 4 * 4 * rows * V))
+
+
+def kv_bytes_per_token(config: qwen.QwenConfig) -> int:
+    """One token's keys and values in every layer (36,864 bytes for Qwen2.5-3B in bfloat16)."""
+    c = np.dtype(config.compute_dtype).itemsize
+    return config.num_layers * 2 * config.num_kv_heads * config.head_dim * c
+
+
+def pool_pages(*, rows: int, live: int, page: int, max_context: int) -> int:
+    """Pages of a paged cache's pool on a device of ``rows`` rows: each row's live tokens and
+    the page a decoding call may add (rollout.KVCachePolicy reserves a call's ``chunk``, one
+    page), and at least one row's whole context and its next page (no row waits forever)."""
+    return max(rows * (-(-live // page) + 1), -(-max_context // page) + 1)
 
 
 def kv_cache_bytes(config: qwen.QwenConfig, *, rows: int, slots: int) -> int:
@@ -240,13 +277,18 @@ def make_plan(
     options,
     offload: bool = False,
     rollout_slots: int = 0,
+    page_size: int = 0,
+    live_tokens: int = 0,
 ) -> Plan:
     """The plan of one run. rollout_batch 0: the largest wave (whole groups, a multiple of the
     process's devices) whose peak stays under WAVE_MARGIN of the capacity (all of the
     process's rows when the capacity is unknown); otherwise that wave, as given.
     rollout_slots (0: max_context): cache slots per row of a wave. Rows that need more wait and
     finish in waves of wave x rollout_slots / max_context rows at max_context slots, whose
-    cache takes no more bytes, so the plan at rollout_slots bounds both."""
+    cache takes no more bytes, so the plan at rollout_slots bounds both. page_size (0: a dense
+    cache): a paged cache of row_pages per row at live_tokens (0: max_context / 2); appends
+    gather a row's pages (qwen.paged_attention off TPU's decoding kernel) into one layer's
+    [rows, X, slots, H] keys and values, counted with the decode temporaries."""
     c = np.dtype(config.compute_dtype).itemsize
     shard = param_shard_size(config, data, fsdp)
 
@@ -268,15 +310,21 @@ def make_plan(
     prompt = sampling.bucket_length(PROMPT_TOKENS)
     first = min(sampling.bucket_length(PROMPT_TOKENS + max_new_tokens), slots)
 
+    live = live_tokens or max_context // 2
+
     def plan(wave: int) -> Plan:
         per_device = wave // local_devices
+        pages = pool_pages(rows=per_device, live=live, page=page_size or 1, max_context=slots)
+        cache = kv_cache_bytes(config, rows=per_device, slots=slots)
+        if page_size:
+            cache = pages * page_size * kv_bytes_per_token(config)
         return Plan(
             params=4 * shard,
             optimizer=8 * shard,
             reference=c * shard if kl else 0,
             update=temporaries(micro_batch),
             sampling_weights=c * param_count(config),
-            kv_cache=kv_cache_bytes(config, rows=per_device, slots=slots),
+            kv_cache=cache,
             decode=max(  # an observation into a full cache, a wave's prompts into a new one
                 decode_temporaries(
                     config,
@@ -284,6 +332,8 @@ def make_plan(
                     slots=slots,
                     chunk=chunk,
                     attention_bytes=options.attention_bytes,
+                    paged=bool(page_size),
+                    mlp_bytes=options.mlp_bytes,
                 ),
                 decode_temporaries(
                     config,
@@ -291,6 +341,8 @@ def make_plan(
                     slots=first,
                     chunk=prompt,
                     attention_bytes=options.attention_bytes,
+                    paged=bool(page_size),
+                    mlp_bytes=options.mlp_bytes,
                 ),
             ),
             capacity=capacity,
@@ -299,6 +351,9 @@ def make_plan(
             largest_micro_batch=fitting[-1] if fitting else 0,
             offload=offload,
             slots=slots,
+            page=page_size,
+            pages=pages if page_size else 0,
+            live=live if page_size else 0,
         )
 
     if rollout_batch:

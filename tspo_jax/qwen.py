@@ -34,7 +34,8 @@ the rows of ``dense``), S key slots (the sequence itself, or the KV cache), C to
 a cache, L layers, D model dim, N query heads, X key/value heads, R = N / X query heads per
 key/value head, Q = R * T query rows per key/value head, H head dim, F MLP hidden dim (or any
 output dim of ``dense``), V vocabulary, J blocks (of t queries in ``attend``, of c positions in
-``token_logprobs``).
+``token_logprobs``), P pages of a paged cache's pool, I a row's page-table entries, p a page's
+tokens.
 """
 
 import dataclasses
@@ -470,6 +471,108 @@ def _write_then_attend(q_BTNH, k_BXTH, v_BXTH, k_BXSH, v_BXSH, mask_BTS, slots_B
     return out_BTNH, k_BXSH, v_BXSH
 
 
+class Pages(NamedTuple):
+    """Where the rows of a paged cache are (``sampling.PageTable`` keeps the table): row b's
+    token at position s is at offset s % p of page table_BI[b, s // p] of its device's pool,
+    each layer's [X, P, p, H] keys and values."""
+
+    table_BI: jax.Array  # int32 page ids in the pool of the row's own device
+    start_B: jax.Array  # int32 tokens the row holds before this call: its first new position
+    n_B: jax.Array  # int32 new tokens the row writes (the rest of its T are padding)
+
+
+# A decoding step's attention over pages: on TPU, JAX's Pallas kernel reads only each row's
+# live pages, pages_per_block of them per step of its loop (KERNEL_BLOCK_TOKENS a block); other
+# platforms gather the row's pages into a [B, X, S, H] cache and attend as a dense cache does.
+# The compiler cannot see inside the kernel: aot.kernel_reads counts what it reads.
+KERNEL_BLOCK_TOKENS = 128
+
+
+def kernel_fits(head_dim: int) -> bool:
+    """The kernel's blocks take whole 128-lane heads (Qwen2.5's head_dim is 128)."""
+    return head_dim % 128 == 0
+
+
+def pages_per_block(page: int, pages: int) -> int:
+    """Pages the kernel reads per block: KERNEL_BLOCK_TOKENS' worth, dividing a row's ``pages``."""
+    block = max(1, min(pages, KERNEL_BLOCK_TOKENS // page))
+    while pages % block:
+        block -= 1
+    return block
+
+
+def paged_attention(q_BTNH, k_BXTH, v_BXTH, k_XPpH, v_XPpH, where: Pages, *, options):
+    """``_write_then_attend`` over a paged cache: the T new tokens' keys and values are written
+    at their positions' pages, then every query attends its row's positions up to its own.
+    Runs per device (shard_map over the rows, each device's pool holding its rows' pages)."""
+
+    def local(q_BTNH, k_BXTH, v_BXTH, k_XPpH, v_XPpH, table_BI, start_B, n_B):
+        T, H = q_BTNH.shape[1], q_BTNH.shape[3]
+        X, P, p = k_XPpH.shape[:3]
+        pos_BT = start_B[:, None] + jnp.arange(T, dtype=jnp.int32)
+        page_BT = jnp.take_along_axis(table_BI, jnp.minimum(pos_BT // p, table_BI.shape[1] - 1), 1)
+        write_BT = (jnp.arange(T) < n_B[:, None]) & (page_BT >= 0)  # padding writes nowhere
+        page_BT = jnp.where(write_BT, page_BT, P)
+        table_BI = jnp.maximum(table_BI, 0)  # a row's pages past its own (-1) are never read
+        # One H-vector per (row, token, head): a scatter whose window is the minor axis, so
+        # that the TPU compiler keeps the pools in the kernel's layout (a [H, ...] window over
+        # X makes it carry them in another and convert the whole pool at every step).
+        x_11X = jnp.arange(X)[None, None]
+        write = lambda pool, new_BXTH: pool.at[
+            x_11X, page_BT[..., None], (pos_BT % p)[..., None]
+        ].set(new_BXTH.transpose(0, 2, 1, 3).astype(pool.dtype), mode="drop")
+        k_XPpH, v_XPpH = write(k_XPpH, k_BXTH), write(v_XPpH, v_BXTH)
+        plain = functools.partial(_gathered_attention, options=options)
+        args = (q_BTNH, k_XPpH, v_XPpH, table_BI, jnp.where(n_B[:, None] > 0, pos_BT, -1))
+        if T == 1 and kernel_fits(H):
+            out_BTNH = jax.lax.platform_dependent(*args, tpu=_kernel_attention, default=plain)
+        else:
+            out_BTNH = plain(*args)
+        return out_BTNH, k_XPpH, v_XPpH
+
+    args = (q_BTNH, k_BXTH, v_BXTH, k_XPpH, v_XPpH, *where)
+    if options.batch_sharding is None:
+        return local(*args)
+    split = options.batch_sharding.spec[0]  # the mesh axes of the rows, and of the pools' pages
+    rows, pools = PartitionSpec(split), PartitionSpec(None, split)
+    rows_map = jax.shard_map(
+        local,
+        mesh=options.batch_sharding.mesh,
+        in_specs=(rows, rows, rows, pools, pools, rows, rows, rows),
+        check_vma=False,  # the Pallas kernel states no varying axes
+        out_specs=(rows, pools, pools),
+    )
+    return rows_map(*args)
+
+
+def _gathered_attention(q_BTNH, k_XPpH, v_XPpH, table_BI, pos_BT, *, options):
+    """Each row's pages gathered into a [B, X, S = I p, H] cache, attended like a dense one
+    (slots are positions): with S the dense cache's slots, the same numbers bit for bit."""
+    B, T, N, _ = q_BTNH.shape
+    gather = lambda pool: (
+        pool[:, table_BI].transpose(1, 0, 2, 3, 4).reshape(B, pool.shape[0], -1, pool.shape[-1])
+    )
+    k_BXSH, v_BXSH = gather(k_XPpH), gather(v_XPpH)
+    S = k_BXSH.shape[2]
+    mask_BTS = jnp.arange(S) <= pos_BT[:, :, None]
+    q_block = query_block(B, N, T, S, options.attention_bytes)
+    local = options._replace(batch_sharding=None)
+    return attend(q_BTNH, k_BXSH, v_BXSH, mask_BTS, q_block=q_block, options=local)
+
+
+def _kernel_attention(q_BTNH, k_XPpH, v_XPpH, table_BI, pos_BT):
+    """One query per row, by JAX's Pallas paged-attention kernel for TPU (it reads the first
+    ceil(length / block) blocks of a row's pages, and skips rows of length 0)."""
+    from jax.experimental.pallas.ops.tpu.paged_attention import paged_attention as kernel
+
+    H = q_BTNH.shape[-1]
+    q_BNH = (q_BTNH[:, 0] / math.sqrt(H)).astype(k_XPpH.dtype)  # the kernel does not scale
+    block = pages_per_block(k_XPpH.shape[2], table_BI.shape[1])
+    length_B = jnp.minimum(pos_BT[:, 0] + 1, table_BI.shape[1] * k_XPpH.shape[2])  # 0: skipped
+    out_BNH = kernel(q_BNH, k_XPpH, v_XPpH, length_B, table_BI, pages_per_compute_block=block)
+    return out_BNH[:, None].astype(q_BTNH.dtype)
+
+
 class RMSNorm(nnx.Module):
     def __init__(self, config: QwenConfig, *, param_dtype):
         self.eps = config.rms_norm_eps
@@ -523,6 +626,10 @@ class Attention(nnx.Module):
             q_block = query_block(rows, N, T, T, options.attention_bytes)
             out_BTNH = attend(q_BTNH, k_BXTH, v_BXTH, mask_BTS, q_block=q_block, options=options)
             k_BXSH, v_BXSH = k_BXTH, v_BXTH
+        elif isinstance(slots_BT, Pages):  # k_BXSH, v_BXSH: this layer's [X, P, p, H] pools
+            out_BTNH, k_BXSH, v_BXSH = paged_attention(
+                q_BTNH, k_BXTH, v_BXTH, k_BXSH, v_BXSH, slots_BT, options=options
+            )
         else:
             new = (q_BTNH, k_BXTH, v_BXTH, k_BXSH.astype(dt), v_BXSH.astype(dt), mask_BTS, slots_BT)
             out_BTNH, k_BXSH, v_BXSH = plain_or_cpu(
@@ -733,7 +840,8 @@ def forward(
     mask_BTS[b, t, s]: query t may attend key slot s. Without a cache S = T (the tokens
     themselves); with one, s is a slot of each per-layer [B, X, S, H] cache, the T new tokens
     also attend each other causally, their keys/values are then written at slots_BT
-    (``write_cache``), and the updated caches are returned.
+    (``write_cache``), and the updated caches are returned. With slots_BT a ``Pages``, the
+    caches are a paged cache's [X, P, p, H] pools (``paged_attention``; mask_BTS unused).
     ``options`` say how to run it (rematerialization, activation sharding, attention blocks).
     """
     return module(params, config)(tokens_BT, pos_BT, mask_BTS, k_LBXSH, v_LBXSH, slots_BT, options)

@@ -199,6 +199,10 @@ class Timing(NamedTuple):
         return self.sampled_tokens / self.decode_slots if self.decode_slots else 0.0
 
 
+WAIT = "wait"  # TurnSample.stop of a row whose turn goes on in a later call (KVCachePolicy.sample)
+EMPTY = sampling.TurnSample([], [], "", sampling.PAUSED, None)  # a turn not begun
+
+
 class Sampled(NamedTuple):
     """What a policy's ``sample`` returns: one turn per row, and the decoding it took."""
 
@@ -217,6 +221,7 @@ class KVCachePolicy:
     prompt appended in the same batched call as the other rows' observations.
 
     ``mesh``: the devices the rows are split over (``rollout_mesh``; None: the default device).
+    ``attention_bytes``, ``mlp_bytes``: qwen.ForwardOptions' bounds for appends.
     ``params`` must then be replicated on it (runtime.sampler_weights). A batch of fewer than
     ``wave_rows`` rows, or whose rows do not divide evenly over the devices, is padded with
     empty rows that never sample (so a last, smaller wave compiles nothing new). The cache
@@ -227,6 +232,17 @@ class KVCachePolicy:
     longer rows (``start(..., slots=more)``) has fewer rows, wave_rows x slots / more, so that
     its cache takes no more memory. ``park`` and ``resume`` move a row's cache from one wave
     to another.
+
+    ``pages`` (per device; 0: the dense cache above): the cache is a pool of that many pages
+    of ``page`` tokens on each device (``sampling.PageTable``), and a row holds only the pages
+    its tokens fill: before each call it reserves what the call may add (an observation, up
+    to ``chunk`` tokens of its turn), after it gives back what it did not use. ``chunk`` (0:
+    max_new_tokens) bounds each call's tokens per row, so that a row reserves one chunk, not a
+    whole turn: a turn may take several calls (``sample``). A row whose device's pool is
+    short waits: it samples nothing, what it was to append waits with it (``backlog``), and
+    it goes on in a later call. When every live row of a device would wait, the last of them
+    moves to host memory (``swapped``) until its pages fit again. A row's trajectory is the
+    same whenever it runs.
     """
 
     def __init__(
@@ -240,8 +256,13 @@ class KVCachePolicy:
         attention_bytes=0,
         wave_rows=1,
         slots=0,
+        pages=0,
+        page=16,
+        chunk=0,
+        mlp_bytes=0,
     ):
         self.params, self.model_config, self.cfg = params, model_config, cfg
+        self.pages, self.page, self.chunk = pages, page, chunk
         self.slots = self.wave_slots = slots or cfg.max_context
         self.tokenizer = tokenizer
         eos = set(model_config.eos_token_ids) | {tokenizer.eos_token_id}
@@ -256,7 +277,9 @@ class KVCachePolicy:
         self.devices = 1 if mesh is None else mesh.size
         self.wave_rows = -(-wave_rows // self.devices) * self.devices
         rows = None if mesh is None else NamedSharding(mesh, P(mesh.axis_names))
-        self.options = qwen.ForwardOptions(batch_sharding=rows, attention_bytes=attention_bytes)
+        self.options = qwen.ForwardOptions(
+            batch_sharding=rows, attention_bytes=attention_bytes, mlp_bytes=mlp_bytes
+        )
         self.state, self.rows = None, 0
         self._stopping_at = {}  # stop strings -> sampling params with their table
 
@@ -274,13 +297,18 @@ class KVCachePolicy:
         self.state, self.rows = None, len(prompts)
         self.wave_slots = slots or self.slots
         first_turn = max(map(len, prompts)) + self.cfg.max_new_tokens
-        slots = min(sampling.bucket_length(first_turn), self.wave_slots)
-        self.state = sampling.init_cache(
-            self.model_config,
-            len(self._pad(prompts)),
-            max(slots, max(map(len, prompts))),
-            sharding=self.options.batch_sharding,
-        )
+        slots = max(min(sampling.bucket_length(first_turn), self.wave_slots), *map(len, prompts))
+        B, sharding = len(self._pad(prompts)), self.options.batch_sharding
+        self.partial = [EMPTY] * B  # each row's turn so far, while it goes on
+        if self.pages:
+            self.table = sampling.PageTable(B, self.devices, self.pages, self.page)
+            self.backlog, self.swapped = [[] for _ in range(B)], [None] * B
+            slots = -(-slots // self.page) * self.page
+            self.state = sampling.init_paged(
+                self.model_config, B, self.table, slots, sharding=sharding
+            )
+        else:
+            self.state = sampling.init_cache(self.model_config, B, slots, sharding=sharding)
         self.extend(prompts)
 
     def extend(self, rows: Sequence[list[int]], restart: Sequence[bool] | None = None) -> None:
@@ -289,16 +317,77 @@ class KVCachePolicy:
         if restart is not None and any(restart):
             restart_B = np.pad(np.asarray(restart, bool), (0, self._padded(len(rows)) - len(rows)))
             self.state = sampling.restart(self.state, restart_B, self.options)
-        tokens_BC, n_B = sampling.pad_chunk(self._pad(rows), pad_id=self.pad_id)
+            for b in np.flatnonzero(restart_B) if self.pages else ():
+                self.table.release(b)
+                self.backlog[b], self.swapped[b] = [], None
+            self.partial = [EMPTY if r else p for p, r in zip(self.partial, restart_B, strict=True)]
+        rows = self._pad(rows)
+        if self.pages:  # what a row's pages cannot take yet waits in its backlog
+            length_B = np.asarray(self.state.length_B)
+            for b, row in enumerate(rows):
+                if row and (self.backlog[b] or not self.table.reserve(b, length_B[b] + len(row))):
+                    self.backlog[b], rows[b] = self.backlog[b] + list(row), []
+            self._send_table()
+        self._append(rows)
+
+    def _append(self, rows):
+        tokens_BC, n_B = sampling.pad_chunk(rows, pad_id=self.pad_id)
+        if not n_B.any():
+            return
         self.state = sampling.grow(self.state, n_B, limit=self.wave_slots)
         self.state = sampling.append(
             self.params, self.model_config, self.state, tokens_BC, n_B, self.options
         )
 
+    def _send_table(self):
+        """The host's page table to the devices, the table as wide as the most pages held."""
+        widest = max(map(len, self.table.held)) * self.page
+        self.state = sampling.grow(self.state, widest - self.state.length_B, limit=self.wave_slots)
+        self.state = sampling.set_table(self.state, self.table)
+
+    def _make_room(self, live, limit_B) -> np.ndarray:
+        """Which live rows sample this call (paged cache): those whose pages hold their
+        backlog and turn, each device's rows in order; a device whose live rows all wait
+        moves its last one holding pages to host memory, until one of them fits."""
+        for b in np.flatnonzero(~live):  # rows whose episodes ended hold nothing
+            self.table.release(b)
+        while True:
+            length_B, active = np.asarray(self.state.length_B), np.zeros_like(live)
+            for b in np.flatnonzero(live):
+                saved = self.swapped[b]
+                held = length_B[b] if saved is None else saved.k_LXnH.shape[2]
+                active[b] = self.table.reserve(b, held + len(self.backlog[b]) + limit_B[b])
+            self._send_table()
+            for b in np.flatnonzero(active):
+                if self.swapped[b] is not None:  # back from host memory
+                    self.state = sampling.load_row(self.state, b, self.swapped[b], self.table)
+                    self.swapped[b] = None
+            self._append([self.backlog[b] if active[b] else [] for b in range(len(live))])
+            self.backlog = [
+                [] if on else rest for rest, on in zip(self.backlog, active, strict=True)
+            ]
+            device_B = np.arange(len(live)) // self.table.per_device
+            stuck = [d for d in set(device_B[live]) if not active[live & (device_B == d)].any()]
+            if not stuck:
+                return active
+            for d in stuck:
+                holding = [b for b in np.flatnonzero(live & (device_B == d)) if self.table.held[b]]
+                if not holding:
+                    raise ValueError(
+                        f"a pool of {self.pages} pages of {self.page} tokens per device cannot "
+                        f"hold one row's context and turn ({max(limit_B)} tokens more): give "
+                        "it more pages"
+                    )
+                b = holding[-1]
+                self.swapped[b] = sampling.save_row(self.state, b, self.table)
+                self.table.release(b)
+
     def sample(self, key, live, stops, max_new_tokens, limit_B) -> Sampled:
         """One turn for the live rows, row b until one of its own stop strings stops[b] (a
         tuple), EOS, max_new_tokens or its own limit_B[b] (what is left of its context).
-        key: [B] per-row keys."""
+        key: [B] per-row keys. A call samples at most ``chunk`` tokens a row: a row whose turn
+        goes on, or whose pages do not fit (paged cache), comes back WAIT, and a later call
+        continues its turn from what it sampled (``partial``), with the same tokens."""
         strings = tuple(dict.fromkeys(s for own in stops for s in own))  # every row's, once
         if strings not in self._stopping_at:
             self._stopping_at[strings] = self.sampling_params.with_stops(self.tokenizer, strings)
@@ -307,20 +396,36 @@ class KVCachePolicy:
         live, limit_B = np.pad(live, (0, pad)), np.pad(np.where(live, limit_B, 0), (0, pad))
         if pad:
             key = jnp.concatenate([key, jnp.stack([key[0]] * pad)])
-        self.state = sampling.grow(self.state, limit_B, limit=self.wave_slots)
+        chunk = self.chunk or max_new_tokens
+        call_B = np.minimum(limit_B - [len(s.tokens) for s in self.partial], chunk)
+        waiting = live & ~self._make_room(live, call_B) if self.pages else np.zeros_like(live)
+        live = live & ~waiting
+        self.state = sampling.grow(self.state, np.where(live, call_B, 0), limit=self.wave_slots)
         self.state, samples = sampling.sample_turn(
             self.params,
             self.model_config,
             self.state,
             key,
             self.tokenizer,
-            max_new_tokens=max_new_tokens,
+            max_new_tokens=chunk,
             sampling_params=self._stopping_at[strings],
             active_B=live,
             limit_B=limit_B,
             stop_strings_B=self._pad(stops, empty=strings),
             options=self.options,
+            before=self.partial,
         )
+        if self.pages:  # each row keeps the pages its tokens fill
+            for b, n in enumerate(np.asarray(self.state.length_B)):
+                self.table.trim(b, n if self.swapped[b] is None else 0)
+            self.state = sampling.set_table(self.state, self.table)
+        wait = sampling.TurnSample([], [], "", WAIT, None)
+        goes_on = [w or s.stop == sampling.PAUSED for s, w in zip(samples, waiting, strict=True)]
+        self.partial = [
+            (p if w else s) if on else EMPTY
+            for p, s, w, on in zip(self.partial, samples, waiting, goes_on, strict=True)
+        ]
+        samples = [wait if on else s for s, on in zip(samples, goes_on, strict=True)]
         steps = max(s.generated for s in samples)
         return Sampled(samples[: self.rows], steps=steps, rows=len(samples))
 
@@ -357,6 +462,7 @@ class Episode:
     finish: str = "turns"  # Trajectory.finish, once it ends
     live: bool = True  # it samples another turn
     saved: sampling.SavedRow | None = None  # its cache, while it waits for a longer wave
+    waiting: bool = False  # its turn goes on in the policy's next call (KVCachePolicy.sample)
 
 
 def run_episodes(
@@ -461,10 +567,10 @@ def _turn_loop(
         # Under force_answer the last turn starts with "<answer>" and stops only at "</answer>".
         last = [e.live and len(e.turns) == cfg.max_turns - 1 for e in rows]
         prefixes = [forced if cfg.force_answer and x else [] for x in last]
-        if any(prefixes):
-            policy.extend(prefixes)
+        if any(p and not e.waiting for p, e in zip(prefixes, rows, strict=True)):
+            policy.extend([[] if e.waiting else p for p, e in zip(prefixes, rows, strict=True)])
             for e, prefix in zip(rows, prefixes, strict=True):
-                e.length += len(prefix)
+                e.length += 0 if e.waiting else len(prefix)
         turn_keys = sampling.fold_in_rows(  # each row's key for its own episode's turn
             row_keys[np.array([e.key_index for e in rows])], np.array([len(e.turns) for e in rows])
         )
@@ -476,6 +582,8 @@ def _turn_loop(
             np.array([cfg.max_context - e.length for e in rows]),
         )
         steps, slots = steps + sampled.steps, slots + sampled.steps * sampled.rows
+        for e, s in zip(rows, sampled.samples, strict=True):  # its turn goes on in a later call
+            e.waiting, e.live = s.stop == WAIT, e.live and s.stop != WAIT
         retrieval_s += _read_turn(rows, sampled.samples, prefixes, tokenizer, retriever, cfg)
         # Park: an episode whose next turn could outgrow the wave's slots waits, its cache off
         # the devices and its observation not yet appended, for a wave of longer rows.
@@ -486,7 +594,7 @@ def _turn_loop(
         # Refill: each row whose episode ended takes the next pending episode, in order.
         restart = [False] * len(rows)
         for b, e in enumerate(rows):
-            if refill and not e.live and pending:
+            if refill and not e.live and not e.waiting and pending:
                 rows[b], restart[b] = pending.popleft(), True
         if any(e.live for e in rows):  # each row's observation, or its new episode's prompt
             appended = [
@@ -494,6 +602,8 @@ def _turn_loop(
                 for e, new in zip(rows, restart, strict=True)
             ]
             policy.extend(appended, restart=restart)
+        for e in rows:
+            e.live = e.live or e.waiting
     sampled_tokens = sum(len(t.tokens) for e in episodes for t in e.turns)
     return Timing(time.perf_counter() - t0 - retrieval_s, retrieval_s, sampled_tokens, steps, slots)
 

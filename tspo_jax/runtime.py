@@ -391,6 +391,14 @@ def offloads_state(cfg: Config, platform: str | None = None) -> bool:
     return cfg.offload_state == "on"
 
 
+def page_size(cfg: Config, platform: str | None = None) -> int:
+    """Tokens per page of the rollouts' KV cache, 0 for a dense cache (--kv-cache; auto: paged
+    on TPU, ``platform`` default the backend's)."""
+    if cfg.kv_cache == "auto" and not cfg.rollout_slots:
+        return cfg.page_size if (platform or jax.default_backend()) == "tpu" else 0
+    return cfg.page_size if cfg.kv_cache == "paged" else 0
+
+
 def checkpoint_manager(cfg: Config) -> ocp.CheckpointManager:
     """Saves every --checkpoint-every steps, at the last step, and at a preemption sync point."""
     policies = ocp.checkpoint_managers
@@ -645,6 +653,8 @@ def memory_plan(cfg: Config, *, check: bool = True) -> plan.Plan:
         options=cfg.forward_options,
         offload=offloads_state(cfg, "tpu" if cfg.plan_devices else None),
         rollout_slots=cfg.rollout_slots,
+        page_size=page_size(cfg, "tpu" if cfg.plan_devices else None),
+        live_tokens=cfg.live_tokens,
     )
     problem = plan.check(memory) if check else None
     if problem:
@@ -743,6 +753,8 @@ def compile_plan(cfg: Config, devices, *, where: str, capacity: int) -> aot.Comp
             ),
             offload=offloads_state(cfg, "tpu"),
             slots=cfg.rollout_slots or agent.max_context,
+            page=page_size(cfg, "tpu"),
+            live_tokens=cfg.live_tokens or agent.max_context // 2,
         )  # fmt: skip
 
     def formula(micro_batch: int, wave: int) -> plan.Plan:

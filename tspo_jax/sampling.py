@@ -23,6 +23,16 @@ Each row may stop at its own subset of the stop strings (``generate``'s stop_row
 (B, X) lead the layout because they are the batch axes of the attention matmuls: any other
 order makes XLA transpose the whole cache at every step.
 
+The paged cache (``init_paged``; vLLM's PagedAttention, JAX's Pallas kernel on TPU): each
+layer's keys and values are one [X, P, p, H] pool of P pages of p tokens per device, and the
+page table (``PageTable`` on the host, ``DecodeState.table_BI`` on the devices) lists the
+pages that hold each row's slots in order, so a row holds only the pages its tokens fill, and
+a decoding step on TPU reads only those (qwen.paged_attention). The caller reserves the pages a
+call may fill (``PageTable.reserve``, then ``set_table``; a call past them is refused) and
+gives back what a row no longer uses (``trim``, ``release``). Every function here takes either
+cache, with the same results: on CPU a row's pages are gathered into the dense layout, bit for
+bit the dense cache's numbers at the same slots.
+
 Sharding: ``options.batch_sharding`` (qwen.ForwardOptions) splits the rows over the devices of
 a mesh; the cache is created split (``init_cache``) and every call keeps it so, with the
 weights replicated. Rows never interact, so no device waits for another's rows.
@@ -36,7 +46,8 @@ per-row limits and the per-row stop masks are traced, not static.
 Shape letters (the project's one key, README "Shape letters"): B rows, S cache slots, C appended
 tokens, T new tokens, V vocabulary, L layers, X key/value heads, H head dim, D model dim, W stop
 sequences, U tokens of a stop sequence (right-aligned, left-padded with -1), E EOS ids, J blocks
-of the vocabulary; lower case: n a row's cached tokens, b a block's entries.
+of the vocabulary, P pages of a pool, I a row's entries in the page table; lower case: n a
+row's cached tokens, b a block's entries, p a page's tokens.
 """
 
 import functools
@@ -46,6 +57,8 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from tspo_jax import qwen
 
@@ -55,6 +68,7 @@ EOS = 1  # sampled an EOS id
 STOP_STRING = 2  # its last tokens matched a row of the stop table (or, on the host, the text)
 INACTIVE = 3  # not active in this call (generated nothing)
 STOP_NAMES = ("length", "eos", "stop", "inactive")
+PAUSED = "paused"  # sample_turn: the call's bound came before the turn's end (it goes on)
 
 BUCKETS = (16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
 
@@ -77,12 +91,16 @@ class SamplingParams(NamedTuple):
 
 
 class DecodeState(NamedTuple):
-    """Everything a batch of partial sequences needs to continue; donated to every call."""
+    """Everything a batch of partial sequences needs to continue; donated to every call.
+    With a page table (``init_paged``) the cache is paged: each layer's keys and values are
+    [X, P, p, H] pools of P pages of p tokens (the pool's pages take the place of the rows),
+    and row b's slot s is offset s % p of page table_BI[b, s // p] (``PageTable``)."""
 
-    k_LBXSH: tuple[jax.Array, ...]  # per layer [B, X, S, H] keys (RoPE applied)
-    v_LBXSH: tuple[jax.Array, ...]  # per layer [B, X, S, H] values
+    k_LBXSH: tuple[jax.Array, ...]  # per layer [B, X, S, H] keys (RoPE applied), or pools
+    v_LBXSH: tuple[jax.Array, ...]  # per layer [B, X, S, H] values, or pools
     length_B: jax.Array  # int32: row b's tokens are in slots 0 .. length - 1 (its next position)
     logits_BV: jax.Array  # float32: next-token logits of each row (after its last token)
+    table_BI: jax.Array | None = None  # int32 page table of a paged cache (S = I p slots)
 
 
 class Generation(NamedTuple):
@@ -121,8 +139,80 @@ def init_cache(config: qwen.QwenConfig, batch: int, slots: int, *, sharding=None
     )
 
 
+class PageTable:
+    """Which pages of its device's pool each row of a paged cache holds (host side; the
+    device's copy is DecodeState.table_BI, sent by ``set_table``).
+
+    Each device has a pool of ``pages`` pages of ``page`` tokens; row b lives on device
+    b // (rows / devices), as ForwardOptions.batch_sharding splits the rows, and takes its
+    pages from that device's pool (a stack of free pages each): ``reserve`` before a call adds
+    tokens, ``trim`` after it gives back what the row did not use, ``release`` when its episode
+    ends. Entries past a row's pages are -1. A row's pages need not be
+    contiguous, and which pages it holds never changes what it computes.
+    """
+
+    def __init__(self, rows: int, devices: int, pages: int, page: int):
+        if rows % devices:
+            raise ValueError(f"PageTable: {rows} rows do not split over {devices} devices")
+        self.page, self.pages, self.per_device = page, pages, rows // devices
+        self.held = [[] for _ in range(rows)]  # row b's pages, in order of position
+        self.free = [list(range(pages - 1, -1, -1)) for _ in range(devices)]  # a stack each
+
+    def reserve(self, b: int, tokens: int) -> bool:
+        """Row b holds pages for ``tokens`` tokens (True), or, when its device's pool has too
+        few free pages, nothing changes (False)."""
+        need = -(-tokens // self.page) - len(self.held[b])
+        free = self.free[b // self.per_device]
+        if need > len(free):
+            return False
+        self.held[b] += [free.pop() for _ in range(max(need, 0))]
+        return True
+
+    def trim(self, b: int, tokens: int) -> None:
+        """Row b keeps the pages its first ``tokens`` tokens use; the rest go back."""
+        keep = -(-tokens // self.page)
+        self.free[b // self.per_device] += reversed(self.held[b][keep:])
+        del self.held[b][keep:]
+
+    def release(self, b: int) -> None:
+        self.trim(b, 0)
+
+    def table(self, width: int) -> np.ndarray:
+        """The [rows, width] int32 table (-1 past each row's pages)."""
+        table_BI = np.full((len(self.held), width), -1, np.int32)
+        for b, held in enumerate(self.held):
+            table_BI[b, : len(held)] = held[:width]
+        return table_BI
+
+
+def set_table(state: DecodeState, table: PageTable) -> DecodeState:
+    """``state`` with the host's page table (its width kept)."""
+    table_BI = table.table(state.table_BI.shape[1])
+    return state._replace(table_BI=jax.device_put(table_BI, state.table_BI.sharding))
+
+
+def init_paged(
+    config: qwen.QwenConfig, batch: int, table: "PageTable", slots: int, *, sharding=None
+) -> DecodeState:
+    """An empty paged cache: ``table.pages`` pages of ``table.page`` tokens per device (each
+    device's pool holds its rows' pages; ``sharding`` as init_cache's), rows of ``slots``."""
+    devices = 1 if sharding is None else sharding.mesh.size
+    shape = (config.num_kv_heads, table.pages * devices, table.page, config.head_dim)
+    pools = None if sharding is None else NamedSharding(sharding.mesh, P(None, sharding.spec[0]))
+    pool = lambda: jnp.zeros(shape, config.compute_dtype, device=pools)
+    return DecodeState(
+        k_LBXSH=tuple(pool() for _ in range(config.num_layers)),
+        v_LBXSH=tuple(pool() for _ in range(config.num_layers)),
+        length_B=jnp.zeros((batch,), jnp.int32, device=sharding),
+        logits_BV=jnp.zeros((batch, config.vocab_size), jnp.float32, device=sharding),
+        table_BI=jax.device_put(table.table(-(-slots // table.page)), sharding),
+    )
+
+
 def slots(state: DecodeState) -> int:
     """S, the cache's slots per row."""
+    if state.table_BI is not None:
+        return state.table_BI.shape[1] * state.k_LBXSH[0].shape[2]
     return state.k_LBXSH[0].shape[2]
 
 
@@ -149,6 +239,10 @@ def grow(state: DecodeState, needed_B, *, limit: int | None = None) -> DecodeSta
     size = bucket_length(longest)
     if limit is not None and longest <= limit:
         size = min(size, limit)
+    if state.table_BI is not None:  # a wider page table; the pools stay as they are
+        width = -(-size // state.k_LBXSH[0].shape[2]) - state.table_BI.shape[1]
+        table_BI = np.pad(np.asarray(state.table_BI), ((0, 0), (0, width)), constant_values=-1)
+        return state._replace(table_BI=jax.device_put(table_BI, state.table_BI.sharding))
     return _grow(state, size)
 
 
@@ -164,6 +258,8 @@ def _append(params, config, state: DecodeState, tokens_BC, n_B, options: qwen.Fo
     write_BC = jnp.where(jnp.arange(C) < n_B[:, None], slot_BC, S)
     # The rows' cached tokens (no holes); the new tokens also see each other, causally.
     mask_BCS = jnp.broadcast_to(jnp.arange(S) < state.length_B[:, None, None], (len(n_B), C, S))
+    if state.table_BI is not None:  # qwen.paged_attention writes and masks by position
+        write_BC, mask_BCS = qwen.Pages(state.table_BI, state.length_B, n_B), None
     x_BCD, k_LBXSH, v_LBXSH = qwen.forward(
         params,
         config,
@@ -178,7 +274,7 @@ def _append(params, config, state: DecodeState, tokens_BC, n_B, options: qwen.Fo
     last_B = jnp.maximum(n_B - 1, 0)
     x_BD = jnp.take_along_axis(x_BCD, last_B[:, None, None], axis=1)[:, 0]
     logits_BV = qwen.head_logits(x_BD, qwen.lm_head(params, config))
-    return DecodeState(
+    return state._replace(
         k_LBXSH=k_LBXSH,
         v_LBXSH=v_LBXSH,
         length_B=state.length_B + n_B,
@@ -191,12 +287,21 @@ _append_jit = jax.jit(_append, static_argnums=(1, 5), donate_argnums=2)
 
 def _check_room(state: DecodeState, needed_B, what: str) -> None:
     """needed_B[b] more tokens must fit in row b (host check; reads length_B)."""
-    longest = int(np.max(np.asarray(state.length_B) + np.asarray(needed_B)))
-    if longest > slots(state):
+    end_B = np.asarray(state.length_B) + np.asarray(needed_B)
+    if np.max(end_B) > slots(state):
         raise ValueError(
-            f"{what}: a row of {longest} tokens does not fit in the cache of {slots(state)} "
-            "slots; make init_cache's slots larger (or grow the state first)"
+            f"{what}: a row of {np.max(end_B)} tokens does not fit in the cache of "
+            f"{slots(state)} slots; make init_cache's slots larger (or grow the state first)"
         )
+    if state.table_BI is not None:
+        held_B = np.sum(np.asarray(state.table_BI) >= 0, axis=1) * state.k_LBXSH[0].shape[2]
+        short_B = (end_B > held_B) & (np.asarray(needed_B) > 0)
+        if np.any(short_B):
+            b = int(np.argmax(short_B))
+            raise ValueError(
+                f"{what}: row {b} needs {end_B[b]} tokens of pages and holds {held_B[b]}; "
+                "reserve them first (PageTable.reserve, then set_table)"
+            )
 
 
 def _rows(x, options: qwen.ForwardOptions):
@@ -382,6 +487,8 @@ def _generate(
     greedy: bool,
     options: qwen.ForwardOptions,
     stop_rows_BW=None,
+    offset_B=0,
+    window_BU=None,
 ):
     B = state.length_B.shape[0]
     T = max_new_tokens
@@ -397,7 +504,7 @@ def _generate(
         step, state, tokens_BT, logp_BT, window_BU, alive_B, length_B, stop_B = carry
         tok_B, logp_B = sample_logits(
             state.logits_BV,
-            fold_in_rows(key, step),
+            fold_in_rows(key, offset_B + step),
             temperature,
             top_p,
             top_k=top_k,
@@ -426,7 +533,7 @@ def _generate(
         state,
         options.constrain(jnp.zeros((B, T), jnp.int32)),
         options.constrain(jnp.zeros((B, T), jnp.float32)),
-        options.constrain(jnp.full((B, U), -2, jnp.int32)),
+        options.constrain(jnp.full((B, U), -2, jnp.int32) if window_BU is None else window_BU),
         active_B,
         jnp.zeros_like(state.length_B),
         jnp.where(active_B, LENGTH, INACTIVE).astype(jnp.int32),
@@ -448,6 +555,7 @@ def generate(
     limit_B=None,
     stop_rows_BW=None,
     options: qwen.ForwardOptions = qwen.PLAIN,
+    before_B=None,
 ) -> tuple[DecodeState, Generation]:
     """Samples up to max_new_tokens per row in one lax.while_loop; ``state`` is donated.
 
@@ -460,6 +568,9 @@ def generate(
     when no row is live. Rows with active_B False (or limit 0) generate nothing.
     key: one key, or a [B] array of per-row keys so that each row's tokens depend only on its
     own key and context, not on the rest of the batch (what multi-process rollouts need).
+    before_B: the tokens each row already sampled in this sequence (a list per row), which this
+    call continues: its j-th token is drawn with key fold_in(key[b], len(before) + j), and a
+    stop sequence may begin among them, exactly as in one longer call (per-row keys only).
     """
     sp = sampling_params
     B = state.length_B.shape[0]
@@ -481,6 +592,16 @@ def generate(
                 f"got {stop_rows_BW.shape}"
             )
         stop_rows_BW = _rows(stop_rows_BW, options)
+    offset_B, window_BU = 0, None
+    if before_B is not None:
+        if key.ndim != 1:
+            raise ValueError("generate: a call that continues (before_B) needs per-row keys")
+        offset_B = _rows(np.array([len(t) for t in before_B], np.int32), options)
+        window_BU = np.full((B, table_WU.shape[1]), -2, np.int32)
+        for b, before in enumerate(before_B):
+            last = list(before[-table_WU.shape[1] :])
+            window_BU[b, window_BU.shape[1] - len(last) :] = last
+        window_BU = _rows(window_BU, options)
     return _generate(
         params,
         config,
@@ -497,6 +618,8 @@ def generate(
         greedy=bool(sp.greedy),
         options=options,
         stop_rows_BW=stop_rows_BW,
+        offset_B=offset_B,
+        window_BU=window_BU,
     )
 
 
@@ -564,9 +687,22 @@ def _take_row(state: DecodeState, b):
     return k_LXSH, v_LXSH, take(state.logits_BV), take(state.length_B)
 
 
-def save_row(state: DecodeState, b: int) -> SavedRow:
-    """Row b's cache, copied to the host (its slots past the row's length left out)."""
-    k_LXSH, v_LXSH, logits_V, n = jax.device_get(_take_row(state, np.int32(b)))
+@jax.jit
+def _take_pages(state: DecodeState, b, pages_I):
+    take = lambda pool: jnp.take(pool, pages_I, axis=1).reshape(pool.shape[0], -1, pool.shape[3])
+    k_LXSH, v_LXSH = (jnp.stack(list(map(take, kv))) for kv in (state.k_LBXSH, state.v_LBXSH))
+    row = lambda x: jax.lax.dynamic_index_in_dim(x, b, keepdims=False)
+    return k_LXSH, v_LXSH, row(state.logits_BV), row(state.length_B)
+
+
+def save_row(state: DecodeState, b: int, table: PageTable | None = None) -> SavedRow:
+    """Row b's cache, copied to the host (its slots past the row's length left out); a paged
+    cache's ``table`` says where its pages are."""
+    if state.table_BI is None:
+        k_LXSH, v_LXSH, logits_V, n = jax.device_get(_take_row(state, np.int32(b)))
+    else:
+        pages_I = np.asarray(table.held[b], np.int32) + b // table.per_device * table.pages
+        k_LXSH, v_LXSH, logits_V, n = jax.device_get(_take_pages(state, np.int32(b), pages_I))
     return SavedRow(k_LXSH[:, :, :n], v_LXSH[:, :, :n], logits_V)
 
 
@@ -581,12 +717,37 @@ def _put_row(state: DecodeState, b, k_LXSH, v_LXSH, n, logits_V):
     )
 
 
-def load_row(state: DecodeState, b: int, saved: SavedRow) -> DecodeState:
+@functools.partial(jax.jit, donate_argnums=0)
+def _put_pages(state: DecodeState, b, pages_I, k_LXSH, v_LXSH, n, logits_V):
+    def put(pool, x_XSH):
+        X, _, p, H = pool.shape
+        x_XIpH = x_XSH.reshape(X, -1, p, H).astype(pool.dtype)
+        return pool.at[:, pages_I].set(x_XIpH)
+
+    row = lambda x, value: jax.lax.dynamic_update_index_in_dim(x, value.astype(x.dtype), b, 0)
+    return state._replace(
+        k_LBXSH=tuple(map(put, state.k_LBXSH, k_LXSH)),
+        v_LBXSH=tuple(map(put, state.v_LBXSH, v_LXSH)),
+        length_B=row(state.length_B, n),
+        logits_BV=row(state.logits_BV, logits_V),
+    )
+
+
+def load_row(
+    state: DecodeState, b: int, saved: SavedRow, table: PageTable | None = None
+) -> DecodeState:
     """``state`` (donated) with row b holding ``saved``, bit for bit as save_row took it, so
-    that the row goes on exactly as it would have where it was saved."""
+    that the row goes on exactly as it would have where it was saved. A paged cache's
+    ``table`` must have row b's pages reserved (and be set: ``set_table``)."""
     n = saved.k_LXnH.shape[2]
     if n > slots(state):
         raise ValueError(f"load_row: a row of {n} tokens does not fit {slots(state)} slots")
+    if state.table_BI is not None:
+        pages_I = np.asarray(table.held[b], np.int32) + b // table.per_device * table.pages
+        pad = ((0, 0), (0, 0), (0, len(pages_I) * table.page - n), (0, 0))
+        k_LXSH, v_LXSH = np.pad(saved.k_LXnH, pad), np.pad(saved.v_LXnH, pad)
+        args = (pages_I, k_LXSH, v_LXSH, np.int32(n), saved.logits_V)
+        return _put_pages(state, np.int32(b), *args)
     pad = ((0, 0), (0, 0), (0, slots(state) - n), (0, 0))
     k_LXSH, v_LXSH = np.pad(saved.k_LXnH, pad), np.pad(saved.v_LXnH, pad)
     return _put_row(state, np.int32(b), k_LXSH, v_LXSH, np.int32(n), saved.logits_V)
@@ -669,6 +830,7 @@ def sample_turn(
     limit_B=None,
     stop_strings_B=None,
     options: qwen.ForwardOptions = qwen.PLAIN,
+    before=None,
 ) -> tuple[DecodeState, list[TurnSample]]:
     """One turn for every active row: generate, then cut each row after the token that
     completes its first stop string in the decoded text (a stop string merged into a larger
@@ -676,6 +838,12 @@ def sample_turn(
     ``sampling_params`` with ``with_stops`` once and reuse it: its table is made there.
     stop_strings_B: row b's own stop strings, a subset of sampling_params.stop_strings
     (default: all of them, for every row), in the loop and on the host alike.
+
+    A turn may take several calls: limit_B[b] (default max_new_tokens) bounds row b's turn,
+    max_new_tokens one call. A row that reaches the call's bound before its turn ends comes
+    back PAUSED with what it sampled so far, and the next call, given those samples as
+    ``before`` (per row; an empty TurnSample for a row that starts its turn), goes on with
+    them: the same tokens as one call of the turn's length (generate's before_B).
     """
     stop_strings = sampling_params.stop_strings
     if sampling_params.stop_table is None and stop_strings:
@@ -683,6 +851,10 @@ def sample_turn(
     stop_rows_BW = None
     if stop_strings_B is not None:
         stop_rows_BW = stop_rows(tokenizer, stop_strings, stop_strings_B)
+    B = len(state.length_B)
+    turn_B = np.full(B, max_new_tokens) if limit_B is None else np.asarray(limit_B)
+    before = before or [TurnSample([], [], "", PAUSED, None)] * B
+    done_B = np.array([len(s.tokens) for s in before])
     state, gen = generate(
         params,
         config,
@@ -691,9 +863,10 @@ def sample_turn(
         max_new_tokens=max_new_tokens,
         sampling_params=sampling_params,
         active_B=active_B,
-        limit_B=limit_B,
+        limit_B=turn_B - done_B,
         stop_rows_BW=stop_rows_BW,
         options=options,
+        before_B=[s.tokens for s in before] if done_B.any() else None,
     )
     tokens_BT, logp_BT, length_B, stop_B = jax.device_get(
         (gen.tokens_BT, gen.logp_BT, gen.length_B, gen.stop_B)
@@ -701,15 +874,18 @@ def sample_turn(
     keep_B = length_B.copy()
     samples = []
     for b in range(len(length_B)):
-        tokens = tokens_BT[b, : length_B[b]].tolist()
+        tokens = before[b].tokens + tokens_BT[b, : length_B[b]].tolist()
+        logps = before[b].logps + logp_BT[b, : length_B[b]].tolist()
         own = stop_strings if stop_strings_B is None else stop_strings_B[b]
         n, found = find_stop(tokenizer, tokens, own)
         reason = STOP_NAMES[stop_B[b]] if found is None else "stop"
-        keep_B[b] = n
+        if reason == "length" and len(tokens) < turn_B[b]:
+            reason = PAUSED
+        keep_B[b] = n - done_B[b]
         samples.append(
             TurnSample(
                 tokens=tokens[:n],
-                logps=logp_BT[b, :n].tolist(),
+                logps=logps[:n],
                 text=tokenizer.decode(tokens[:n]),
                 stop=reason,
                 stop_string=found,
