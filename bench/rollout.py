@@ -65,7 +65,7 @@ class ReprefillPolicy(rollout.KVCachePolicy):
         self.state = sampling.init_cache(self.model_config, self._padded(len(self.context)), slots)
         self.rows, self.partial = (
             len(self.context),
-            [rollout.EMPTY] * self._padded(len(self.context)),
+            [sampling.NOT_BEGUN] * self._padded(len(self.context)),
         )
         super().extend(self.context)
         sampled = super().sample(key, live, stops, max_new_tokens, limit_B)

@@ -554,11 +554,6 @@ def update_programs(run: RunShape, devices, names=UPDATE_PROGRAMS) -> list[Progr
     return [programs[name]() for name in names]
 
 
-def rows_of_pool(mesh: Mesh) -> NamedSharding:
-    """A paged cache's [X, P, p, H] pools, their pages split over the rows' devices."""
-    return NamedSharding(mesh, P(None, "rows"))
-
-
 def kernel_reads(config: qwen.QwenConfig, *, rows: int, live: int, page: int, width: int) -> int:
     """Bytes the Pallas paged-attention kernel reads in one decoding step of ``rows`` rows of
     ``live`` tokens on a chip, every layer: the first ceil(live / block) blocks of each row's
@@ -590,7 +585,8 @@ def rollout_setup(run: RunShape, devices):
             return dense
         X, H, p = config.num_kv_heads, config.head_dim, run.page
         shape = (X, run.pool_pages(len(devices)) * len(devices), p, H)
-        pool = jax.ShapeDtypeStruct(shape, config.compute_dtype, sharding=rows_of_pool(rows))
+        pool_sharding = sampling.pool_sharding(by_row)
+        pool = jax.ShapeDtypeStruct(shape, config.compute_dtype, sharding=pool_sharding)
         table = jax.ShapeDtypeStruct((run.wave, -(-slots // p)), jnp.int32, sharding=by_row)
         pools = (pool,) * config.num_layers
         return dense._replace(k_LBXSH=pools, v_LBXSH=pools, table_BI=table)
@@ -703,7 +699,7 @@ def decode_step(run: RunShape, devices) -> tuple[Program, int, int]:
         )
     if not run.config.tie_word_embeddings:  # the rows looked up, not the table
         embed_VD = weights["embed_VD"]
-        looked_up = options.local_rows(run.wave) * tokens.shape[1]
+        looked_up = rows * tokens.shape[1]
         minimum += looked_up * embed_VD.shape[1] * embed_VD.dtype.itemsize - shard_bytes(embed_VD)
     return measure("decode step", lowered), minimum, reads
 

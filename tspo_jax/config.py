@@ -120,8 +120,9 @@ class Config:
     page_size: int = option(64, "tokens per page of the paged KV cache", resumable=True)
     live_tokens: int = option(
         0,
-        "mean tokens per row that a paged cache's pool is sized for, beside each row's turn "
-        "(0: --max-context / 2); rows that need more pages than are free wait",
+        "mean tokens per row that a paged cache's pool is sized for, beside the page each "
+        "decoding call may add (0: --max-context / 2); rows that need more pages than are "
+        "free wait",
         resumable=True,
     )
     offload_state: str = option(
@@ -245,6 +246,11 @@ class Config:
             )
 
     # Quantities derived from the options, each computed here once.
+
+    @property
+    def mean_live_tokens(self) -> int:
+        """--live-tokens, or half of --max-context."""
+        return self.live_tokens or self.agent.max_context // 2
 
     @property
     def alpha(self) -> float:

@@ -286,7 +286,7 @@ def make_plan(
     rollout_slots (0: max_context): cache slots per row of a wave. Rows that need more wait and
     finish in waves of wave x rollout_slots / max_context rows at max_context slots, whose
     cache takes no more bytes, so the plan at rollout_slots bounds both. page_size (0: a dense
-    cache): a paged cache of row_pages per row at live_tokens (0: max_context / 2); appends
+    cache): a paged cache of pool_pages at live_tokens a row (Config.mean_live_tokens); appends
     gather a row's pages (qwen.paged_attention off TPU's decoding kernel) into one layer's
     [rows, X, slots, H] keys and values, counted with the decode temporaries."""
     c = np.dtype(config.compute_dtype).itemsize
@@ -310,11 +310,11 @@ def make_plan(
     prompt = sampling.bucket_length(PROMPT_TOKENS)
     first = min(sampling.bucket_length(PROMPT_TOKENS + max_new_tokens), slots)
 
-    live = live_tokens or max_context // 2
-
     def plan(wave: int) -> Plan:
         per_device = wave // local_devices
-        pages = pool_pages(rows=per_device, live=live, page=page_size or 1, max_context=slots)
+        pages = pool_pages(
+            rows=per_device, live=live_tokens, page=page_size or 1, max_context=slots
+        )
         cache = kv_cache_bytes(config, rows=per_device, slots=slots)
         if page_size:
             cache = pages * page_size * kv_bytes_per_token(config)
@@ -353,7 +353,7 @@ def make_plan(
             slots=slots,
             page=page_size,
             pages=pages if page_size else 0,
-            live=live if page_size else 0,
+            live=live_tokens if page_size else 0,
         )
 
     if rollout_batch:

@@ -200,7 +200,6 @@ class Timing(NamedTuple):
 
 
 WAIT = "wait"  # TurnSample.stop of a row whose turn goes on in a later call (KVCachePolicy.sample)
-EMPTY = sampling.TurnSample([], [], "", sampling.PAUSED, None)  # a turn not begun
 
 
 class Sampled(NamedTuple):
@@ -299,11 +298,10 @@ class KVCachePolicy:
         first_turn = max(map(len, prompts)) + self.cfg.max_new_tokens
         slots = max(min(sampling.bucket_length(first_turn), self.wave_slots), *map(len, prompts))
         B, sharding = len(self._pad(prompts)), self.options.batch_sharding
-        self.partial = [EMPTY] * B  # each row's turn so far, while it goes on
+        self.partial = [sampling.NOT_BEGUN] * B  # each row's turn so far, while it goes on
         if self.pages:
             self.table = sampling.PageTable(B, self.devices, self.pages, self.page)
             self.backlog, self.swapped = [[] for _ in range(B)], [None] * B
-            slots = -(-slots // self.page) * self.page
             self.state = sampling.init_paged(
                 self.model_config, B, self.table, slots, sharding=sharding
             )
@@ -320,7 +318,9 @@ class KVCachePolicy:
             for b in np.flatnonzero(restart_B) if self.pages else ():
                 self.table.release(b)
                 self.backlog[b], self.swapped[b] = [], None
-            self.partial = [EMPTY if r else p for p, r in zip(self.partial, restart_B, strict=True)]
+            self.partial = [
+                sampling.NOT_BEGUN if r else p for p, r in zip(self.partial, restart_B, strict=True)
+            ]
         rows = self._pad(rows)
         if self.pages:  # what a row's pages cannot take yet waits in its backlog
             length_B = np.asarray(self.state.length_B)
@@ -422,7 +422,7 @@ class KVCachePolicy:
         wait = sampling.TurnSample([], [], "", WAIT, None)
         goes_on = [w or s.stop == sampling.PAUSED for s, w in zip(samples, waiting, strict=True)]
         self.partial = [
-            (p if w else s) if on else EMPTY
+            (p if w else s) if on else sampling.NOT_BEGUN
             for p, s, w, on in zip(self.partial, samples, waiting, goes_on, strict=True)
         ]
         samples = [wait if on else s for s, on in zip(samples, goes_on, strict=True)]

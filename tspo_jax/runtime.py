@@ -654,7 +654,7 @@ def memory_plan(cfg: Config, *, check: bool = True) -> plan.Plan:
         offload=offloads_state(cfg, "tpu" if cfg.plan_devices else None),
         rollout_slots=cfg.rollout_slots,
         page_size=page_size(cfg, "tpu" if cfg.plan_devices else None),
-        live_tokens=cfg.live_tokens,
+        live_tokens=cfg.mean_live_tokens,
     )
     problem = plan.check(memory) if check else None
     if problem:
@@ -754,7 +754,7 @@ def compile_plan(cfg: Config, devices, *, where: str, capacity: int) -> aot.Comp
             offload=offloads_state(cfg, "tpu"),
             slots=cfg.rollout_slots or agent.max_context,
             page=page_size(cfg, "tpu"),
-            live_tokens=cfg.live_tokens or agent.max_context // 2,
+            live_tokens=cfg.mean_live_tokens,
         )  # fmt: skip
 
     def formula(micro_batch: int, wave: int) -> plan.Plan:

@@ -124,6 +124,9 @@ class TurnSample(NamedTuple):
     generated: int = 0  # tokens the decoding loop generated for the row, before the host's cut
 
 
+NOT_BEGUN = TurnSample([], [], "", PAUSED, None)  # a turn that sampled nothing yet (``before``)
+
+
 def init_cache(config: qwen.QwenConfig, batch: int, slots: int, *, sharding=None) -> DecodeState:
     """An empty cache of ``slots`` slots per row, in the compute dtype. ``sharding``: a
     NamedSharding that splits the leading (row) axis, e.g. ForwardOptions.batch_sharding;
@@ -177,6 +180,11 @@ class PageTable:
     def release(self, b: int) -> None:
         self.trim(b, 0)
 
+    def pool_pages(self, b: int) -> np.ndarray:
+        """Row b's pages as the whole pool numbers them (its device's pages come after the
+        previous devices')."""
+        return np.asarray(self.held[b], np.int32) + b // self.per_device * self.pages
+
     def table(self, width: int) -> np.ndarray:
         """The [rows, width] int32 table (-1 past each row's pages)."""
         table_BI = np.full((len(self.held), width), -1, np.int32)
@@ -191,6 +199,11 @@ def set_table(state: DecodeState, table: PageTable) -> DecodeState:
     return state._replace(table_BI=jax.device_put(table_BI, state.table_BI.sharding))
 
 
+def pool_sharding(rows: NamedSharding) -> NamedSharding:
+    """A paged cache's [X, P, p, H] pools, their pages split as ``rows`` splits the rows."""
+    return NamedSharding(rows.mesh, P(None, rows.spec[0]))
+
+
 def init_paged(
     config: qwen.QwenConfig, batch: int, table: "PageTable", slots: int, *, sharding=None
 ) -> DecodeState:
@@ -198,7 +211,7 @@ def init_paged(
     device's pool holds its rows' pages; ``sharding`` as init_cache's), rows of ``slots``."""
     devices = 1 if sharding is None else sharding.mesh.size
     shape = (config.num_kv_heads, table.pages * devices, table.page, config.head_dim)
-    pools = None if sharding is None else NamedSharding(sharding.mesh, P(None, sharding.spec[0]))
+    pools = None if sharding is None else pool_sharding(sharding)
     pool = lambda: jnp.zeros(shape, config.compute_dtype, device=pools)
     return DecodeState(
         k_LBXSH=tuple(pool() for _ in range(config.num_layers)),
@@ -701,7 +714,7 @@ def save_row(state: DecodeState, b: int, table: PageTable | None = None) -> Save
     if state.table_BI is None:
         k_LXSH, v_LXSH, logits_V, n = jax.device_get(_take_row(state, np.int32(b)))
     else:
-        pages_I = np.asarray(table.held[b], np.int32) + b // table.per_device * table.pages
+        pages_I = table.pool_pages(b)
         k_LXSH, v_LXSH, logits_V, n = jax.device_get(_take_pages(state, np.int32(b), pages_I))
     return SavedRow(k_LXSH[:, :, :n], v_LXSH[:, :, :n], logits_V)
 
@@ -743,7 +756,7 @@ def load_row(
     if n > slots(state):
         raise ValueError(f"load_row: a row of {n} tokens does not fit {slots(state)} slots")
     if state.table_BI is not None:
-        pages_I = np.asarray(table.held[b], np.int32) + b // table.per_device * table.pages
+        pages_I = table.pool_pages(b)
         pad = ((0, 0), (0, 0), (0, len(pages_I) * table.page - n), (0, 0))
         k_LXSH, v_LXSH = np.pad(saved.k_LXnH, pad), np.pad(saved.v_LXnH, pad)
         args = (pages_I, k_LXSH, v_LXSH, np.int32(n), saved.logits_V)
@@ -853,7 +866,7 @@ def sample_turn(
         stop_rows_BW = stop_rows(tokenizer, stop_strings, stop_strings_B)
     B = len(state.length_B)
     turn_B = np.full(B, max_new_tokens) if limit_B is None else np.asarray(limit_B)
-    before = before or [TurnSample([], [], "", PAUSED, None)] * B
+    before = before or [NOT_BEGUN] * B
     done_B = np.array([len(s.tokens) for s in before])
     state, gen = generate(
         params,
